@@ -1,0 +1,275 @@
+//! The command line: parse flags into settings, call the library, print, choose the exit code.
+//!
+//! Exit codes: 0 success (and, with `--detailed-exitcode`, no changes); 1 error;
+//! 2 changes present (only with `--detailed-exitcode`).
+
+use crate::config::{Config, DEFAULT_CONFIG};
+use crate::manifest::{self, LoadError, spec::Desired};
+use crate::observe;
+use crate::plan::{self, render};
+use crate::state::StateDir;
+use anyhow::{Context, Result, bail};
+use clap::{Args, Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "berth",
+    version,
+    about = "Declarative containers for one Linux host",
+    long_about = "berth makes a Linux host match a directory of TOML manifests: images, volumes, \
+networks and containers. `berth validate DIR` checks the manifests, `berth plan DIR` shows what \
+would change and why, `berth apply DIR` converges the host.\n\n\
+Exit codes: 0 success; 1 error; 2 changes present (plan --detailed-exitcode)."
+)]
+pub struct Cli {
+    /// Where berth keeps its records, images and container state.
+    #[arg(
+        long,
+        global = true,
+        env = "BERTH_STATE_DIR",
+        default_value = "/var/lib/berth"
+    )]
+    pub state_dir: PathBuf,
+    /// Host configuration file (registries, mirrors, cgroup parent). Optional.
+    #[arg(long, global = true, env = "BERTH_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// More log output (-v info, -vv debug, -vvv trace).
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
+    /// Log format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum, PartialEq, Eq)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+pub enum Command {
+    /// Check a manifest directory; report every error as file:line:col.
+    Validate {
+        /// The manifest directory.
+        dir: PathBuf,
+        /// Print the result as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show what `apply` would change, and why, without changing anything.
+    Plan(PlanArgs),
+}
+
+#[derive(Args, Debug, Clone)]
+pub struct PlanArgs {
+    /// The manifest directory.
+    pub dir: PathBuf,
+    /// Allow a missing or empty directory (which would destroy everything berth created).
+    #[arg(long)]
+    pub allow_empty: bool,
+    /// Refuse a plan that destroys more than N resources.
+    #[arg(long, default_value_t = 10, value_name = "N")]
+    pub max_deletions: usize,
+    /// Print the plan as JSON (format_version 1, documented in the README).
+    #[arg(long)]
+    pub json: bool,
+    /// Exit 0 when there are no changes, 2 when there are, 1 on error.
+    #[arg(long)]
+    pub detailed_exitcode: bool,
+}
+
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.verbose, cli.log_format);
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+fn init_logging(verbose: u8, format: LogFormat) {
+    let level = match verbose {
+        0 => "warn",
+        1 => "info",
+        2 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_env("BERTH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let b = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        LogFormat::Json => b.json().try_init(),
+        LogFormat::Text => b.try_init(),
+    };
+}
+
+pub struct Ctx {
+    pub state: StateDir,
+    pub config: Config,
+}
+
+fn ctx(cli: &Cli) -> Result<Ctx> {
+    let (path, required) = match &cli.config {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    };
+    Ok(Ctx {
+        state: StateDir::new(&cli.state_dir),
+        config: Config::load(&path, required)?,
+    })
+}
+
+pub fn run(cli: Cli) -> Result<ExitCode> {
+    let c = ctx(&cli)?;
+    match cli.command {
+        Command::Validate { dir, json } => validate(&dir, json),
+        Command::Plan(args) => plan_cmd(&c, &args),
+    }
+}
+
+fn print_diagnostics(e: &LoadError) {
+    match e {
+        LoadError::Invalid(ds) => {
+            for d in ds {
+                eprintln!("{d}");
+            }
+            eprintln!("error: {} problem(s) found", ds.len());
+        }
+        other => eprintln!("error: {other}"),
+    }
+}
+
+fn describe(d: &Desired) -> String {
+    let images = d.images.values().filter(|i| !i.spec.implicit).count();
+    let nets = d
+        .networks
+        .values()
+        .filter(|n| !n.source.file.as_os_str().is_empty())
+        .count();
+    let files: std::collections::BTreeSet<_> = d
+        .containers
+        .values()
+        .map(|c| &c.source.file)
+        .chain(d.volumes.values().map(|v| &v.source.file))
+        .chain(
+            d.images
+                .values()
+                .filter(|i| !i.spec.implicit)
+                .map(|i| &i.source.file),
+        )
+        .chain(
+            d.networks
+                .values()
+                .map(|n| &n.source.file)
+                .filter(|f| !f.as_os_str().is_empty()),
+        )
+        .collect();
+    format!(
+        "{} container(s), {} image(s), {} volume(s), {} network(s) in {} file(s)",
+        d.containers.len(),
+        images,
+        d.volumes.len(),
+        nets,
+        files.len()
+    )
+}
+
+fn validate(dir: &Path, json: bool) -> Result<ExitCode> {
+    match manifest::load_dir(dir) {
+        Ok(d) if d.declared_count() == 0 => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": false, "errors": [{"message": format!("{} declares no resources", dir.display())}]})
+                );
+            } else {
+                eprintln!("error: {} declares no resources", dir.display());
+            }
+            Ok(ExitCode::from(1))
+        }
+        Ok(d) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"valid": true, "containers": d.containers.len(), "images": d.images.len(), "volumes": d.volumes.len(), "networks": d.networks.len()})
+                );
+            } else {
+                println!("{}: valid: {}", dir.display(), describe(&d));
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                let errors = match &e {
+                    LoadError::Invalid(ds) => serde_json::to_value(ds)?,
+                    other => serde_json::json!([{"message": other.to_string()}]),
+                };
+                println!("{}", serde_json::json!({"valid": false, "errors": errors}));
+            } else {
+                print_diagnostics(&e);
+            }
+            Ok(ExitCode::from(1))
+        }
+    }
+}
+
+/// Load the desired state with the deletion guard: a missing, unreadable or empty directory
+/// is an error unless `allow_empty`.
+pub fn load_desired(dir: &Path, allow_empty: bool) -> Result<Desired> {
+    let hint = "pass --allow-empty if you mean to remove everything berth created";
+    match manifest::load_dir(dir) {
+        Ok(d) if d.declared_count() == 0 && !allow_empty => {
+            bail!("{} declares no resources; {hint}", dir.display())
+        }
+        Ok(d) => Ok(d),
+        Err(LoadError::Io { path, source })
+            if allow_empty && source.kind() == std::io::ErrorKind::NotFound =>
+        {
+            tracing::info!(
+                "{} is missing; treating it as empty (--allow-empty)",
+                path.display()
+            );
+            Ok(Desired {
+                dir: dir.to_path_buf(),
+                ..Default::default()
+            })
+        }
+        Err(e @ (LoadError::Io { .. } | LoadError::NotADirectory(_))) => {
+            bail!("{e}; {hint}")
+        }
+        Err(e) => {
+            print_diagnostics(&e);
+            bail!(
+                "manifests in {} are invalid; nothing was changed",
+                dir.display()
+            )
+        }
+    }
+}
+
+fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
+    let desired = load_desired(&args.dir, args.allow_empty)?;
+    let observed = observe::from_records(&c.state).context("reading berth's state")?;
+    let plan = plan::diff(&desired, &observed)?;
+    plan::check_deletions(&plan, args.max_deletions)?;
+    if args.json {
+        println!("{}", render::to_json(&plan));
+    } else {
+        print!("{}", render::to_text(&plan));
+    }
+    Ok(if args.detailed_exitcode && !plan.is_empty() {
+        ExitCode::from(2)
+    } else {
+        ExitCode::SUCCESS
+    })
+}

@@ -1,0 +1,145 @@
+//! Host configuration: `/etc/berth/config.toml` (optional).
+//!
+//! ```toml
+//! cgroup_parent = "/berth"          # absolute cgroup parent; default: below berth's own cgroup
+//! [pull]
+//! concurrency = 4                   # layers downloaded at once
+//! [registry."registry.example:5000"]
+//! insecure = true                   # plain HTTP (loopback registries never need this)
+//! mirrors = ["mirror.example:5000"] # tried in order, then the registry itself
+//! ca_file = "/etc/berth/ca.pem"     # extra CA for this registry
+//! ```
+
+use serde::Deserialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+pub const DEFAULT_CONFIG: &str = "/etc/berth/config.toml";
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub cgroup_parent: Option<PathBuf>,
+    #[serde(default)]
+    pub pull: PullConfig,
+    #[serde(default)]
+    pub registry: BTreeMap<String, RegistryConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PullConfig {
+    #[serde(default = "default_concurrency")]
+    pub concurrency: usize,
+}
+
+impl Default for PullConfig {
+    fn default() -> Self {
+        PullConfig {
+            concurrency: default_concurrency(),
+        }
+    }
+}
+
+fn default_concurrency() -> usize {
+    4
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    #[serde(default)]
+    pub insecure: bool,
+    #[serde(default)]
+    pub mirrors: Vec<String>,
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("config {path}: {source}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("config {path}: {message}")]
+    Parse { path: PathBuf, message: String },
+}
+
+impl Config {
+    /// Load the config. A missing file is an empty config unless `required` (the user named it).
+    pub fn load(path: &Path, required: bool) -> Result<Config, ConfigError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !required => {
+                return Ok(Config::default());
+            }
+            Err(source) => {
+                return Err(ConfigError::Read {
+                    path: path.into(),
+                    source,
+                });
+            }
+        };
+        let cfg: Config = toml::from_str(&text).map_err(|e| {
+            let (line, col) = e
+                .span()
+                .map(|s| {
+                    let before = &text[..s.start.min(text.len())];
+                    let line = before.matches('\n').count() + 1;
+                    let col = before.len() - before.rfind('\n').map(|i| i + 1).unwrap_or(0) + 1;
+                    (line, col)
+                })
+                .unwrap_or((1, 1));
+            ConfigError::Parse {
+                path: path.into(),
+                message: format!("{line}:{col}: {}", e.message()),
+            }
+        })?;
+        if cfg.pull.concurrency == 0 {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: "pull.concurrency must be at least 1".into(),
+            });
+        }
+        if let Some(p) = &cfg.cgroup_parent
+            && !p.is_absolute()
+        {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!("cgroup_parent {} must be absolute", p.display()),
+            });
+        }
+        Ok(cfg)
+    }
+
+    pub fn registry(&self, host: &str) -> RegistryConfig {
+        self.registry.get(host).cloned().unwrap_or_default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loads_and_rejects() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("c.toml");
+        assert!(Config::load(&p, false).is_ok());
+        assert!(Config::load(&p, true).is_err());
+        std::fs::write(
+            &p,
+            "[registry.\"r:5000\"]\ninsecure = true\nmirrors = [\"m:1\"]\n",
+        )
+        .unwrap();
+        let c = Config::load(&p, true).unwrap();
+        assert!(c.registry("r:5000").insecure);
+        std::fs::write(&p, "[pull]\nconcurency = 3\n").unwrap();
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("2:1"), "{e}");
+    }
+}

@@ -1,0 +1,113 @@
+//! Small file-system helpers shared by the state records, the store and the runtime.
+
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+/// An IO error with the path it happened on.
+#[derive(Debug, thiserror::Error)]
+#[error("{op} {path}: {source}")]
+pub struct PathError {
+    pub op: &'static str,
+    pub path: PathBuf,
+    #[source]
+    pub source: std::io::Error,
+}
+
+impl PathError {
+    pub fn new(op: &'static str, path: &Path, source: std::io::Error) -> Self {
+        PathError {
+            op,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
+/// `map_err` helper: `.map_err(at("read", &path))`.
+pub fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PathError + 'a {
+    move |e| PathError::new(op, path, e)
+}
+
+/// Write `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the folder.
+/// Readers see the old content or the new, never a torn write.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
+    let dir = path.parent().unwrap_or(Path::new("."));
+    std::fs::create_dir_all(dir).map_err(at("create directory", dir))?;
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let tmp = dir.join(format!(".{name}.tmp.{}", std::process::id()));
+    let res = (|| {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .open(&tmp)
+            .map_err(at("create", &tmp))?;
+        f.write_all(bytes).map_err(at("write", &tmp))?;
+        f.sync_all().map_err(at("fsync", &tmp))?;
+        std::fs::rename(&tmp, path).map_err(at("rename into place", path))?;
+        sync_dir(dir)
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res
+}
+
+/// fsync a directory so a rename inside it is durable.
+pub fn sync_dir(dir: &Path) -> Result<(), PathError> {
+    File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(at("fsync directory", dir))
+}
+
+/// Serialize to pretty JSON and write atomically.
+pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), PathError> {
+    let mut bytes = serde_json::to_vec_pretty(v)
+        .map_err(|e| PathError::new("serialize", path, std::io::Error::other(e)))?;
+    bytes.push(b'\n');
+    write_atomic(path, &bytes)
+}
+
+/// Read a JSON file; `Ok(None)` when it does not exist.
+pub fn read_json<T: serde::de::DeserializeOwned>(path: &Path) -> Result<Option<T>, PathError> {
+    match std::fs::read(path) {
+        Ok(b) => serde_json::from_slice(&b)
+            .map(Some)
+            .map_err(|e| PathError::new("parse JSON", path, std::io::Error::other(e))),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(PathError::new("read", path, e)),
+    }
+}
+
+/// Seconds since the Unix epoch.
+pub fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_write_replaces() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("x/y.json");
+        write_json(&p, &vec![1, 2]).unwrap();
+        write_json(&p, &vec![3]).unwrap();
+        let v: Vec<i32> = read_json(&p).unwrap().unwrap();
+        assert_eq!(v, vec![3]);
+        assert_eq!(std::fs::read_dir(p.parent().unwrap()).unwrap().count(), 1);
+        assert!(
+            read_json::<Vec<i32>>(&d.path().join("none"))
+                .unwrap()
+                .is_none()
+        );
+    }
+}

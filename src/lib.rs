@@ -1,0 +1,16 @@
+//! berth: a declarative reconciliation agent for containers on one Linux host.
+//!
+//! The modules follow the seams in ARCHITECTURE.md: `manifest` (TOML → `Desired`), `observe`
+//! (host → `Observed`), `plan` (pure diff → `Plan`), `apply` (execute a `Plan`), `store`
+//! (content store and snapshots), `registry` (OCI distribution client), `runtime`, `net`,
+//! `agent`, and `cli` (the binary's edge).
+#![deny(unsafe_code)]
+
+pub mod cli;
+pub mod config;
+pub mod fsutil;
+pub mod manifest;
+pub mod observe;
+pub mod plan;
+pub mod registry;
+pub mod state;

@@ -1,0 +1,1292 @@
+//! TOML manifests → validated [`Desired`] state.
+//!
+//! Every `*.toml` file below the directory is read (hidden files and folders skipped); all
+//! problems are collected and reported at once, each with `file:line:col`.
+
+pub mod spec;
+pub mod units;
+
+use crate::registry::reference::Reference;
+use spec::*;
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::ops::Range;
+use std::path::{Path, PathBuf};
+use toml_edit::{Item, TableLike};
+use units::*;
+
+/// One problem in a manifest, with its location.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, serde::Serialize)]
+pub struct Diagnostic {
+    pub file: PathBuf,
+    pub line: usize,
+    pub col: usize,
+    pub message: String,
+}
+
+impl fmt::Display for Diagnostic {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.col,
+            self.message
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error("manifest directory {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("manifest directory {0} is not a directory")]
+    NotADirectory(PathBuf),
+    #[error("{} error(s) in manifests:\n{}", .0.len(), .0.iter().map(|d| d.to_string()).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Diagnostic>),
+}
+
+/// The resource name rule: `[a-z0-9][a-z0-9_.-]{0,62}`.
+pub fn valid_name(s: &str) -> bool {
+    let b = s.as_bytes();
+    !b.is_empty()
+        && b.len() <= 63
+        && (b[0].is_ascii_lowercase() || b[0].is_ascii_digit())
+        && b.iter().all(|c| {
+            c.is_ascii_lowercase() || c.is_ascii_digit() || matches!(c, b'_' | b'.' | b'-')
+        })
+}
+
+/// List the manifest files below `dir`: `*.toml`, hidden entries skipped, sorted.
+pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
+    let meta = std::fs::metadata(dir).map_err(|source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    })?;
+    if !meta.is_dir() {
+        return Err(LoadError::NotADirectory(dir.to_path_buf()));
+    }
+    let mut out = vec![];
+    walk(dir, 0, &mut out)?;
+    out.sort();
+    Ok(out)
+}
+
+fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+    if depth > 32 {
+        return Ok(());
+    }
+    let io = |source| LoadError::Io {
+        path: dir.to_path_buf(),
+        source,
+    };
+    for entry in std::fs::read_dir(dir).map_err(io)? {
+        let entry = entry.map_err(io)?;
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if name.starts_with('.') {
+            continue;
+        }
+        let path = entry.path();
+        let meta = std::fs::metadata(&path).map_err(|source| LoadError::Io {
+            path: path.clone(),
+            source,
+        })?;
+        if meta.is_dir() {
+            walk(&path, depth + 1, out)?;
+        } else if meta.is_file() && name.ends_with(".toml") {
+            out.push(path);
+        }
+    }
+    Ok(())
+}
+
+type Span = Option<Range<usize>>;
+type Fail = (Span, String);
+
+/// A place in a file, kept for cross-reference checks after all files are read.
+#[derive(Debug, Clone)]
+struct Pos {
+    file: PathBuf,
+    line: usize,
+    col: usize,
+}
+
+/// Locations of a container's references, for the cross-checks.
+#[derive(Default)]
+struct ContainerRefs {
+    image: Option<Pos>,
+    volumes: Vec<Pos>,
+    networks: Vec<Pos>,
+    depends: BTreeMap<String, Pos>,
+    ports: Vec<Pos>,
+}
+
+struct Loader {
+    dir: PathBuf,
+    diags: Vec<Diagnostic>,
+    desired: Desired,
+    defined: HashMap<(Kind, String), (PathBuf, usize)>,
+    crefs: BTreeMap<String, ContainerRefs>,
+    net_pos: BTreeMap<String, Pos>,
+}
+
+struct FileCtx<'a> {
+    display: PathBuf,
+    rel: PathBuf,
+    text: &'a str,
+}
+
+impl FileCtx<'_> {
+    fn pos(&self, span: &Option<Range<usize>>) -> Pos {
+        let off = span
+            .as_ref()
+            .map(|s| s.start)
+            .unwrap_or(0)
+            .min(self.text.len());
+        let before = &self.text[..off];
+        let line = before.matches('\n').count() + 1;
+        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
+        let col = self.text[line_start..off].chars().count() + 1;
+        Pos {
+            file: self.display.clone(),
+            line,
+            col,
+        }
+    }
+}
+
+impl Loader {
+    fn err_at(&mut self, pos: &Pos, message: String) {
+        self.diags.push(Diagnostic {
+            file: pos.file.clone(),
+            line: pos.line,
+            col: pos.col,
+            message,
+        });
+    }
+
+    fn err(&mut self, f: &FileCtx, span: &Option<Range<usize>>, message: String) {
+        let p = f.pos(span);
+        self.err_at(&p, message);
+    }
+
+    fn load_file(&mut self, path: &Path) {
+        let rel = path.strip_prefix(&self.dir).unwrap_or(path).to_path_buf();
+        let text = match std::fs::read(path) {
+            Ok(b) => match String::from_utf8(b) {
+                Ok(t) => t,
+                Err(_) => {
+                    self.diags.push(Diagnostic {
+                        file: path.to_path_buf(),
+                        line: 1,
+                        col: 1,
+                        message: "file is not valid UTF-8".into(),
+                    });
+                    return;
+                }
+            },
+            Err(e) => {
+                self.diags.push(Diagnostic {
+                    file: path.to_path_buf(),
+                    line: 1,
+                    col: 1,
+                    message: format!("cannot read file: {e}"),
+                });
+                return;
+            }
+        };
+        let f = FileCtx {
+            display: path.to_path_buf(),
+            rel,
+            text: &text,
+        };
+        let doc = match toml_edit::Document::parse(text.as_str()) {
+            Ok(d) => d,
+            Err(e) => {
+                let msg = e.message().lines().next().unwrap_or("syntax error").trim();
+                self.err(&f, &e.span(), format!("TOML syntax error: {msg}"));
+                return;
+            }
+        };
+        let root = doc.as_table();
+        for (kind_key, item) in root.iter() {
+            let kspan = root.key(kind_key).and_then(|k| k.span());
+            let kind = match kind_key {
+                "image" => Kind::Image,
+                "volume" => Kind::Volume,
+                "network" => Kind::Network,
+                "container" => Kind::Container,
+                other => {
+                    self.err(
+                        &f,
+                        &kspan,
+                        format!(
+                            "unknown resource kind {other:?}: expected [image.NAME], [volume.NAME], [network.NAME] or [container.NAME]{}",
+                            did_you_mean(other, &["image", "volume", "network", "container"])
+                        ),
+                    );
+                    continue;
+                }
+            };
+            let Some(tbl) = item.as_table_like() else {
+                self.err(
+                    &f,
+                    &kspan,
+                    format!(
+                        "`{kind_key}` must be a table of named resources, e.g. [{kind_key}.NAME]"
+                    ),
+                );
+                continue;
+            };
+            for (name, res) in tbl.iter() {
+                let nspan = tbl.key(name).and_then(|k| k.span()).or_else(|| res.span());
+                self.load_resource(&f, kind, name, res, &nspan);
+            }
+        }
+    }
+
+    fn load_resource(
+        &mut self,
+        f: &FileCtx,
+        kind: Kind,
+        name: &str,
+        item: &Item,
+        nspan: &Option<Range<usize>>,
+    ) {
+        let pos = f.pos(nspan);
+        if !valid_name(name) {
+            self.err_at(
+                &pos,
+                format!(
+                    "invalid {kind} name {name:?}: names are 1-63 characters of a-z, 0-9, '_', '.', '-', starting with a letter or digit"
+                ),
+            );
+            return;
+        }
+        if kind == Kind::Network && (name == NET_HOST || name == NET_NONE) {
+            self.err_at(
+                &pos,
+                format!(
+                    "network name {name:?} is reserved: containers use it without declaring it"
+                ),
+            );
+            return;
+        }
+        if let Some((file, line)) = self.defined.get(&(kind, name.to_string())) {
+            let msg = format!(
+                "{kind} {name:?} is defined twice: here and in {}:{line}",
+                file.display()
+            );
+            self.err_at(&pos, msg);
+            return;
+        }
+        self.defined
+            .insert((kind, name.to_string()), (pos.file.clone(), pos.line));
+        let Some(tbl) = item.as_table_like() else {
+            self.err_at(
+                &pos,
+                format!(
+                    "[{kind}.{name}] must be a table, found {}",
+                    item.type_name()
+                ),
+            );
+            return;
+        };
+        let source = Source {
+            file: f.rel.clone(),
+            line: pos.line,
+        };
+        match kind {
+            Kind::Image => {
+                if let Some(spec) = self.image(f, name, tbl, &pos) {
+                    self.desired.images.insert(
+                        name.into(),
+                        Declared {
+                            name: name.into(),
+                            source,
+                            spec,
+                        },
+                    );
+                }
+            }
+            Kind::Volume => {
+                let spec = self.volume(f, tbl);
+                self.desired.volumes.insert(
+                    name.into(),
+                    Declared {
+                        name: name.into(),
+                        source,
+                        spec,
+                    },
+                );
+            }
+            Kind::Network => {
+                let spec = self.network(f, tbl);
+                self.net_pos.insert(name.into(), pos.clone());
+                self.desired.networks.insert(
+                    name.into(),
+                    Declared {
+                        name: name.into(),
+                        source,
+                        spec,
+                    },
+                );
+            }
+            Kind::Container => {
+                if let Some((spec, refs)) = self.container(f, name, tbl, &pos) {
+                    self.crefs.insert(name.into(), refs);
+                    self.desired.containers.insert(
+                        name.into(),
+                        Declared {
+                            name: name.into(),
+                            source,
+                            spec,
+                        },
+                    );
+                }
+            }
+        }
+    }
+
+    /// Report keys not in `known`, with a did-you-mean.
+    fn check_keys(&mut self, f: &FileCtx, what: &str, tbl: &dyn TableLike, known: &[&str]) {
+        for (k, _) in tbl.iter() {
+            if !known.contains(&k) {
+                let span = tbl.key(k).and_then(|x| x.span());
+                self.err(
+                    f,
+                    &span,
+                    format!("unknown key {k:?} in {what}{}", did_you_mean(k, known)),
+                );
+            }
+        }
+    }
+
+    /// Run a field parser; report its failure and return None.
+    fn field<T>(
+        &mut self,
+        f: &FileCtx,
+        tbl: &dyn TableLike,
+        key: &str,
+        parse: impl FnOnce(&Item) -> Result<T, Fail>,
+    ) -> Option<T> {
+        let item = tbl.get(key)?;
+        match parse(item) {
+            Ok(v) => Some(v),
+            Err((span, msg)) => {
+                let span = span.or_else(|| item.span());
+                self.err(f, &span, format!("{key}: {msg}"));
+                None
+            }
+        }
+    }
+
+    fn image(
+        &mut self,
+        f: &FileCtx,
+        name: &str,
+        tbl: &dyn TableLike,
+        pos: &Pos,
+    ) -> Option<ImageSpec> {
+        self.check_keys(f, &format!("[image.{name}]"), tbl, &["ref", "pull"]);
+        let reference = self.field(f, tbl, "ref", |i| {
+            string(i)?.parse::<Reference>().map_err(|e| (None, e))
+        });
+        let pull = self
+            .field(f, tbl, "pull", |i| match string(i)?.as_str() {
+                "missing" => Ok(PullPolicy::Missing),
+                "always" => Ok(PullPolicy::Always),
+                "never" => Ok(PullPolicy::Never),
+                other => Err((
+                    None,
+                    format!(
+                        "expected \"missing\", \"always\" or \"never\", found {other:?}{}",
+                        did_you_mean(other, &["missing", "always", "never"])
+                    ),
+                )),
+            })
+            .unwrap_or_default();
+        if tbl.get("ref").is_none() {
+            self.err_at(
+                pos,
+                format!(
+                    "[image.{name}] needs `ref`, e.g. ref = \"docker.io/library/busybox:1.36\""
+                ),
+            );
+        }
+        Some(ImageSpec {
+            reference: reference?,
+            pull,
+            implicit: false,
+        })
+    }
+
+    fn volume(&mut self, f: &FileCtx, tbl: &dyn TableLike) -> VolumeSpec {
+        self.check_keys(f, "a volume", tbl, &["labels"]);
+        VolumeSpec {
+            labels: self.field(f, tbl, "labels", string_map).unwrap_or_default(),
+        }
+    }
+
+    fn network(&mut self, f: &FileCtx, tbl: &dyn TableLike) -> NetworkSpec {
+        self.check_keys(f, "a network", tbl, &["subnet", "internal"]);
+        NetworkSpec {
+            subnet: self.field(f, tbl, "subnet", |i| {
+                string(i)?.parse::<Cidr>().map_err(|e| (None, e))
+            }),
+            internal: self.field(f, tbl, "internal", boolean).unwrap_or(false),
+        }
+    }
+
+    fn container(
+        &mut self,
+        f: &FileCtx,
+        name: &str,
+        tbl: &dyn TableLike,
+        pos: &Pos,
+    ) -> Option<(ContainerSpec, ContainerRefs)> {
+        const KEYS: &[&str] = &[
+            "image",
+            "entrypoint",
+            "command",
+            "env",
+            "working_dir",
+            "user",
+            "hostname",
+            "ports",
+            "volumes",
+            "tmpfs",
+            "networks",
+            "restart",
+            "memory",
+            "cpus",
+            "pids",
+            "read_only",
+            "cap_add",
+            "cap_drop",
+            "stop_signal",
+            "stop_timeout",
+            "depends_on",
+            "labels",
+            "health",
+        ];
+        self.check_keys(f, &format!("[container.{name}]"), tbl, KEYS);
+        let mut refs = ContainerRefs::default();
+        let Some(image_item) = tbl.get("image") else {
+            self.err_at(
+                pos,
+                format!("[container.{name}] needs `image`: an [image.*] name or a reference"),
+            );
+            return None;
+        };
+        refs.image = Some(f.pos(&image_item.span()));
+        let image = self.field(f, tbl, "image", string)?;
+        // A bare word may name an [image.*] resource; that is checked once all files are read.
+        let image_ref = if is_bare_word(&image) {
+            // placeholder until the cross-check resolves it
+            image.parse::<Reference>().ok()?
+        } else {
+            self.field(f, tbl, "image", |i| {
+                string(i)?.parse::<Reference>().map_err(|e| (None, e))
+            })?
+        };
+        let mut c = ContainerSpec::with_image(&image, image_ref);
+        c.entrypoint = self.field(f, tbl, "entrypoint", string_array);
+        c.command = self.field(f, tbl, "command", string_array);
+        c.env = self.field(f, tbl, "env", env_map).unwrap_or_default();
+        c.working_dir = self.field(f, tbl, "working_dir", |i| {
+            let s = string(i)?;
+            if s.starts_with('/') {
+                Ok(s)
+            } else {
+                Err((None, format!("{s:?} must be an absolute path")))
+            }
+        });
+        c.user = self.field(f, tbl, "user", |i| {
+            let s = string(i)?;
+            let ok = !s.is_empty()
+                && s.split(':').count() <= 2
+                && s.split(':').all(|p| {
+                    !p.is_empty()
+                        && p.chars()
+                            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'))
+                });
+            if ok {
+                Ok(s)
+            } else {
+                Err((None, format!("{s:?} is not uid[:gid] or name[:group]")))
+            }
+        });
+        c.hostname = self.field(f, tbl, "hostname", |i| {
+            let s = string(i)?;
+            let ok = !s.is_empty()
+                && s.len() <= 63
+                && !s.starts_with('-')
+                && !s.ends_with('-')
+                && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '-');
+            if ok {
+                Ok(s)
+            } else {
+                Err((
+                    None,
+                    format!("{s:?} is not a valid hostname (1-63 letters, digits and '-')"),
+                ))
+            }
+        });
+        if let Some(item) = tbl.get("ports") {
+            for (v, span) in self
+                .field(f, tbl, "ports", string_array_spans)
+                .unwrap_or_default()
+            {
+                match v.parse::<PortSpec>() {
+                    Ok(p) => {
+                        c.ports.push(p);
+                        refs.ports.push(f.pos(&span));
+                    }
+                    Err(e) => self.err(f, &span.or_else(|| item.span()), format!("ports: {e}")),
+                }
+            }
+        }
+        for (v, span) in self
+            .field(f, tbl, "volumes", string_array_spans)
+            .unwrap_or_default()
+        {
+            match v.parse::<VolumeMount>() {
+                Ok(m) => {
+                    c.volumes.push(m);
+                    refs.volumes.push(f.pos(&span));
+                }
+                Err(e) => self.err(f, &span, format!("volumes: {e}")),
+            }
+        }
+        for (v, span) in self
+            .field(f, tbl, "tmpfs", string_array_spans)
+            .unwrap_or_default()
+        {
+            match v.parse::<TmpfsMount>() {
+                Ok(m) => c.tmpfs.push(m),
+                Err(e) => self.err(f, &span, format!("tmpfs: {e}")),
+            }
+        }
+        let mut targets: BTreeMap<PathBuf, ()> = BTreeMap::new();
+        let all_targets: Vec<PathBuf> = c
+            .volumes
+            .iter()
+            .map(|v| v.target.clone())
+            .chain(c.tmpfs.iter().map(|t| t.target.clone()))
+            .collect();
+        for t in all_targets {
+            if targets.insert(t.clone(), ()).is_some() {
+                self.err_at(
+                    pos,
+                    format!("[container.{name}]: two mounts target {}", t.display()),
+                );
+            }
+        }
+        if let Some(nets) = self.field(f, tbl, "networks", string_array_spans) {
+            if nets.is_empty() {
+                self.err(
+                    f,
+                    &tbl.get("networks").and_then(|i| i.span()),
+                    "networks: must not be empty; use [\"none\"] for no network".into(),
+                );
+            }
+            let special = nets.iter().any(|(n, _)| n == NET_HOST || n == NET_NONE);
+            if special && nets.len() > 1 {
+                self.err(
+                    f,
+                    &tbl.get("networks").and_then(|i| i.span()),
+                    "networks: \"host\" and \"none\" cannot be combined with other networks".into(),
+                );
+            }
+            c.networks = vec![];
+            for (n, span) in nets {
+                if c.networks.contains(&n) {
+                    self.err(f, &span, format!("networks: {n:?} is listed twice"));
+                    continue;
+                }
+                refs.networks.push(f.pos(&span));
+                c.networks.push(n);
+            }
+        } else {
+            refs.networks.push(pos.clone());
+        }
+        if let Some(r) = self.field(f, tbl, "restart", |i| {
+            string(i)?.parse::<Restart>().map_err(|e| (None, e))
+        }) {
+            c.restart = r;
+        }
+        c.memory = self.field(f, tbl, "memory", |i| {
+            let s = size(i)?;
+            if s.0 < 6 << 20 {
+                Err((None, format!("{s} is below the minimum of 6MiB")))
+            } else {
+                Ok(s)
+            }
+        });
+        c.cpus = self.field(f, tbl, "cpus", |i| {
+            let v = match (i.as_float(), i.as_integer()) {
+                (Some(v), _) => v,
+                (_, Some(v)) => v as f64,
+                _ => return Err((None, format!("expected a number, found {}", i.type_name()))),
+            };
+            if v > 0.0 && v <= 1024.0 {
+                Ok(v)
+            } else {
+                Err((
+                    None,
+                    format!("{v} is out of range (more than 0, at most 1024)"),
+                ))
+            }
+        });
+        c.pids = self.field(f, tbl, "pids", |i| {
+            let v = integer(i)?;
+            if v >= 1 {
+                Ok(v as u64)
+            } else {
+                Err((None, format!("{v} must be at least 1")))
+            }
+        });
+        c.read_only = self.field(f, tbl, "read_only", boolean).unwrap_or(false);
+        for key in ["cap_add", "cap_drop"] {
+            let mut caps = vec![];
+            for (v, span) in self
+                .field(f, tbl, key, string_array_spans)
+                .unwrap_or_default()
+            {
+                match parse_capability(&v) {
+                    Ok(cap) => caps.push(cap),
+                    Err(e) => self.err(f, &span, format!("{key}: {e}")),
+                }
+            }
+            caps.sort();
+            caps.dedup();
+            if key == "cap_add" {
+                c.cap_add = caps;
+            } else {
+                c.cap_drop = caps;
+            }
+        }
+        if let Some(s) = self.field(f, tbl, "stop_signal", |i| {
+            parse_signal(&string(i)?).map_err(|e| (None, e))
+        }) {
+            c.stop_signal = s;
+        }
+        if let Some(d) = self.field(f, tbl, "stop_timeout", duration) {
+            c.stop_timeout = d;
+        }
+        if let Some(item) = tbl.get("depends_on") {
+            match item.as_table_like() {
+                Some(dt) => {
+                    for (dep, v) in dt.iter() {
+                        let kspan = dt.key(dep).and_then(|k| k.span());
+                        let cond = match v.as_str() {
+                            Some("started") => DependCondition::Started,
+                            Some("healthy") => DependCondition::Healthy,
+                            Some("completed") => DependCondition::Completed,
+                            _ => {
+                                let shown = v
+                                    .as_str()
+                                    .map(|s| format!("{s:?}"))
+                                    .unwrap_or_else(|| v.type_name().to_string());
+                                self.err(f, &v.span(), format!("depends_on.{dep}: expected \"started\", \"healthy\" or \"completed\", found {shown}"));
+                                continue;
+                            }
+                        };
+                        refs.depends.insert(dep.to_string(), f.pos(&kspan));
+                        c.depends_on.insert(dep.to_string(), cond);
+                    }
+                }
+                None => self.err(
+                    f,
+                    &item.span(),
+                    format!(
+                        "depends_on: expected a table such as {{ db = \"healthy\" }}, found {}",
+                        item.type_name()
+                    ),
+                ),
+            }
+        }
+        c.labels = self.field(f, tbl, "labels", string_map).unwrap_or_default();
+        if let Some(item) = tbl.get("health") {
+            match item.as_table_like() {
+                Some(h) => c.health = self.health(f, name, h, pos),
+                None => self.err(
+                    f,
+                    &item.span(),
+                    format!(
+                        "health: expected a table ([container.{name}.health]), found {}",
+                        item.type_name()
+                    ),
+                ),
+            }
+        }
+        Some((c, refs))
+    }
+
+    fn health(
+        &mut self,
+        f: &FileCtx,
+        name: &str,
+        h: &dyn TableLike,
+        pos: &Pos,
+    ) -> Option<HealthSpec> {
+        self.check_keys(
+            f,
+            &format!("[container.{name}.health]"),
+            h,
+            &["cmd", "interval", "timeout", "retries", "start_period"],
+        );
+        let cmd = self.field(f, h, "cmd", string_array);
+        if h.get("cmd").is_none() {
+            self.err_at(pos, format!("[container.{name}.health] needs `cmd`, e.g. cmd = [\"wget\", \"-q\", \"-O\", \"/dev/null\", \"http://127.0.0.1/\"]"));
+        }
+        let cmd = cmd?;
+        if cmd.is_empty() {
+            self.err(
+                f,
+                &h.get("cmd").and_then(|i| i.span()),
+                "health.cmd: must not be empty".into(),
+            );
+            return None;
+        }
+        Some(HealthSpec {
+            cmd,
+            interval: self
+                .field(f, h, "interval", duration)
+                .unwrap_or(Duration::from_secs(30)),
+            timeout: self
+                .field(f, h, "timeout", duration)
+                .unwrap_or(Duration::from_secs(30)),
+            retries: self
+                .field(f, h, "retries", |i| {
+                    let v = integer(i)?;
+                    u32::try_from(v)
+                        .ok()
+                        .filter(|v| *v >= 1)
+                        .ok_or((None, format!("{v} must be at least 1")))
+                })
+                .unwrap_or(3),
+            start_period: self
+                .field(f, h, "start_period", duration)
+                .unwrap_or(Duration(0)),
+        })
+    }
+
+    /// Checks that need every file: references, cycles, port clashes, subnet overlaps.
+    fn cross_check(&mut self) {
+        let crefs = std::mem::take(&mut self.crefs);
+        let names: Vec<String> = self.desired.containers.keys().cloned().collect();
+        for cname in &names {
+            let Some(refs) = crefs.get(cname) else {
+                continue;
+            };
+            let c = self.desired.containers[cname].spec.clone();
+            // image: a bare word must be a declared [image.*]
+            if is_bare_word(&c.image) {
+                match self.desired.images.get(&c.image) {
+                    Some(img) => {
+                        let r = img.spec.reference.clone();
+                        if let Some(cc) = self.desired.containers.get_mut(cname) {
+                            cc.spec.image_ref = r;
+                        }
+                    }
+                    None => {
+                        let names: Vec<&str> =
+                            self.desired.images.keys().map(|s| s.as_str()).collect();
+                        let msg = format!(
+                            "image {:?} is not declared: add [image.{}] or write a full reference such as \"docker.io/library/{}:latest\"{}",
+                            c.image,
+                            c.image,
+                            c.image,
+                            did_you_mean(&c.image, &names)
+                        );
+                        if let Some(p) = &refs.image {
+                            self.err_at(p, msg);
+                        }
+                    }
+                }
+            }
+            for (m, p) in c.volumes.iter().zip(&refs.volumes) {
+                if let MountSource::Volume(v) = &m.source
+                    && !self.desired.volumes.contains_key(v)
+                {
+                    let names: Vec<&str> =
+                        self.desired.volumes.keys().map(|s| s.as_str()).collect();
+                    let msg = format!(
+                        "volume {v:?} is not declared: add [volume.{v}]{}",
+                        did_you_mean(v, &names)
+                    );
+                    self.err_at(p, msg);
+                }
+            }
+            for (n, p) in c.networks.iter().zip(&refs.networks) {
+                if n == NET_HOST
+                    || n == NET_NONE
+                    || n == NET_DEFAULT
+                    || self.desired.networks.contains_key(n)
+                {
+                    continue;
+                }
+                let names: Vec<&str> = self
+                    .desired
+                    .networks
+                    .keys()
+                    .map(|s| s.as_str())
+                    .chain(["default", "host", "none"])
+                    .collect();
+                let msg = format!(
+                    "network {n:?} is not declared: add [network.{n}]{}",
+                    did_you_mean(n, &names)
+                );
+                self.err_at(p, msg);
+            }
+            if (c.networks.iter().any(|n| n == NET_HOST || n == NET_NONE))
+                && !c.ports.is_empty()
+                && let Some(p) = refs.ports.first()
+            {
+                let msg = format!(
+                    "ports: cannot publish ports with network {:?}",
+                    c.networks[0]
+                );
+                self.err_at(p, msg);
+            }
+            for (dep, p) in &refs.depends {
+                if dep == cname {
+                    self.err_at(
+                        p,
+                        format!("depends_on: container {cname:?} cannot depend on itself"),
+                    );
+                    continue;
+                }
+                match self.desired.containers.get(dep) {
+                    None => {
+                        let names: Vec<&str> =
+                            self.desired.containers.keys().map(|s| s.as_str()).collect();
+                        let msg = format!(
+                            "depends_on: container {dep:?} is not declared{}",
+                            did_you_mean(dep, &names)
+                        );
+                        self.err_at(p, msg);
+                    }
+                    Some(d) => {
+                        if c.depends_on.get(dep) == Some(&DependCondition::Healthy)
+                            && d.spec.health.is_none()
+                        {
+                            let msg = format!(
+                                "depends_on: {dep} = \"healthy\" but container {dep:?} has no [container.{dep}.health] check"
+                            );
+                            self.err_at(p, msg);
+                        }
+                    }
+                }
+            }
+        }
+        // dependency cycles
+        for cycle in find_cycles(&self.desired.containers) {
+            let first = &cycle[0];
+            let next = &cycle[1 % cycle.len()];
+            if let Some(p) = crefs.get(first).and_then(|r| r.depends.get(next)) {
+                let p = p.clone();
+                let mut path = cycle.clone();
+                path.push(first.clone());
+                self.err_at(
+                    &p,
+                    format!("depends_on: dependency cycle: {}", path.join(" → ")),
+                );
+            }
+        }
+        // port clashes between containers (and within one)
+        let mut published: Vec<(String, PortSpec, Pos)> = vec![];
+        for cname in &names {
+            let Some(refs) = crefs.get(cname) else {
+                continue;
+            };
+            let ports = self.desired.containers[cname].spec.ports.clone();
+            for (p, pos) in ports.iter().zip(&refs.ports) {
+                if let Some((other, op, opos)) = published.iter().find(|(_, op, _)| op.collides(p))
+                {
+                    let msg = format!(
+                        "ports: {p} clashes with {op} published by container {other:?} at {}:{}:{}",
+                        opos.file.display(),
+                        opos.line,
+                        opos.col
+                    );
+                    let pos = pos.clone();
+                    self.err_at(&pos, msg);
+                } else {
+                    published.push((cname.clone(), *p, pos.clone()));
+                }
+            }
+        }
+        // overlapping subnets
+        let nets: Vec<(String, Cidr)> = self
+            .desired
+            .networks
+            .iter()
+            .filter_map(|(n, d)| d.spec.subnet.map(|s| (n.clone(), s)))
+            .collect();
+        for (i, (a, sa)) in nets.iter().enumerate() {
+            for (b, sb) in &nets[..i] {
+                if sa.overlaps(*sb)
+                    && let Some(p) = self.net_pos.get(a).cloned()
+                {
+                    self.err_at(
+                        &p,
+                        format!("subnet {sa} of network {a:?} overlaps {sb} of network {b:?}"),
+                    );
+                }
+            }
+        }
+        // implicit images and the default network
+        let containers: Vec<ContainerSpec> = self
+            .desired
+            .containers
+            .values()
+            .map(|c| c.spec.clone())
+            .collect();
+        for c in &containers {
+            if !is_bare_word(&c.image) {
+                let key = c.image_ref.to_string();
+                self.desired.images.entry(key.clone()).or_insert(Declared {
+                    name: key,
+                    source: Source::default(),
+                    spec: ImageSpec {
+                        reference: c.image_ref.clone(),
+                        pull: PullPolicy::Missing,
+                        implicit: true,
+                    },
+                });
+            }
+            if c.networks.iter().any(|n| n == NET_DEFAULT) {
+                self.desired
+                    .networks
+                    .entry(NET_DEFAULT.into())
+                    .or_insert(Declared {
+                        name: NET_DEFAULT.into(),
+                        source: Source::default(),
+                        spec: NetworkSpec::default(),
+                    });
+            }
+        }
+    }
+}
+
+/// A bare word (no `/`, `:` or `@`) names an `[image.*]` resource.
+pub fn is_bare_word(image: &str) -> bool {
+    !image.contains(['/', ':', '@'])
+}
+
+/// Every elementary cycle found by DFS, each reported once (rotated to start at its least name).
+fn find_cycles(containers: &BTreeMap<String, Declared<ContainerSpec>>) -> Vec<Vec<String>> {
+    fn dfs(
+        n: &str,
+        cs: &BTreeMap<String, Declared<ContainerSpec>>,
+        stack: &mut Vec<String>,
+        done: &mut std::collections::BTreeSet<String>,
+        out: &mut Vec<Vec<String>>,
+    ) {
+        if let Some(i) = stack.iter().position(|s| s == n) {
+            let mut cyc: Vec<String> = stack[i..].to_vec();
+            let min = cyc
+                .iter()
+                .enumerate()
+                .min_by_key(|(_, s)| s.as_str())
+                .map(|(i, _)| i)
+                .unwrap_or(0);
+            cyc.rotate_left(min);
+            if !out.contains(&cyc) {
+                out.push(cyc);
+            }
+            return;
+        }
+        if done.contains(n) {
+            return;
+        }
+        stack.push(n.to_string());
+        if let Some(c) = cs.get(n) {
+            for d in c.spec.depends_on.keys() {
+                if d != n && cs.contains_key(d) {
+                    dfs(d, cs, stack, done, out);
+                }
+            }
+        }
+        stack.pop();
+        done.insert(n.to_string());
+    }
+    let mut out = vec![];
+    let mut done = std::collections::BTreeSet::new();
+    for n in containers.keys() {
+        dfs(n, containers, &mut vec![], &mut done, &mut out);
+    }
+    out
+}
+
+fn string(i: &Item) -> Result<String, Fail> {
+    i.as_str()
+        .map(str::to_string)
+        .ok_or_else(|| (None, format!("expected a string, found {}", i.type_name())))
+}
+
+fn boolean(i: &Item) -> Result<bool, Fail> {
+    i.as_bool().ok_or_else(|| {
+        (
+            None,
+            format!("expected true or false, found {}", i.type_name()),
+        )
+    })
+}
+
+fn integer(i: &Item) -> Result<i64, Fail> {
+    i.as_integer().ok_or_else(|| {
+        (
+            None,
+            format!("expected an integer, found {}", i.type_name()),
+        )
+    })
+}
+
+fn duration(i: &Item) -> Result<Duration, Fail> {
+    match i.as_str() {
+        Some(s) => s.parse().map_err(|e| (None, e)),
+        None => Err((
+            None,
+            format!(
+                "expected a duration string such as \"10s\", found {}",
+                i.type_name()
+            ),
+        )),
+    }
+}
+
+fn size(i: &Item) -> Result<Size, Fail> {
+    if let Some(n) = i.as_integer() {
+        return u64::try_from(n)
+            .map(Size)
+            .map_err(|_| (None, format!("{n} is negative")));
+    }
+    match i.as_str() {
+        Some(s) => s.parse().map_err(|e| (None, e)),
+        None => Err((
+            None,
+            format!("expected a size such as \"64MiB\", found {}", i.type_name()),
+        )),
+    }
+}
+
+fn string_array_spans(i: &Item) -> Result<Vec<(String, Span)>, Fail> {
+    let arr = i.as_array().ok_or_else(|| {
+        (
+            None,
+            format!("expected an array of strings, found {}", i.type_name()),
+        )
+    })?;
+    arr.iter()
+        .map(|v| match v.as_str() {
+            Some(s) => Ok((s.to_string(), v.span())),
+            None => Err((
+                v.span(),
+                format!("expected a string, found {}", v.type_name()),
+            )),
+        })
+        .collect()
+}
+
+fn string_array(i: &Item) -> Result<Vec<String>, Fail> {
+    if i.is_str() {
+        return Err((
+            None,
+            "expected an array of strings, e.g. [\"sh\", \"-c\", \"echo hi\"], found string".into(),
+        ));
+    }
+    Ok(string_array_spans(i)?.into_iter().map(|(s, _)| s).collect())
+}
+
+fn table_entries(i: &Item) -> Result<Vec<(String, &Item, Span)>, Fail> {
+    let t = i.as_table_like().ok_or_else(|| {
+        (
+            None,
+            format!(
+                "expected a table such as {{ KEY = \"value\" }}, found {}",
+                i.type_name()
+            ),
+        )
+    })?;
+    Ok(t.iter()
+        .map(|(k, v)| (k.to_string(), v, t.key(k).and_then(|k| k.span())))
+        .collect())
+}
+
+fn string_map(i: &Item) -> Result<BTreeMap<String, String>, Fail> {
+    table_entries(i)?
+        .into_iter()
+        .map(|(k, v, _)| match v.as_str() {
+            Some(s) => Ok((k, s.to_string())),
+            None => Err((
+                v.span(),
+                format!("{k}: expected a string, found {}", v.type_name()),
+            )),
+        })
+        .collect()
+}
+
+/// Environment values: strings, integers, floats and booleans (written out as text).
+fn env_map(i: &Item) -> Result<BTreeMap<String, String>, Fail> {
+    table_entries(i)?
+        .into_iter()
+        .map(|(k, v, kspan)| {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return Err((kspan, format!("{k:?} is not a valid variable name")));
+            }
+            let s = if let Some(s) = v.as_str() {
+                s.to_string()
+            } else if let Some(n) = v.as_integer() {
+                n.to_string()
+            } else if let Some(b) = v.as_bool() {
+                b.to_string()
+            } else if let Some(x) = v.as_float() {
+                x.to_string()
+            } else {
+                return Err((
+                    v.span(),
+                    format!("{k}: expected a string, found {}", v.type_name()),
+                ));
+            };
+            if s.contains('\0') {
+                return Err((v.span(), format!("{k}: value contains a NUL byte")));
+            }
+            Ok((k, s))
+        })
+        .collect()
+}
+
+/// Load and validate a manifest directory.
+pub fn load_dir(dir: &Path) -> Result<Desired, LoadError> {
+    let files = manifest_files(dir)?;
+    let mut l = Loader {
+        dir: dir.to_path_buf(),
+        diags: vec![],
+        desired: Desired {
+            dir: dir.to_path_buf(),
+            ..Default::default()
+        },
+        defined: HashMap::new(),
+        crefs: BTreeMap::new(),
+        net_pos: BTreeMap::new(),
+    };
+    for f in &files {
+        l.load_file(f);
+    }
+    l.cross_check();
+    if l.diags.is_empty() {
+        Ok(l.desired)
+    } else {
+        l.diags.sort();
+        l.diags.dedup();
+        Err(LoadError::Invalid(l.diags))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load(files: &[(&str, &str)]) -> Result<Desired, Vec<String>> {
+        let d = tempfile::tempdir().unwrap();
+        for (n, t) in files {
+            let p = d.path().join(n);
+            std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+            std::fs::write(p, t).unwrap();
+        }
+        match load_dir(d.path()) {
+            Ok(x) => Ok(x),
+            Err(LoadError::Invalid(ds)) => Err(ds
+                .iter()
+                .map(|x| {
+                    let f = x.file.strip_prefix(d.path()).unwrap().display().to_string();
+                    format!("{f}:{}:{}: {}", x.line, x.col, x.message)
+                })
+                .collect()),
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
+    #[test]
+    fn full_example_loads() {
+        let d = load(&[(
+            "a.toml",
+            r#"
+[image.busybox]
+ref = "127.0.0.1:5000/busybox:1.36"
+[volume.site]
+[network.front]
+subnet = "10.89.0.0/24"
+[container.db]
+image = "busybox"
+[container.db.health]
+cmd = ["true"]
+[container.web]
+image = "busybox"
+env = { GREETING = "hello", N = 5 }
+ports = ["127.0.0.1:8080:80/tcp"]
+volumes = ["site:/www", "/srv/conf:/conf:ro"]
+networks = ["front"]
+depends_on = { db = "healthy" }
+memory = "64MiB"
+cpus = 0.5
+"#,
+        )])
+        .unwrap();
+        let web = &d.containers["web"].spec;
+        assert_eq!(web.image_ref.to_string(), "127.0.0.1:5000/busybox:1.36");
+        assert_eq!(web.env["N"], "5");
+        assert_eq!(d.containers["web"].source.line, 11);
+        assert!(d.networks.contains_key("default"));
+        let order: Vec<&str> = d
+            .containers_in_order()
+            .iter()
+            .map(|c| c.name.as_str())
+            .collect();
+        assert_eq!(order, ["db", "web"]);
+    }
+
+    #[test]
+    fn reports_all_errors() {
+        let e = load(&[(
+            "a.toml",
+            "[container.web]\nimage = \"busybx\"\nmemroy = \"1g\"\nports = [\"x\"]\n",
+        )])
+        .unwrap_err();
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].starts_with("a.toml:2:9: image \"busybx\" is not declared"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].starts_with("a.toml:3:1: unknown key \"memroy\""),
+            "{e:?}"
+        );
+        assert!(e[1].contains("did you mean \"memory\""), "{e:?}");
+        assert!(e[2].starts_with("a.toml:4:10: ports:"), "{e:?}");
+    }
+
+    #[test]
+    fn ignores_hidden_and_backups() {
+        let d = load(&[
+            ("a.toml", "[volume.v]\n"),
+            ("a.toml~", "garbage ["),
+            ("a.toml.bak", "garbage ["),
+            (".hidden/b.toml", "garbage ["),
+            (".c.toml", "garbage ["),
+            ("sub/d.toml", "[volume.w]\n"),
+        ])
+        .unwrap();
+        assert_eq!(d.volumes.len(), 2);
+    }
+}

@@ -1,0 +1,298 @@
+//! The validated desired state: what the manifests declare, with defaults filled in.
+
+use super::units::{Cidr, Duration, PortSpec, Restart, Size, TmpfsMount, VolumeMount};
+use crate::registry::reference::Reference;
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::path::PathBuf;
+
+/// Where a resource was declared: a path relative to the manifest directory, and a line.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct Source {
+    pub file: PathBuf,
+    pub line: usize,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}:{}", self.file.display(), self.line)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    Image,
+    Volume,
+    Network,
+    Container,
+}
+
+impl Kind {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Image => "image",
+            Kind::Volume => "volume",
+            Kind::Network => "network",
+            Kind::Container => "container",
+        }
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum PullPolicy {
+    #[default]
+    Missing,
+    Always,
+    Never,
+}
+
+impl fmt::Display for PullPolicy {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            PullPolicy::Missing => "missing",
+            PullPolicy::Always => "always",
+            PullPolicy::Never => "never",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ImageSpec {
+    pub reference: Reference,
+    pub pull: PullPolicy,
+    /// True when no `[image.*]` declares it: a container named a reference directly.
+    #[serde(default)]
+    pub implicit: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct NetworkSpec {
+    /// Declared subnet; `None` lets berth choose a free /24.
+    pub subnet: Option<Cidr>,
+    pub internal: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct VolumeSpec {
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum DependCondition {
+    Started,
+    Healthy,
+    Completed,
+}
+
+impl fmt::Display for DependCondition {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DependCondition::Started => "started",
+            DependCondition::Healthy => "healthy",
+            DependCondition::Completed => "completed",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct HealthSpec {
+    pub cmd: Vec<String>,
+    pub interval: Duration,
+    pub timeout: Duration,
+    pub retries: u32,
+    pub start_period: Duration,
+}
+
+/// Network names with a special meaning.
+pub const NET_DEFAULT: &str = "default";
+pub const NET_HOST: &str = "host";
+pub const NET_NONE: &str = "none";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerSpec {
+    /// The `image` value as written: an `[image.*]` name or a reference.
+    pub image: String,
+    /// The normalised reference it resolves to.
+    pub image_ref: Reference,
+    pub entrypoint: Option<Vec<String>>,
+    pub command: Option<Vec<String>>,
+    pub env: BTreeMap<String, String>,
+    pub working_dir: Option<String>,
+    pub user: Option<String>,
+    pub hostname: Option<String>,
+    pub ports: Vec<PortSpec>,
+    pub volumes: Vec<VolumeMount>,
+    pub tmpfs: Vec<TmpfsMount>,
+    pub networks: Vec<String>,
+    pub restart: Restart,
+    pub memory: Option<Size>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+    pub read_only: bool,
+    pub cap_add: Vec<String>,
+    pub cap_drop: Vec<String>,
+    pub stop_signal: String,
+    pub stop_timeout: Duration,
+    pub depends_on: BTreeMap<String, DependCondition>,
+    pub labels: BTreeMap<String, String>,
+    pub health: Option<HealthSpec>,
+}
+
+impl ContainerSpec {
+    /// A spec with every default, for `image`.
+    pub fn with_image(image: &str, image_ref: Reference) -> Self {
+        ContainerSpec {
+            image: image.to_string(),
+            image_ref,
+            entrypoint: None,
+            command: None,
+            env: BTreeMap::new(),
+            working_dir: None,
+            user: None,
+            hostname: None,
+            ports: vec![],
+            volumes: vec![],
+            tmpfs: vec![],
+            networks: vec![NET_DEFAULT.to_string()],
+            restart: Restart::No,
+            memory: None,
+            cpus: None,
+            pids: None,
+            read_only: false,
+            cap_add: vec![],
+            cap_drop: vec![],
+            stop_signal: "SIGTERM".to_string(),
+            stop_timeout: Duration::from_secs(10),
+            depends_on: BTreeMap::new(),
+            labels: BTreeMap::new(),
+            health: None,
+        }
+    }
+
+    /// Fields a change to which is applied without recreating the container.
+    pub const IN_PLACE_FIELDS: &'static [&'static str] = &[
+        "restart",
+        "memory",
+        "cpus",
+        "pids",
+        "labels",
+        "stop_signal",
+        "stop_timeout",
+        "depends_on",
+        "health",
+    ];
+
+    pub fn field_forces_replacement(field: &str) -> bool {
+        let top = field.split(['.', '[']).next().unwrap_or(field);
+        !Self::IN_PLACE_FIELDS.contains(&top)
+    }
+}
+
+/// A declared resource with where it came from.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Declared<T> {
+    pub name: String,
+    pub source: Source,
+    pub spec: T,
+}
+
+/// Everything the manifest directory declares, validated.
+#[derive(Debug, Clone, Default)]
+pub struct Desired {
+    pub dir: PathBuf,
+    /// Keyed by resource name; implicit images (named by reference in a container) are keyed
+    /// by their normalised reference.
+    pub images: BTreeMap<String, Declared<ImageSpec>>,
+    pub volumes: BTreeMap<String, Declared<VolumeSpec>>,
+    /// Includes the built-in `default` network when a container uses it.
+    pub networks: BTreeMap<String, Declared<NetworkSpec>>,
+    pub containers: BTreeMap<String, Declared<ContainerSpec>>,
+}
+
+impl Desired {
+    /// Number of resources declared in files (implicit ones not counted).
+    pub fn declared_count(&self) -> usize {
+        self.images.values().filter(|i| !i.spec.implicit).count()
+            + self.volumes.len()
+            + self
+                .networks
+                .values()
+                .filter(|n| !n.source.file.as_os_str().is_empty())
+                .count()
+            + self.containers.len()
+    }
+
+    /// The image resource a container uses.
+    pub fn image_for(&self, c: &ContainerSpec) -> Option<&Declared<ImageSpec>> {
+        self.images
+            .get(&c.image)
+            .or_else(|| self.images.get(&c.image_ref.to_string()))
+    }
+
+    /// Containers in dependency order (dependencies first, then by name).
+    pub fn containers_in_order(&self) -> Vec<&Declared<ContainerSpec>> {
+        let names: Vec<&String> = self.containers.keys().collect();
+        let order = topo_order(&names, |n| {
+            self.containers
+                .get(n)
+                .map(|c| c.spec.depends_on.keys().cloned().collect())
+                .unwrap_or_default()
+        });
+        order
+            .iter()
+            .filter_map(|n| self.containers.get(n.as_str()))
+            .collect()
+    }
+}
+
+/// Kahn's algorithm with name order for ties; nodes in a cycle come last, by name.
+pub fn topo_order(names: &[&String], deps: impl Fn(&str) -> Vec<String>) -> Vec<String> {
+    use std::collections::{BTreeSet, HashMap};
+    let set: BTreeSet<&str> = names.iter().map(|s| s.as_str()).collect();
+    let mut indeg: HashMap<&str, usize> = HashMap::new();
+    let mut users: HashMap<String, Vec<&str>> = HashMap::new();
+    for n in &set {
+        let ds: Vec<String> = deps(n)
+            .into_iter()
+            .filter(|d| set.contains(d.as_str()))
+            .collect();
+        indeg.insert(n, ds.len());
+        for d in ds {
+            users.entry(d).or_default().push(n);
+        }
+    }
+    let mut ready: BTreeSet<&str> = set
+        .iter()
+        .copied()
+        .filter(|n| indeg.get(n) == Some(&0))
+        .collect();
+    let mut out = vec![];
+    while let Some(n) = ready.pop_first() {
+        out.push(n.to_string());
+        for u in users.get(n).cloned().unwrap_or_default() {
+            if let Some(d) = indeg.get_mut(u) {
+                *d -= 1;
+                if *d == 0 {
+                    ready.insert(u);
+                }
+            }
+        }
+    }
+    for n in set {
+        if !out.iter().any(|o| o == n) {
+            out.push(n.to_string());
+        }
+    }
+    out
+}

@@ -1,0 +1,110 @@
+//! Reading the host into [`Observed`]: berth's records plus what is live on the host.
+//! Observing never changes the host.
+
+use crate::manifest::spec::Kind;
+use crate::state::{ContainerRecord, NetworkRecord, StateDir, StateError, VolumeRecord};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+
+/// What the host has, as far as berth is concerned.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Observed {
+    /// Images in the store, by normalised reference (`registry/repo:tag` or `…@sha256:…`).
+    pub images: BTreeMap<String, ObservedImage>,
+    pub volumes: BTreeMap<String, VolumeRecord>,
+    pub networks: BTreeMap<String, NetworkRecord>,
+    pub containers: BTreeMap<String, ObservedContainer>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObservedImage {
+    /// Digest of the manifest the store holds for this reference.
+    pub digest: String,
+    /// Digest the registry now serves for the tag, when it was asked (`pull = "always"`).
+    #[serde(default)]
+    pub remote_digest: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ObservedContainer {
+    pub record: ContainerRecord,
+    pub status: ContainerStatus,
+    /// Limits read from the live cgroup, when it could be read.
+    #[serde(default)]
+    pub live_limits: Option<LiveLimits>,
+}
+
+/// The live state of a container berth created.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum ContainerStatus {
+    /// Created but never started (or not yet).
+    Created,
+    Running {
+        pid: i32,
+        started_at: u64,
+    },
+    /// Exited by itself; restart policy decides what happens.
+    Exited {
+        code: Option<i32>,
+        signal: Option<i32>,
+        #[serde(default)]
+        oom: bool,
+        finished_at: u64,
+        #[serde(default)]
+        restarts: u32,
+    },
+    /// Stopped with `berth stop`: stays stopped until started or reconfigured.
+    StoppedByUser,
+    /// Something berth needs is gone (process killed with its shim, rootfs or cgroup removed).
+    Lost {
+        reason: String,
+    },
+}
+
+/// cgroup limits as read from the host.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct LiveLimits {
+    pub memory: Option<u64>,
+    pub cpus: Option<f64>,
+    pub pids: Option<u64>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ObserveError {
+    #[error(transparent)]
+    State(#[from] StateError),
+}
+
+/// Observe from berth's records alone (no live checks): every recorded container is
+/// assumed to be as recorded.
+pub fn from_records(state: &StateDir) -> Result<Observed, ObserveError> {
+    let containers: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    Ok(Observed {
+        images: BTreeMap::new(),
+        volumes: state.read_records(Kind::Volume)?,
+        networks: state.read_records(Kind::Network)?,
+        containers: containers
+            .into_iter()
+            .map(|(n, record)| {
+                let status = if record.stopped_by_user {
+                    ContainerStatus::StoppedByUser
+                } else {
+                    ContainerStatus::Running {
+                        pid: 0,
+                        started_at: record.created_at,
+                    }
+                };
+                (
+                    n,
+                    ObservedContainer {
+                        record,
+                        status,
+                        live_limits: None,
+                    },
+                )
+            })
+            .collect(),
+    })
+}

@@ -1,0 +1,705 @@
+//! `diff(&Desired, &Observed) -> Plan`: a pure function. A [`Plan`] is the contract between
+//! `berth plan` and `berth apply`: the typed steps, in execution order, each with its reasons.
+
+pub mod render;
+
+use crate::manifest::spec::{
+    ContainerSpec, Declared, Desired, Kind, NetworkSpec, PullPolicy, Source, topo_order,
+};
+use crate::manifest::units::Restart;
+use crate::observe::{ContainerStatus, Observed};
+use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+
+/// What happens to a resource.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Action {
+    /// `+`
+    Create,
+    /// `~`: changed (or started) in place
+    Update,
+    /// `-/+`: destroyed and created again
+    Replace,
+    /// `-`
+    Destroy,
+}
+
+impl Action {
+    pub fn symbol(self) -> &'static str {
+        match self {
+            Action::Create => "+",
+            Action::Update => "~",
+            Action::Replace => "-/+",
+            Action::Destroy => "-",
+        }
+    }
+}
+
+/// The primitive operations `apply` executes for a step, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Op {
+    PullImage,
+    CreateVolume,
+    CreateNetwork,
+    RemoveNetwork,
+    CreateContainer,
+    StartContainer,
+    StopContainer,
+    RemoveContainer,
+    UpdateContainer,
+}
+
+/// Why a step is there. `field` is set for a field-level change.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Reason {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub field: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub before: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub after: Option<String>,
+    pub forces_replacement: bool,
+    pub message: String,
+}
+
+impl Reason {
+    pub fn note(message: impl Into<String>) -> Self {
+        Reason {
+            field: None,
+            before: None,
+            after: None,
+            forces_replacement: false,
+            message: message.into(),
+        }
+    }
+    fn forcing(message: impl Into<String>) -> Self {
+        Reason {
+            forces_replacement: true,
+            ..Reason::note(message)
+        }
+    }
+    fn field(field: &str, before: Option<String>, after: Option<String>, forces: bool) -> Self {
+        let b = before.clone().unwrap_or_else(|| "(unset)".into());
+        let a = after.clone().unwrap_or_else(|| "(unset)".into());
+        let mut message = format!("{field}: {b} → {a}");
+        if forces {
+            message.push_str(" forces replacement");
+        }
+        Reason {
+            field: Some(field.into()),
+            before,
+            after,
+            forces_replacement: forces,
+            message,
+        }
+    }
+}
+
+impl fmt::Display for Reason {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Step {
+    /// `kind.name`, e.g. `container.web`.
+    pub address: String,
+    pub kind: Kind,
+    pub name: String,
+    pub action: Action,
+    pub ops: Vec<Op>,
+    pub reasons: Vec<Reason>,
+    /// `file:line` of the declaration (desired side), or of the record for a destroy.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
+}
+
+/// A resource the plan leaves alone but reports (e.g. an orphaned volume).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Kept {
+    pub address: String,
+    pub kind: Kind,
+    pub name: String,
+    pub message: String,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Summary {
+    pub add: usize,
+    pub change: usize,
+    pub replace: usize,
+    pub destroy: usize,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Plan {
+    pub steps: Vec<Step>,
+    pub kept: Vec<Kept>,
+}
+
+impl Plan {
+    pub fn summary(&self) -> Summary {
+        let mut s = Summary::default();
+        for st in &self.steps {
+            match st.action {
+                Action::Create => s.add += 1,
+                Action::Update => s.change += 1,
+                Action::Replace => s.replace += 1,
+                Action::Destroy => s.destroy += 1,
+            }
+        }
+        s
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.steps.is_empty()
+    }
+
+    pub fn destroy_count(&self) -> usize {
+        self.summary().destroy
+    }
+}
+
+#[derive(Debug, thiserror::Error, PartialEq)]
+pub enum PlanError {
+    #[error(
+        "{address}: image {reference} is not in the store and pull = \"never\" ({declared_at}); import it with `berth image import` or `berth image pull`"
+    )]
+    ImageNeverPulled {
+        address: String,
+        reference: String,
+        declared_at: String,
+    },
+    #[error(
+        "the plan destroys {count} resources, more than --max-deletions {max}; check the manifest directory, then rerun with --max-deletions {count} if this is intended"
+    )]
+    TooManyDeletions { count: usize, max: usize },
+}
+
+fn src(s: &Source) -> Option<String> {
+    if s.file.as_os_str().is_empty() {
+        None
+    } else {
+        Some(s.to_string())
+    }
+}
+
+fn step(
+    kind: Kind,
+    name: &str,
+    action: Action,
+    ops: Vec<Op>,
+    reasons: Vec<Reason>,
+    source: Option<String>,
+) -> Step {
+    Step {
+        address: format!("{kind}.{name}"),
+        kind,
+        name: name.to_string(),
+        action,
+        ops,
+        reasons,
+        source,
+    }
+}
+
+/// Flatten a JSON value into `path → rendered leaf`: objects recurse with `.`, arrays and
+/// scalars are leaves rendered as JSON text.
+fn flatten(prefix: &str, v: &serde_json::Value, out: &mut BTreeMap<String, String>) {
+    match v {
+        serde_json::Value::Object(m) if !m.is_empty() || prefix.is_empty() => {
+            for (k, v) in m {
+                let p = if prefix.is_empty() {
+                    k.clone()
+                } else {
+                    format!("{prefix}.{k}")
+                };
+                flatten(&p, v, out);
+            }
+        }
+        serde_json::Value::Object(_) | serde_json::Value::Null => {}
+        serde_json::Value::Array(a) if a.is_empty() => {}
+        other => {
+            out.insert(prefix.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Field-level differences between two container specs, as reasons.
+pub fn container_changes(before: &ContainerSpec, after: &ContainerSpec) -> Vec<Reason> {
+    let mut b = BTreeMap::new();
+    let mut a = BTreeMap::new();
+    // `image` as written may change between a name and the same reference: compare refs.
+    let strip = |c: &ContainerSpec| {
+        let mut v = serde_json::to_value(c).unwrap_or_default();
+        if let Some(m) = v.as_object_mut() {
+            m.remove("image");
+        }
+        v
+    };
+    flatten("", &strip(before), &mut b);
+    flatten("", &strip(after), &mut a);
+    let keys: BTreeSet<&String> = b.keys().chain(a.keys()).collect();
+    keys.into_iter()
+        .filter(|k| b.get(*k) != a.get(*k))
+        .map(|k| {
+            let field = if k == "image_ref" {
+                "image"
+            } else {
+                k.as_str()
+            };
+            Reason::field(
+                field,
+                b.get(k).cloned(),
+                a.get(k).cloned(),
+                ContainerSpec::field_forces_replacement(field),
+            )
+        })
+        .collect()
+}
+
+fn short(d: &str) -> String {
+    let hex = d.strip_prefix("sha256:").unwrap_or(d);
+    format!("sha256:{}", &hex[..hex.len().min(12)])
+}
+
+/// Should a container that exited by itself be started again under its restart policy?
+pub fn restart_wanted(restart: Restart, code: Option<i32>, restarts: u32) -> bool {
+    match restart {
+        Restart::No => false,
+        Restart::Always | Restart::UnlessStopped => true,
+        Restart::OnFailure(max) => code != Some(0) && max.is_none_or(|m| restarts < m),
+    }
+}
+
+/// Compare desired with observed. Pure: no I/O.
+pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
+    let mut plan = Plan::default();
+
+    // 1. containers no longer declared: destroyed first, dependents before dependencies.
+    let gone: Vec<&String> = observed
+        .containers
+        .keys()
+        .filter(|n| !desired.containers.contains_key(*n))
+        .collect();
+    let mut order = topo_order(&gone, |n| {
+        observed.containers[n]
+            .record
+            .spec
+            .depends_on
+            .keys()
+            .cloned()
+            .collect()
+    });
+    order.reverse();
+    for n in order {
+        let oc = &observed.containers[&n];
+        plan.steps.push(step(
+            Kind::Container,
+            &n,
+            Action::Destroy,
+            vec![Op::StopContainer, Op::RemoveContainer],
+            vec![Reason::note(format!(
+                "no longer declared; was in {}",
+                oc.record.source
+            ))],
+            src(&oc.record.source),
+        ));
+    }
+
+    // 2. images
+    let mut image_digest: BTreeMap<String, Option<String>> = BTreeMap::new();
+    for (name, img) in &desired.images {
+        let r = img.spec.reference.to_string();
+        let seen = observed.images.get(&r);
+        let label = if img.spec.implicit {
+            format!("image.{r:?}")
+        } else {
+            format!("image.{name}")
+        };
+        let mut s = |action, reasons| {
+            let mut st = step(
+                Kind::Image,
+                name,
+                action,
+                vec![Op::PullImage],
+                reasons,
+                src(&img.source),
+            );
+            st.address = label.clone();
+            plan.steps.push(st);
+        };
+        match seen {
+            None if img.spec.pull == PullPolicy::Never => {
+                return Err(PlanError::ImageNeverPulled {
+                    address: label.clone(),
+                    reference: r,
+                    declared_at: src(&img.source).unwrap_or_else(|| "used by a container".into()),
+                });
+            }
+            None => {
+                s(
+                    Action::Create,
+                    vec![Reason::note(format!("pull {r}: not in the store"))],
+                );
+                image_digest.insert(r.clone(), None);
+            }
+            Some(o) => match &o.remote_digest {
+                Some(rd) if img.spec.pull == PullPolicy::Always && rd != &o.digest => {
+                    s(
+                        Action::Update,
+                        vec![Reason {
+                            field: Some("digest".into()),
+                            before: Some(o.digest.clone()),
+                            after: Some(rd.clone()),
+                            forces_replacement: false,
+                            message: format!(
+                                "pull {r}: tag now points at {} (store has {})",
+                                short(rd),
+                                short(&o.digest)
+                            ),
+                        }],
+                    );
+                    image_digest.insert(r.clone(), Some(rd.clone()));
+                }
+                _ => {
+                    image_digest.insert(r.clone(), Some(o.digest.clone()));
+                }
+            },
+        }
+    }
+
+    // 3. volumes: created when missing; never destroyed.
+    for (name, v) in &desired.volumes {
+        if !observed.volumes.contains_key(name) {
+            plan.steps.push(step(
+                Kind::Volume,
+                name,
+                Action::Create,
+                vec![Op::CreateVolume],
+                vec![Reason::note(format!("declared in {}", v.source))],
+                src(&v.source),
+            ));
+        }
+    }
+    for (name, _) in observed
+        .volumes
+        .iter()
+        .filter(|(n, _)| !desired.volumes.contains_key(*n))
+    {
+        plan.kept.push(Kept {
+            address: format!("volume.{name}"),
+            kind: Kind::Volume,
+            name: name.clone(),
+            message: "orphaned, kept".into(),
+        });
+    }
+
+    // 4. networks: created or replaced before the containers that use them.
+    let mut replaced_networks = BTreeSet::new();
+    for (name, n) in &desired.networks {
+        match observed.networks.get(name) {
+            None => {
+                let what = match n.spec.subnet {
+                    Some(s) => format!("subnet {s}"),
+                    None => "subnet chosen by berth".into(),
+                };
+                let why = if n.source.file.as_os_str().is_empty() {
+                    format!("built-in network used by containers; {what}")
+                } else {
+                    format!("declared in {}; {what}", n.source)
+                };
+                plan.steps.push(step(
+                    Kind::Network,
+                    name,
+                    Action::Create,
+                    vec![Op::CreateNetwork],
+                    vec![Reason::note(why)],
+                    src(&n.source),
+                ));
+            }
+            Some(rec) => {
+                let reasons = network_changes(&rec.spec, &n.spec);
+                if !reasons.is_empty() {
+                    replaced_networks.insert(name.clone());
+                    plan.steps.push(step(
+                        Kind::Network,
+                        name,
+                        Action::Replace,
+                        vec![Op::RemoveNetwork, Op::CreateNetwork],
+                        reasons,
+                        src(&n.source),
+                    ));
+                }
+            }
+        }
+    }
+
+    // 5. containers, dependencies first.
+    for c in desired.containers_in_order() {
+        if let Some(st) = container_step(
+            desired,
+            observed,
+            c,
+            &image_digest,
+            &replaced_networks,
+            &mut plan.kept,
+        ) {
+            plan.steps.push(st);
+        }
+    }
+
+    // 6. networks no longer declared (or no longer used), after their containers are gone.
+    for (name, rec) in observed
+        .networks
+        .iter()
+        .filter(|(n, _)| !desired.networks.contains_key(*n))
+    {
+        plan.steps.push(step(
+            Kind::Network,
+            name,
+            Action::Destroy,
+            vec![Op::RemoveNetwork],
+            vec![Reason::note(if rec.source.file.as_os_str().is_empty() {
+                "built-in network no longer used by any container".to_string()
+            } else {
+                format!("no longer declared; was in {}", rec.source)
+            })],
+            src(&rec.source),
+        ));
+    }
+    Ok(plan)
+}
+
+fn network_changes(before: &NetworkSpec, after: &NetworkSpec) -> Vec<Reason> {
+    let mut out = vec![];
+    if let Some(s) = after.subnet
+        && before.subnet != Some(s)
+    {
+        out.push(Reason::field(
+            "subnet",
+            before.subnet.map(|s| format!("{:?}", s.to_string())),
+            Some(format!("{:?}", s.to_string())),
+            true,
+        ));
+    }
+    if before.internal != after.internal {
+        out.push(Reason::field(
+            "internal",
+            Some(before.internal.to_string()),
+            Some(after.internal.to_string()),
+            true,
+        ));
+    }
+    out
+}
+
+fn container_step(
+    desired: &Desired,
+    observed: &Observed,
+    c: &Declared<ContainerSpec>,
+    image_digest: &BTreeMap<String, Option<String>>,
+    replaced_networks: &BTreeSet<String>,
+    kept: &mut Vec<Kept>,
+) -> Option<Step> {
+    let name = &c.name;
+    let source = src(&c.source);
+    let Some(oc) = observed.containers.get(name) else {
+        return Some(step(
+            Kind::Container,
+            name,
+            Action::Create,
+            vec![Op::CreateContainer, Op::StartContainer],
+            vec![Reason::note(format!("declared in {}", c.source))],
+            source,
+        ));
+    };
+    let mut reasons = container_changes(&oc.record.spec, &c.spec);
+    // the image's digest, when known
+    let want = desired.image_for(&c.spec).and_then(|i| {
+        image_digest
+            .get(&i.spec.reference.to_string())
+            .cloned()
+            .flatten()
+    });
+    if let (Some(w), Some(have)) = (&want, &oc.record.image_digest)
+        && w != have
+        && !reasons.iter().any(|r| r.field.as_deref() == Some("image"))
+    {
+        reasons.push(Reason {
+            field: Some("image_digest".into()),
+            before: Some(have.clone()),
+            after: Some(w.clone()),
+            forces_replacement: true,
+            message: format!("image: {} → {} forces replacement", short(have), short(w)),
+        });
+    }
+    for n in &c.spec.networks {
+        if replaced_networks.contains(n) {
+            reasons.push(Reason::forcing(format!("network.{n} is replaced")));
+        }
+    }
+    // live drift
+    if let Some(live) = &oc.live_limits {
+        let spec = &c.spec;
+        let mut drift = |field: &str, live: Option<String>, want: Option<String>| {
+            if live != want && !reasons.iter().any(|r| r.field.as_deref() == Some(field)) {
+                let l = live.unwrap_or_else(|| "unlimited".into());
+                let w = want.unwrap_or_else(|| "unlimited".into());
+                reasons.push(Reason {
+                    field: Some(field.into()),
+                    before: Some(l.clone()),
+                    after: Some(w.clone()),
+                    forces_replacement: false,
+                    message: format!("{field}: {l} on the host (changed outside berth) → {w}"),
+                });
+            }
+        };
+        drift(
+            "memory",
+            live.memory
+                .map(|m| crate::manifest::units::Size(m).to_string()),
+            spec.memory.map(|m| m.to_string()),
+        );
+        drift(
+            "cpus",
+            live.cpus.map(|c| format!("{c}")),
+            spec.cpus.map(|c| format!("{c}")),
+        );
+        drift(
+            "pids",
+            live.pids.map(|p| p.to_string()),
+            spec.pids.map(|p| p.to_string()),
+        );
+    }
+    let forces = reasons.iter().any(|r| r.forces_replacement);
+    match &oc.status {
+        ContainerStatus::Lost { reason } => {
+            reasons.push(Reason::forcing(format!("drift: {reason}")));
+            return Some(step(
+                Kind::Container,
+                name,
+                Action::Replace,
+                vec![
+                    Op::StopContainer,
+                    Op::RemoveContainer,
+                    Op::CreateContainer,
+                    Op::StartContainer,
+                ],
+                reasons,
+                source,
+            ));
+        }
+        _ if forces => {
+            return Some(step(
+                Kind::Container,
+                name,
+                Action::Replace,
+                vec![
+                    Op::StopContainer,
+                    Op::RemoveContainer,
+                    Op::CreateContainer,
+                    Op::StartContainer,
+                ],
+                reasons,
+                source,
+            ));
+        }
+        ContainerStatus::Exited {
+            code,
+            signal,
+            oom,
+            restarts,
+            ..
+        } => {
+            let how = match (code, signal, oom) {
+                (_, _, true) => "killed by the OOM killer".to_string(),
+                (Some(c), _, _) => format!("exited with code {c}"),
+                (_, Some(s), _) => format!("killed by signal {s}"),
+                _ => "exited".to_string(),
+            };
+            if !restart_wanted(c.spec.restart, *code, *restarts) && reasons.is_empty() {
+                kept.push(Kept {
+                    address: format!("container.{name}"),
+                    kind: Kind::Container,
+                    name: name.clone(),
+                    message: format!(
+                        "{how}; restart = {:?}, stays exited",
+                        c.spec.restart.to_string()
+                    ),
+                });
+            }
+            if restart_wanted(c.spec.restart, *code, *restarts) {
+                reasons.push(Reason::note(format!(
+                    "{how}; restart = {:?}",
+                    c.spec.restart.to_string()
+                )));
+                let mut ops = vec![];
+                if !reasons.iter().all(|r| r.field.is_none()) {
+                    ops.push(Op::UpdateContainer);
+                }
+                ops.push(Op::StartContainer);
+                return Some(step(
+                    Kind::Container,
+                    name,
+                    Action::Update,
+                    ops,
+                    reasons,
+                    source,
+                ));
+            }
+        }
+        ContainerStatus::Created => {
+            reasons.push(Reason::note("created but not running"));
+            let mut ops = vec![];
+            if reasons.iter().any(|r| r.field.is_some()) {
+                ops.push(Op::UpdateContainer);
+            }
+            ops.push(Op::StartContainer);
+            return Some(step(
+                Kind::Container,
+                name,
+                Action::Update,
+                ops,
+                reasons,
+                source,
+            ));
+        }
+        ContainerStatus::StoppedByUser => {
+            if reasons.is_empty() {
+                kept.push(Kept {
+                    address: format!("container.{name}"),
+                    kind: Kind::Container,
+                    name: name.clone(),
+                    message: "stopped by user".into(),
+                });
+            }
+        }
+        ContainerStatus::Running { .. } => {}
+    }
+    if reasons.is_empty() {
+        return None;
+    }
+    Some(step(
+        Kind::Container,
+        name,
+        Action::Update,
+        vec![Op::UpdateContainer],
+        reasons,
+        source,
+    ))
+}
+
+/// Refuse a plan that destroys more than `max` resources.
+pub fn check_deletions(plan: &Plan, max: usize) -> Result<(), PlanError> {
+    let count = plan.destroy_count();
+    if count > max {
+        Err(PlanError::TooManyDeletions { count, max })
+    } else {
+        Ok(())
+    }
+}

@@ -1,0 +1,3 @@
+//! OCI distribution client: references, auth, manifests and blobs.
+
+pub mod reference;

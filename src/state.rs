@@ -1,0 +1,211 @@
+//! The state directory: berth's records of what it created, and the lock that lets only one
+//! berth process change a host at a time.
+//!
+//! ```text
+//! STATE/
+//!   lock                      flock(2) held by a mutating berth process
+//!   records/containers/N.json records/networks/N.json records/volumes/N.json
+//!   store/                    OCI image layout (blobs, index.json) + ingest/
+//!   snapshots/                unpacked layers by chain ID
+//!   containers/N/             per-container runtime state, rootfs, logs
+//!   volumes/N/_data           named volume data
+//! ```
+
+use crate::fsutil::{self, PathError, at};
+use crate::manifest::spec::{ContainerSpec, Kind, NetworkSpec, Source, VolumeSpec};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum StateError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("another berth process is changing {0}; wait for it to finish")]
+    Locked(PathBuf),
+}
+
+/// What berth recorded when it created a container.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ContainerRecord {
+    pub name: String,
+    pub source: Source,
+    pub spec: ContainerSpec,
+    /// Manifest digest of the image it was created from.
+    pub image_digest: Option<String>,
+    pub created_at: u64,
+    /// Set by `berth stop`; cleared by `start`, `restart` or a new configuration.
+    #[serde(default)]
+    pub stopped_by_user: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkRecord {
+    pub name: String,
+    pub source: Source,
+    /// As applied: the subnet is the one in use (declared or chosen).
+    pub spec: NetworkSpec,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct VolumeRecord {
+    pub name: String,
+    pub source: Source,
+    pub spec: VolumeSpec,
+    pub created_at: u64,
+}
+
+#[derive(Debug, Clone)]
+pub struct StateDir {
+    pub root: PathBuf,
+}
+
+/// Held while a berth process mutates the state directory; released on drop.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl StateDir {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        StateDir { root: root.into() }
+    }
+
+    pub fn records_dir(&self, kind: Kind) -> PathBuf {
+        self.root
+            .join("records")
+            .join(format!("{}s", kind.as_str()))
+    }
+
+    pub fn record_path(&self, kind: Kind, name: &str) -> PathBuf {
+        self.records_dir(kind).join(format!("{name}.json"))
+    }
+
+    pub fn store_dir(&self) -> PathBuf {
+        self.root.join("store")
+    }
+
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.root.join("snapshots")
+    }
+
+    pub fn containers_dir(&self) -> PathBuf {
+        self.root.join("containers")
+    }
+
+    pub fn volumes_dir(&self) -> PathBuf {
+        self.root.join("volumes")
+    }
+
+    /// All records of one kind, by name. A missing folder means none.
+    pub fn read_records<T: serde::de::DeserializeOwned>(
+        &self,
+        kind: Kind,
+    ) -> Result<BTreeMap<String, T>, StateError> {
+        let dir = self.records_dir(kind);
+        let mut out = BTreeMap::new();
+        let rd = match std::fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(out),
+            Err(e) => return Err(PathError::new("read directory", &dir, e).into()),
+        };
+        for entry in rd {
+            let entry = entry.map_err(at("read directory", &dir))?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(stem) = name.strip_suffix(".json") else {
+                continue;
+            };
+            if stem.starts_with('.') {
+                continue;
+            }
+            if let Some(v) = fsutil::read_json(&entry.path())? {
+                out.insert(stem.to_string(), v);
+            }
+        }
+        Ok(out)
+    }
+
+    pub fn write_record<T: Serialize>(
+        &self,
+        kind: Kind,
+        name: &str,
+        v: &T,
+    ) -> Result<(), StateError> {
+        Ok(fsutil::write_json(&self.record_path(kind, name), v)?)
+    }
+
+    pub fn remove_record(&self, kind: Kind, name: &str) -> Result<(), StateError> {
+        let p = self.record_path(kind, name);
+        match std::fs::remove_file(&p) {
+            Ok(()) => Ok(()),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(PathError::new("remove", &p, e).into()),
+        }
+    }
+
+    /// Take the state lock. With `wait`, block until the holder finishes; else fail at once.
+    pub fn lock(&self, wait: bool) -> Result<StateLock, StateError> {
+        std::fs::create_dir_all(&self.root).map_err(at("create directory", &self.root))?;
+        let p = self.root.join("lock");
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(at("open", &p))?;
+        let arg = if wait {
+            nix::fcntl::FlockArg::LockExclusive
+        } else {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        };
+        let mut file = file;
+        loop {
+            match nix::fcntl::Flock::lock(file, arg) {
+                Ok(l) => return Ok(StateLock { _file: l }),
+                Err((f, nix::errno::Errno::EINTR)) => file = f,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(StateError::Locked(self.root.clone()));
+                }
+                Err((_, e)) => return Err(PathError::new("lock", &p, e.into()).into()),
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn lock_excludes_second_holder() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let l = s.lock(false).unwrap();
+        // flock locks belong to the open file description: a second open conflicts.
+        assert!(matches!(s.lock(false), Err(StateError::Locked(_))));
+        drop(l);
+        assert!(s.lock(false).is_ok());
+    }
+
+    #[test]
+    fn records_roundtrip() {
+        let d = tempfile::tempdir().unwrap();
+        let s = StateDir::new(d.path());
+        let r = VolumeRecord {
+            name: "v".into(),
+            source: Source::default(),
+            spec: VolumeSpec::default(),
+            created_at: 1,
+        };
+        s.write_record(Kind::Volume, "v", &r).unwrap();
+        let all: BTreeMap<String, VolumeRecord> = s.read_records(Kind::Volume).unwrap();
+        assert_eq!(all["v"], r);
+        s.remove_record(Kind::Volume, "v").unwrap();
+        assert!(
+            s.read_records::<VolumeRecord>(Kind::Volume)
+                .unwrap()
+                .is_empty()
+        );
+    }
+}
