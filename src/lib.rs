@@ -9,8 +9,11 @@
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod image;
 pub mod manifest;
 pub mod observe;
 pub mod plan;
 pub mod registry;
 pub mod state;
+pub mod store;
+pub mod sys;

@@ -3,6 +3,7 @@
 
 use crate::manifest::spec::Kind;
 use crate::state::{ContainerRecord, NetworkRecord, StateDir, StateError, VolumeRecord};
+use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 
@@ -75,14 +76,29 @@ pub struct LiveLimits {
 pub enum ObserveError {
     #[error(transparent)]
     State(#[from] StateError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
-/// Observe from berth's records alone (no live checks): every recorded container is
-/// assumed to be as recorded.
-pub fn from_records(state: &StateDir) -> Result<Observed, ObserveError> {
+/// Observe from berth's records and the image store (no live container checks yet): every
+/// recorded container is assumed to be as recorded.
+pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, ObserveError> {
     let containers: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    let images = store
+        .references()?
+        .into_iter()
+        .map(|(r, d)| {
+            (
+                r,
+                ObservedImage {
+                    digest: d.digest,
+                    remote_digest: None,
+                },
+            )
+        })
+        .collect();
     Ok(Observed {
-        images: BTreeMap::new(),
+        images,
         volumes: state.read_records(Kind::Volume)?,
         networks: state.read_records(Kind::Network)?,
         containers: containers

@@ -13,6 +13,8 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+pub mod image;
+
 #[derive(Parser, Debug)]
 #[command(
     name = "berth",
@@ -63,6 +65,11 @@ pub enum Command {
     },
     /// Show what `apply` would change, and why, without changing anything.
     Plan(PlanArgs),
+    /// Manage images in berth's store: pull, ls, inspect, tag, rm, push, import, prune.
+    Image {
+        #[command(subcommand)]
+        command: image::ImageCommand,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -84,6 +91,7 @@ pub struct PlanArgs {
 }
 
 pub fn main() -> ExitCode {
+    crate::sys::reset_sigpipe();
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     match run(cli) {
@@ -134,6 +142,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Command::Validate { dir, json } => validate(&dir, json),
         Command::Plan(args) => plan_cmd(&c, &args),
+        Command::Image { command } => image::run(&c, command),
     }
 }
 
@@ -257,9 +266,38 @@ pub fn load_desired(dir: &Path, allow_empty: bool) -> Result<Desired> {
     }
 }
 
+/// Observe the host for a plan: records, the store, and (for `pull = "always"` images) what
+/// the registry serves now.
+pub fn observe_host(c: &Ctx, desired: &Desired) -> Result<observe::Observed> {
+    let store = image::store(c);
+    let mut observed = observe::from_records(&c.state, &store).context("reading berth's state")?;
+    let always: Vec<_> = desired
+        .images
+        .values()
+        .filter(|i| i.spec.pull == crate::manifest::spec::PullPolicy::Always)
+        .filter(|i| observed.images.contains_key(&i.spec.reference.to_string()))
+        .map(|i| i.spec.reference.clone())
+        .collect();
+    if !always.is_empty() {
+        let client = crate::registry::client::RegistryClient::new(&c.config)?;
+        let rt = image::runtime()?;
+        for r in always {
+            match rt.block_on(client.resolve_digest(&r)) {
+                Ok(d) => {
+                    if let Some(o) = observed.images.get_mut(&r.to_string()) {
+                        o.remote_digest = Some(d);
+                    }
+                }
+                Err(e) => eprintln!("warning: cannot check {r} for a newer image: {e}"),
+            }
+        }
+    }
+    Ok(observed)
+}
+
 fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
     let desired = load_desired(&args.dir, args.allow_empty)?;
-    let observed = observe::from_records(&c.state).context("reading berth's state")?;
+    let observed = observe_host(c, &desired)?;
     let plan = plan::diff(&desired, &observed)?;
     plan::check_deletions(&plan, args.max_deletions)?;
     if args.json {

@@ -1,0 +1,69 @@
+//! Images: pulling from a registry into the store (layers downloaded in parallel and unpacked
+//! while they download), pushing, importing archives, and removal.
+
+pub mod import;
+pub mod progress;
+pub mod pull;
+pub mod push;
+
+use crate::registry::client::RegistryError;
+use crate::store::StoreError;
+use crate::store::unpack::UnpackError;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ImageError {
+    #[error(transparent)]
+    Registry(#[from] RegistryError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error("layer {digest}: {source}")]
+    Unpack {
+        digest: String,
+        #[source]
+        source: UnpackError,
+    },
+    #[error("layer {digest}: reading the compressed stream: {source}")]
+    Decompress {
+        digest: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "layer {digest}: uncompressed content hashes to {actual}, but the image config says {expected}"
+    )]
+    DiffIdMismatch {
+        digest: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("layer {digest}: unsupported media type {media_type:?}")]
+    LayerMediaType { digest: String, media_type: String },
+    #[error(
+        "image {reference}: config lists {diff_ids} layer diff IDs but the manifest has {layers} layers"
+    )]
+    LayerCount {
+        reference: String,
+        diff_ids: usize,
+        layers: usize,
+    },
+    #[error("image {reference}: pinned digest {expected}, registry served {actual}")]
+    PinnedDigest {
+        reference: String,
+        expected: String,
+        actual: String,
+    },
+    #[error("{0}")]
+    Invalid(String),
+    #[error("image {reference} is used by container {container}; remove the container first")]
+    InUse {
+        reference: String,
+        container: String,
+    },
+    #[error("import {path}: {message}")]
+    Import {
+        path: std::path::PathBuf,
+        message: String,
+    },
+    #[error("internal task failed: {0}")]
+    Task(String),
+}

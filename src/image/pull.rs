@@ -1,0 +1,501 @@
+//! `berth image pull`: resolve the manifest (index → linux/<arch>), fetch the config, then
+//! download the layers in parallel (bounded) and unpack each while it downloads. A layer
+//! enters the store only when its digest, size and diffID all check out; the reference is
+//! tagged last, so a failed pull leaves no visible trace.
+
+use super::ImageError;
+use super::progress::{LayerProgress, Progress};
+use crate::registry::client::{RegistryClient, RegistryError};
+use crate::registry::reference::Reference;
+use crate::registry::types::{
+    Compression, Descriptor, Document, ImageConfig, chain_ids, layer_compression, parse_document,
+    select_platform,
+};
+use crate::store::unpack::{UnpackOptions, UnpackStats, unpack_layer};
+use crate::store::{Store, StoreError};
+use bytes::{Buf, Bytes};
+use sha2::Digest as _;
+use std::io::{Read, Write};
+use std::path::Path;
+use std::sync::Arc;
+
+/// Largest image config berth accepts.
+const MAX_CONFIG: usize = 16 << 20;
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PullOutcome {
+    pub reference: String,
+    pub digest: String,
+    pub layers: usize,
+    /// Layers that were already present (blob and snapshot).
+    pub reused: usize,
+    /// Compressed bytes downloaded.
+    pub downloaded: u64,
+}
+
+pub struct Puller {
+    pub client: Arc<RegistryClient>,
+    pub store: Store,
+    pub concurrency: usize,
+    pub progress: Progress,
+    pub unpack: UnpackOptions,
+}
+
+/// Reads the uncompressed stream and hashes it (the layer's diffID).
+struct HashingReader<R> {
+    inner: R,
+    hasher: sha2::Sha256,
+}
+
+impl<R: Read> Read for HashingReader<R> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.hasher.update(&buf[..n]);
+        Ok(n)
+    }
+}
+
+/// A `Read` over chunks sent from the async downloader.
+struct ChannelReader {
+    rx: tokio::sync::mpsc::Receiver<Bytes>,
+    cur: Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => return Ok(0),
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        self.cur.advance(n);
+        Ok(n)
+    }
+}
+
+/// Decompress and unpack one layer from `reader` into `root`; returns the diffID.
+/// `reader` is read to its end.
+pub fn unpack_stream<R: Read>(
+    reader: &mut R,
+    compression: Compression,
+    root: &Path,
+    opts: &UnpackOptions,
+    digest: &str,
+) -> Result<(String, UnpackStats), ImageError> {
+    let unpack_err = |source| ImageError::Unpack {
+        digest: digest.to_string(),
+        source,
+    };
+    let (diff, stats) = {
+        let decompressed: Box<dyn Read + '_> = match compression {
+            Compression::None => Box::new(&mut *reader),
+            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut *reader)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut *reader).map_err(
+                |source| ImageError::Decompress {
+                    digest: digest.to_string(),
+                    source,
+                },
+            )?),
+        };
+        let mut h = HashingReader {
+            inner: decompressed,
+            hasher: sha2::Sha256::new(),
+        };
+        let stats = unpack_layer(&mut h, root, opts).map_err(unpack_err)?;
+        let HashingReader { inner, hasher } = h;
+        drop(inner);
+        (format!("sha256:{}", hex::encode(hasher.finalize())), stats)
+    };
+    // trailing compressed bytes (e.g. the gzip footer) are drained so the digest covers them
+    std::io::copy(reader, &mut std::io::sink()).map_err(|source| ImageError::Decompress {
+        digest: digest.to_string(),
+        source,
+    })?;
+    Ok((diff, stats))
+}
+
+/// Make sure the snapshot for a layer whose blob is in the store exists.
+pub fn snapshot_from_blob(
+    store: &Store,
+    layer: &Descriptor,
+    diff_id: &str,
+    chain_id: &str,
+    opts: &UnpackOptions,
+) -> Result<(), ImageError> {
+    if store.has_snapshot(chain_id) {
+        return Ok(());
+    }
+    let compression =
+        layer_compression(&layer.media_type).ok_or_else(|| ImageError::LayerMediaType {
+            digest: layer.digest.clone(),
+            media_type: layer.media_type.clone(),
+        })?;
+    let path = store.blob_path(&layer.digest)?;
+    let mut f = std::fs::File::open(&path)
+        .map_err(|e| StoreError::from(crate::fsutil::PathError::new("open", &path, e)))?;
+    let tmp = store.prepare_snapshot(chain_id)?;
+    let res = unpack_stream(&mut f, compression, &tmp.join("fs"), opts, &layer.digest);
+    match res {
+        Ok((d, _)) if d == diff_id => Ok(store.commit_snapshot(&tmp, chain_id)?),
+        Ok((d, _)) => {
+            let _ = crate::store::remove_tree(&tmp);
+            Err(ImageError::DiffIdMismatch {
+                digest: layer.digest.clone(),
+                expected: diff_id.into(),
+                actual: d,
+            })
+        }
+        Err(e) => {
+            let _ = crate::store::remove_tree(&tmp);
+            Err(e)
+        }
+    }
+}
+
+fn retryable(e: &ImageError) -> bool {
+    match e {
+        ImageError::Registry(r) => r.is_transient(),
+        ImageError::Store(StoreError::DigestMismatch { .. } | StoreError::SizeMismatch { .. }) => {
+            true
+        }
+        _ => false,
+    }
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> T + Send + 'static,
+) -> Result<T, ImageError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| ImageError::Task(e.to_string()))
+}
+
+impl Puller {
+    pub async fn pull(&self, r: &Reference) -> Result<PullOutcome, ImageError> {
+        self.store.init()?;
+        let doc = self.client.fetch_manifest(r, r.object()).await?;
+        if let Some(pin) = &r.digest
+            && &doc.digest != pin
+        {
+            return Err(ImageError::PinnedDigest {
+                reference: r.to_string(),
+                expected: pin.clone(),
+                actual: doc.digest,
+            });
+        }
+        let docerr = |source| RegistryError::Document {
+            registry: r.registry.clone(),
+            repository: r.repository.clone(),
+            source,
+        };
+        let parsed = parse_document(&doc.bytes, doc.content_type.as_deref()).map_err(docerr)?;
+        let (manifest, mbytes, mdesc) = match parsed {
+            Document::Manifest(m) => {
+                let mt = m
+                    .media_type
+                    .clone()
+                    .or(doc.content_type.clone())
+                    .unwrap_or_else(|| crate::registry::types::OCI_MANIFEST.into());
+                let size = doc.bytes.len() as u64;
+                (
+                    m,
+                    doc.bytes,
+                    Descriptor {
+                        media_type: mt,
+                        digest: doc.digest,
+                        size,
+                        platform: None,
+                        annotations: Default::default(),
+                        urls: vec![],
+                    },
+                )
+            }
+            Document::Index(idx) => {
+                let d = select_platform(&idx).ok_or_else(|| RegistryError::NoPlatform {
+                    registry: r.registry.clone(),
+                    repository: r.repository.clone(),
+                    object: r.object().into(),
+                    arch: crate::registry::types::host_platform().0.into(),
+                })?;
+                let sub = self.client.fetch_manifest(r, &d.digest).await?;
+                match parse_document(&sub.bytes, sub.content_type.as_deref()).map_err(docerr)? {
+                    Document::Manifest(m) => {
+                        let mt = m.media_type.clone().unwrap_or_else(|| d.media_type.clone());
+                        let size = sub.bytes.len() as u64;
+                        (
+                            m,
+                            sub.bytes,
+                            Descriptor {
+                                media_type: mt,
+                                digest: sub.digest,
+                                size,
+                                platform: d.platform.clone(),
+                                annotations: Default::default(),
+                                urls: vec![],
+                            },
+                        )
+                    }
+                    Document::Index(_) => {
+                        return Err(ImageError::Invalid(format!(
+                            "{r}: an index points at another index; not supported"
+                        )));
+                    }
+                }
+            }
+        };
+        // config
+        let cfg_bytes = if self.store.has_blob(&manifest.config.digest) {
+            self.store.read_blob(&manifest.config.digest)?
+        } else {
+            let bytes = self.fetch_small_blob(r, &manifest.config).await?;
+            self.store.put_verified(&manifest.config.digest, &bytes)?;
+            bytes
+        };
+        let config: ImageConfig = serde_json::from_slice(&cfg_bytes).map_err(|e| {
+            ImageError::Invalid(format!(
+                "{r}: image config {} is malformed: {e}",
+                manifest.config.digest
+            ))
+        })?;
+        if config.rootfs.diff_ids.len() != manifest.layers.len() {
+            return Err(ImageError::LayerCount {
+                reference: r.to_string(),
+                diff_ids: config.rootfs.diff_ids.len(),
+                layers: manifest.layers.len(),
+            });
+        }
+        let chains = chain_ids(&config.rootfs.diff_ids);
+        let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency.max(1)));
+        let jobs = manifest
+            .layers
+            .iter()
+            .zip(&config.rootfs.diff_ids)
+            .zip(&chains)
+            .map(|((l, d), c)| {
+                let sem = sem.clone();
+                async move {
+                    let _permit = sem
+                        .acquire()
+                        .await
+                        .map_err(|e| ImageError::Task(e.to_string()))?;
+                    self.fetch_layer(r, l, d, c).await
+                }
+            });
+        let results = futures::future::try_join_all(jobs).await?;
+        let downloaded: u64 = results.iter().map(|(n, _)| n).sum();
+        let reused = results.iter().filter(|(_, reused)| *reused).count();
+        self.store.put_verified(&mdesc.digest, &mbytes)?;
+        self.store.tag(&r.to_string(), &mdesc)?;
+        Ok(PullOutcome {
+            reference: r.to_string(),
+            digest: mdesc.digest,
+            layers: manifest.layers.len(),
+            reused,
+            downloaded,
+        })
+    }
+
+    async fn fetch_small_blob(&self, r: &Reference, d: &Descriptor) -> Result<Vec<u8>, ImageError> {
+        if d.size as usize > MAX_CONFIG {
+            return Err(ImageError::Invalid(format!(
+                "{r}: config blob {} is larger than {MAX_CONFIG} bytes",
+                d.digest
+            )));
+        }
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            let res: Result<Vec<u8>, ImageError> = async {
+                let mut resp = self.client.blob(r, &d.digest).await?;
+                let mut out = Vec::with_capacity(d.size as usize);
+                while let Some(c) = resp.chunk().await.map_err(|e| RegistryError::Transport {
+                    registry: r.registry.clone(),
+                    what: "config download".into(),
+                    source: e,
+                })? {
+                    if out.len() + c.len() > d.size as usize {
+                        return Err(StoreError::SizeMismatch {
+                            digest: d.digest.clone(),
+                            expected: d.size,
+                            actual: (out.len() + c.len()) as u64,
+                        }
+                        .into());
+                    }
+                    out.extend_from_slice(&c);
+                }
+                let actual = crate::registry::types::sha256_digest(&out);
+                if out.len() as u64 != d.size {
+                    return Err(StoreError::SizeMismatch {
+                        digest: d.digest.clone(),
+                        expected: d.size,
+                        actual: out.len() as u64,
+                    }
+                    .into());
+                }
+                if actual != d.digest {
+                    return Err(StoreError::DigestMismatch {
+                        digest: d.digest.clone(),
+                        actual,
+                    }
+                    .into());
+                }
+                Ok(out)
+            }
+            .await;
+            match res {
+                Err(e) if retryable(&e) && attempt < self.client.retry.attempts => {
+                    tokio::time::sleep(self.client.retry.delay(attempt, None)).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Fetch and unpack one layer unless present. Returns (bytes downloaded, reused).
+    async fn fetch_layer(
+        &self,
+        r: &Reference,
+        layer: &Descriptor,
+        diff_id: &str,
+        chain_id: &str,
+    ) -> Result<(u64, bool), ImageError> {
+        let compression =
+            layer_compression(&layer.media_type).ok_or_else(|| ImageError::LayerMediaType {
+                digest: layer.digest.clone(),
+                media_type: layer.media_type.clone(),
+            })?;
+        let store = self.store.clone();
+        let key = layer.digest.clone();
+        // one puller per layer at a time, across threads and processes
+        let _lock = blocking(move || store.lock_key(&key)).await??;
+        if self.store.has_blob(&layer.digest) && self.store.has_snapshot(chain_id) {
+            return Ok((0, true));
+        }
+        if self.store.has_blob(&layer.digest) {
+            let (store, layer, d, c, o) = (
+                self.store.clone(),
+                layer.clone(),
+                diff_id.to_string(),
+                chain_id.to_string(),
+                self.unpack,
+            );
+            blocking(move || snapshot_from_blob(&store, &layer, &d, &c, &o)).await??;
+            return Ok((0, true));
+        }
+        let bar = self.progress.layer(&layer.digest, layer.size);
+        let mut attempt = 0;
+        loop {
+            attempt += 1;
+            match self
+                .download_and_unpack(r, layer, diff_id, chain_id, compression, &bar)
+                .await
+            {
+                Ok(n) => {
+                    bar.finish("done");
+                    return Ok((n, false));
+                }
+                Err(e) if retryable(&e) && attempt < self.client.retry.attempts => {
+                    let d = self.client.retry.delay(attempt, None);
+                    tracing::warn!("layer {}: {e}; retrying in {d:?}", layer.digest);
+                    bar.reset();
+                    tokio::time::sleep(d).await;
+                }
+                Err(e) => {
+                    bar.finish("failed");
+                    return Err(e);
+                }
+            }
+        }
+    }
+
+    async fn download_and_unpack(
+        &self,
+        r: &Reference,
+        layer: &Descriptor,
+        diff_id: &str,
+        chain_id: &str,
+        compression: Compression,
+        bar: &LayerProgress,
+    ) -> Result<u64, ImageError> {
+        let mut resp = self.client.blob(r, &layer.digest).await?;
+        let tmp = self.store.prepare_snapshot(chain_id)?;
+        let cleanup = scopeguard_remove(tmp.clone());
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        let fs = tmp.join("fs");
+        let opts = self.unpack;
+        let digest = layer.digest.clone();
+        let unpacker = tokio::task::spawn_blocking(move || {
+            let mut reader = ChannelReader {
+                rx,
+                cur: Bytes::new(),
+            };
+            unpack_stream(&mut reader, compression, &fs, &opts, &digest)
+        });
+        let mut ingest = self.store.ingest(&layer.digest, Some(layer.size))?;
+        let mut n: u64 = 0;
+        let mut tx = Some(tx);
+        let download: Result<(), ImageError> = async {
+            while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
+                registry: r.registry.clone(),
+                what: format!("layer {} download", layer.digest),
+                source: e,
+            })? {
+                ingest.write_all(&chunk).map_err(|e| {
+                    StoreError::from(crate::fsutil::PathError::new("write", &ingest.tmp, e))
+                })?;
+                n += chunk.len() as u64;
+                bar.inc(chunk.len() as u64);
+                if let Some(t) = &tx
+                    && t.send(chunk).await.is_err()
+                {
+                    // the unpacker stopped; keep downloading to tell a corrupt blob from a bad layer
+                    tx = None;
+                }
+            }
+            Ok(())
+        }
+        .await;
+        drop(tx);
+        let unpacked = unpacker
+            .await
+            .map_err(|e| ImageError::Task(e.to_string()))?;
+        download?;
+        // the blob's digest and size first: a corrupt download is reported as such
+        ingest.commit()?;
+        let (actual, _stats) = unpacked?;
+        if actual != diff_id {
+            return Err(ImageError::DiffIdMismatch {
+                digest: layer.digest.clone(),
+                expected: diff_id.into(),
+                actual,
+            });
+        }
+        self.store.commit_snapshot(&tmp, chain_id)?;
+        cleanup.disarm();
+        Ok(n)
+    }
+}
+
+/// Removes a directory on drop unless disarmed.
+struct RemoveOnDrop(Option<std::path::PathBuf>);
+
+impl RemoveOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.take() {
+            let _ = crate::store::remove_tree(&p);
+        }
+    }
+}
+
+fn scopeguard_remove(p: std::path::PathBuf) -> RemoveOnDrop {
+    RemoveOnDrop(Some(p))
+}

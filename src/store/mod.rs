@@ -1,0 +1,580 @@
+//! The content store: an OCI image layout under `STATE/store` (readable by `skopeo copy
+//! oci:STATE/store:REF …`), plus unpacked layer snapshots keyed by chain ID under
+//! `STATE/snapshots`.
+//!
+//! Blobs are written to `ingest/` and enter `blobs/sha256/` only after their size and digest
+//! were verified, by an atomic rename: nothing half-written is ever visible. `index.json` maps
+//! references (the `org.opencontainers.image.ref.name` annotation holds the full normalised
+//! reference) to image manifests; it is rewritten atomically under a lock.
+
+pub mod unpack;
+
+use crate::fsutil::{self, PathError, at};
+use crate::registry::reference::valid_digest;
+use crate::registry::types::{
+    Descriptor, Document, ImageConfig, Index, Manifest, REF_NAME_ANNOTATION, chain_ids,
+    parse_document,
+};
+use sha2::Digest as _;
+use std::collections::{BTreeMap, BTreeSet};
+use std::fs::File;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error(
+        "blob {digest}: size {actual} does not match the expected {expected}; the bytes were discarded"
+    )]
+    SizeMismatch {
+        digest: String,
+        expected: u64,
+        actual: u64,
+    },
+    #[error("blob {digest}: content hashes to {actual}; the bytes were discarded")]
+    DigestMismatch { digest: String, actual: String },
+    #[error("invalid digest {0:?}")]
+    BadDigest(String),
+    #[error("image {0} is not in the store")]
+    NotFound(String),
+    #[error("blob {0} is missing from the store")]
+    MissingBlob(String),
+    #[error("{what} {digest} is malformed: {message}")]
+    Malformed {
+        what: &'static str,
+        digest: String,
+        message: String,
+    },
+}
+
+/// A stored image: its reference, manifest and config.
+#[derive(Debug, Clone)]
+pub struct StoredImage {
+    pub reference: String,
+    pub descriptor: Descriptor,
+    pub manifest: Manifest,
+    pub config: ImageConfig,
+}
+
+impl StoredImage {
+    pub fn digest(&self) -> &str {
+        &self.descriptor.digest
+    }
+    /// Chain IDs of the layers, bottom first.
+    pub fn chain_ids(&self) -> Vec<String> {
+        chain_ids(&self.config.rootfs.diff_ids)
+    }
+    /// Compressed size of config and layers.
+    pub fn size(&self) -> u64 {
+        self.manifest.config.size + self.manifest.layers.iter().map(|l| l.size).sum::<u64>()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Store {
+    pub root: PathBuf,
+    pub snapshots: PathBuf,
+}
+
+fn hex_of(digest: &str) -> Result<&str, StoreError> {
+    if !valid_digest(digest) {
+        return Err(StoreError::BadDigest(digest.to_string()));
+    }
+    Ok(&digest["sha256:".len()..])
+}
+
+/// Held while one berth process works on a key (a layer, the index); released on drop.
+pub struct KeyLock {
+    _lock: nix::fcntl::Flock<File>,
+}
+
+impl Store {
+    pub fn new(root: impl Into<PathBuf>, snapshots: impl Into<PathBuf>) -> Self {
+        Store {
+            root: root.into(),
+            snapshots: snapshots.into(),
+        }
+    }
+
+    /// Create the layout files if missing.
+    pub fn init(&self) -> Result<(), StoreError> {
+        for d in [
+            self.root.join("blobs/sha256"),
+            self.root.join("ingest"),
+            self.root.join("locks"),
+            self.snapshots.clone(),
+        ] {
+            std::fs::create_dir_all(&d).map_err(at("create directory", &d))?;
+        }
+        let layout = self.root.join("oci-layout");
+        if !layout.exists() {
+            fsutil::write_atomic(&layout, br#"{"imageLayoutVersion":"1.0.0"}"#)?;
+        }
+        let index = self.root.join("index.json");
+        if !index.exists() {
+            fsutil::write_json(&index, &Index::default())?;
+        }
+        Ok(())
+    }
+
+    pub fn blob_path(&self, digest: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.root.join("blobs/sha256").join(hex_of(digest)?))
+    }
+
+    pub fn has_blob(&self, digest: &str) -> bool {
+        self.blob_path(digest).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
+        let p = self.blob_path(digest)?;
+        match std::fs::read(&p) {
+            Ok(b) => Ok(b),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                Err(StoreError::MissingBlob(digest.into()))
+            }
+            Err(e) => Err(PathError::new("read", &p, e).into()),
+        }
+    }
+
+    /// Take an exclusive lock on `key` (blocking), shared across threads and processes.
+    pub fn lock_key(&self, key: &str) -> Result<KeyLock, StoreError> {
+        let dir = self.root.join("locks");
+        std::fs::create_dir_all(&dir).map_err(at("create directory", &dir))?;
+        let p = dir.join(key.replace([':', '/'], "_"));
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(at("open", &p))?;
+        let mut f = f;
+        loop {
+            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
+                Ok(l) => return Ok(KeyLock { _lock: l }),
+                Err((back, nix::errno::Errno::EINTR)) => f = back,
+                Err((_, e)) => return Err(PathError::new("lock", &p, e.into()).into()),
+            }
+        }
+    }
+
+    /// Start writing a blob whose digest and size are known in advance.
+    pub fn ingest(&self, digest: &str, size: Option<u64>) -> Result<Ingest, StoreError> {
+        hex_of(digest)?;
+        let dir = self.root.join("ingest");
+        std::fs::create_dir_all(&dir).map_err(at("create directory", &dir))?;
+        let tmp = tempfile_in(&dir, &digest["sha256:".len()..])?;
+        let file = File::create(&tmp).map_err(at("create", &tmp))?;
+        Ok(Ingest {
+            final_path: self.blob_path(digest)?,
+            tmp,
+            file: Some(file),
+            hasher: sha2::Sha256::new(),
+            written: 0,
+            digest: digest.to_string(),
+            size,
+        })
+    }
+
+    /// Store bytes whose digest is computed here; returns the digest.
+    pub fn put_bytes(&self, bytes: &[u8]) -> Result<String, StoreError> {
+        let digest = crate::registry::types::sha256_digest(bytes);
+        if !self.has_blob(&digest) {
+            let mut w = self.ingest(&digest, Some(bytes.len() as u64))?;
+            w.write_all(bytes).map_err(at("write", &w.tmp.clone()))?;
+            w.commit()?;
+        }
+        Ok(digest)
+    }
+
+    /// Store bytes that must hash to `digest`.
+    pub fn put_verified(&self, digest: &str, bytes: &[u8]) -> Result<(), StoreError> {
+        if self.has_blob(digest) {
+            return Ok(());
+        }
+        let mut w = self.ingest(digest, Some(bytes.len() as u64))?;
+        w.write_all(bytes).map_err(at("write", &w.tmp.clone()))?;
+        w.commit()
+    }
+
+    pub fn read_index(&self) -> Result<Index, StoreError> {
+        let p = self.root.join("index.json");
+        Ok(fsutil::read_json(&p)?.unwrap_or_default())
+    }
+
+    fn write_index(&self, idx: &Index) -> Result<(), StoreError> {
+        Ok(fsutil::write_json(&self.root.join("index.json"), idx)?)
+    }
+
+    /// Point `reference` at the manifest `desc` (replacing what it pointed at).
+    pub fn tag(&self, reference: &str, desc: &Descriptor) -> Result<(), StoreError> {
+        self.init()?;
+        let _l = self.lock_key("index")?;
+        let mut idx = self.read_index()?;
+        idx.manifests.retain(|d| {
+            d.annotations.get(REF_NAME_ANNOTATION).map(String::as_str) != Some(reference)
+        });
+        let mut d = desc.clone();
+        d.annotations
+            .insert(REF_NAME_ANNOTATION.into(), reference.to_string());
+        idx.manifests.push(d);
+        idx.manifests.sort_by(|a, b| {
+            a.annotations
+                .get(REF_NAME_ANNOTATION)
+                .cmp(&b.annotations.get(REF_NAME_ANNOTATION))
+        });
+        self.write_index(&idx)
+    }
+
+    /// Remove a reference; returns the descriptor it pointed at.
+    pub fn untag(&self, reference: &str) -> Result<Option<Descriptor>, StoreError> {
+        let _l = self.lock_key("index")?;
+        let mut idx = self.read_index()?;
+        let pos = idx.manifests.iter().position(|d| {
+            d.annotations.get(REF_NAME_ANNOTATION).map(String::as_str) == Some(reference)
+        });
+        let removed = pos.map(|p| idx.manifests.remove(p));
+        if removed.is_some() {
+            self.write_index(&idx)?;
+        }
+        Ok(removed)
+    }
+
+    /// References in the store, with their manifest descriptors.
+    pub fn references(&self) -> Result<BTreeMap<String, Descriptor>, StoreError> {
+        Ok(self
+            .read_index()?
+            .manifests
+            .into_iter()
+            .filter_map(|d| {
+                d.annotations
+                    .get(REF_NAME_ANNOTATION)
+                    .cloned()
+                    .map(|r| (r, d))
+            })
+            .collect())
+    }
+
+    /// Load an image by manifest descriptor.
+    pub fn load(&self, reference: &str, desc: &Descriptor) -> Result<StoredImage, StoreError> {
+        let bytes = self.read_blob(&desc.digest)?;
+        let manifest = match parse_document(&bytes, Some(&desc.media_type)) {
+            Ok(Document::Manifest(m)) => m,
+            Ok(Document::Index(_)) => {
+                return Err(StoreError::Malformed {
+                    what: "manifest",
+                    digest: desc.digest.clone(),
+                    message: "is an index, not an image manifest".into(),
+                });
+            }
+            Err(e) => {
+                return Err(StoreError::Malformed {
+                    what: "manifest",
+                    digest: desc.digest.clone(),
+                    message: e.to_string(),
+                });
+            }
+        };
+        let cbytes = self.read_blob(&manifest.config.digest)?;
+        let config: ImageConfig =
+            serde_json::from_slice(&cbytes).map_err(|e| StoreError::Malformed {
+                what: "image config",
+                digest: manifest.config.digest.clone(),
+                message: e.to_string(),
+            })?;
+        Ok(StoredImage {
+            reference: reference.to_string(),
+            descriptor: desc.clone(),
+            manifest,
+            config,
+        })
+    }
+
+    /// Look an image up by reference (exact normalised string) or by manifest digest.
+    pub fn get(&self, reference: &str) -> Result<StoredImage, StoreError> {
+        let refs = self.references()?;
+        if let Some(d) = refs.get(reference) {
+            return self.load(reference, d);
+        }
+        if let Some((r, d)) = refs.iter().find(|(_, d)| {
+            d.digest == reference
+                || d.digest
+                    .strip_prefix("sha256:")
+                    .is_some_and(|h| reference.len() >= 12 && h.starts_with(reference))
+        }) {
+            return self.load(r, d);
+        }
+        Err(StoreError::NotFound(reference.to_string()))
+    }
+
+    pub fn snapshot_dir(&self, chain_id: &str) -> Result<PathBuf, StoreError> {
+        Ok(self.snapshots.join(hex_of(chain_id)?))
+    }
+
+    pub fn has_snapshot(&self, chain_id: &str) -> bool {
+        self.snapshot_dir(chain_id)
+            .map(|p| p.join("fs").is_dir())
+            .unwrap_or(false)
+    }
+
+    /// A fresh directory to unpack into; [`Store::commit_snapshot`] renames it into place.
+    pub fn prepare_snapshot(&self, chain_id: &str) -> Result<PathBuf, StoreError> {
+        std::fs::create_dir_all(&self.snapshots)
+            .map_err(at("create directory", &self.snapshots))?;
+        let tmp = tempfile_in(&self.snapshots, &format!(".tmp-{}", hex_of(chain_id)?))?;
+        let fs = tmp.join("fs");
+        std::fs::create_dir_all(&fs).map_err(at("create directory", &fs))?;
+        Ok(tmp)
+    }
+
+    pub fn commit_snapshot(&self, tmp: &Path, chain_id: &str) -> Result<(), StoreError> {
+        let dest = self.snapshot_dir(chain_id)?;
+        if dest.exists() {
+            remove_tree(tmp)?;
+            return Ok(());
+        }
+        std::fs::rename(tmp, &dest).map_err(at("rename into place", &dest))?;
+        fsutil::sync_dir(&self.snapshots)?;
+        Ok(())
+    }
+
+    /// Remove blobs and snapshots no reference needs (also leftovers in ingest/).
+    /// `keep_chains` adds snapshots in use by containers. Returns bytes freed.
+    pub fn gc(&self, keep_chains: &BTreeSet<String>) -> Result<u64, StoreError> {
+        let _l = self.lock_key("index")?;
+        let mut blobs: BTreeSet<String> = BTreeSet::new();
+        let mut chains: BTreeSet<String> = keep_chains
+            .iter()
+            .filter_map(|c| hex_of(c).ok().map(str::to_string))
+            .collect();
+        for (r, d) in self.references()? {
+            blobs.insert(d.digest.clone());
+            if let Ok(img) = self.load(&r, &d) {
+                blobs.insert(img.manifest.config.digest.clone());
+                blobs.extend(img.manifest.layers.iter().map(|l| l.digest.clone()));
+                chains.extend(
+                    img.chain_ids()
+                        .iter()
+                        .filter_map(|c| hex_of(c).ok().map(str::to_string)),
+                );
+            }
+        }
+        let mut freed = 0;
+        let bdir = self.root.join("blobs/sha256");
+        for e in read_dir_names(&bdir)? {
+            if !blobs.contains(&format!("sha256:{e}")) {
+                let p = bdir.join(&e);
+                freed += std::fs::metadata(&p).map(|m| m.len()).unwrap_or(0);
+                std::fs::remove_file(&p).map_err(at("remove", &p))?;
+            }
+        }
+        for e in read_dir_names(&self.snapshots)? {
+            if !chains.contains(&e) {
+                let p = self.snapshots.join(&e);
+                freed += tree_size(&p);
+                remove_tree(&p)?;
+            }
+        }
+        Ok(freed)
+    }
+}
+
+/// Writes a blob to ingest/, hashing as it goes; `commit` verifies and renames into place.
+/// Dropped without commit, the partial file is removed.
+pub struct Ingest {
+    pub tmp: PathBuf,
+    final_path: PathBuf,
+    file: Option<File>,
+    hasher: sha2::Sha256,
+    written: u64,
+    digest: String,
+    size: Option<u64>,
+}
+
+impl Write for Ingest {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let f = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("ingest already finished"))?;
+        let n = f.write(buf)?;
+        self.hasher.update(&buf[..n]);
+        self.written += n as u64;
+        if let Some(s) = self.size
+            && self.written > s
+        {
+            return Err(std::io::Error::other(format!(
+                "blob {} is larger than its declared size {s}",
+                self.digest
+            )));
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        match self.file.as_mut() {
+            Some(f) => f.flush(),
+            None => Ok(()),
+        }
+    }
+}
+
+impl Ingest {
+    pub fn written(&self) -> u64 {
+        self.written
+    }
+
+    /// Verify size and digest, fsync, rename into `blobs/`.
+    pub fn commit(mut self) -> Result<(), StoreError> {
+        let Some(f) = self.file.take() else {
+            return Ok(());
+        };
+        if let Some(s) = self.size
+            && s != self.written
+        {
+            return Err(StoreError::SizeMismatch {
+                digest: self.digest.clone(),
+                expected: s,
+                actual: self.written,
+            });
+        }
+        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
+        if actual != self.digest {
+            return Err(StoreError::DigestMismatch {
+                digest: self.digest.clone(),
+                actual,
+            });
+        }
+        f.sync_all().map_err(at("fsync", &self.tmp))?;
+        drop(f);
+        std::fs::rename(&self.tmp, &self.final_path)
+            .map_err(at("rename into place", &self.final_path))?;
+        if let Some(dir) = self.final_path.parent() {
+            fsutil::sync_dir(dir)?;
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Ingest {
+    fn drop(&mut self) {
+        // after a successful commit the temp name no longer exists; otherwise it is garbage
+        let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+fn tempfile_in(dir: &Path, stem: &str) -> Result<PathBuf, StoreError> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    let n = N.fetch_add(1, Ordering::Relaxed);
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.subsec_nanos())
+        .unwrap_or(0);
+    Ok(dir.join(format!("{stem}.{}.{n}.{nanos}", std::process::id())))
+}
+
+fn read_dir_names(dir: &Path) -> Result<Vec<String>, StoreError> {
+    match std::fs::read_dir(dir) {
+        Ok(rd) => {
+            let mut v = vec![];
+            for e in rd {
+                let e = e.map_err(at("read directory", dir))?;
+                v.push(e.file_name().to_string_lossy().into_owned());
+            }
+            Ok(v)
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(vec![]),
+        Err(e) => Err(PathError::new("read directory", dir, e).into()),
+    }
+}
+
+/// Remove a directory tree without following symlinks (`remove_dir_all` does not follow them).
+pub fn remove_tree(p: &Path) -> Result<(), StoreError> {
+    match std::fs::remove_dir_all(p) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(PathError::new("remove", p, e).into()),
+    }
+}
+
+/// Bytes used by regular files below `p` (best effort, for reports).
+pub fn tree_size(p: &Path) -> u64 {
+    let Ok(meta) = std::fs::symlink_metadata(p) else {
+        return 0;
+    };
+    if meta.is_dir() {
+        std::fs::read_dir(p)
+            .map(|rd| {
+                rd.filter_map(Result::ok)
+                    .map(|e| tree_size(&e.path()))
+                    .sum()
+            })
+            .unwrap_or(0)
+    } else if meta.is_file() {
+        meta.len()
+    } else {
+        0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ingest_verifies_and_discards() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path().join("store"), d.path().join("snap"));
+        s.init().unwrap();
+        let good = crate::registry::types::sha256_digest(b"hello");
+        let mut w = s.ingest(&good, Some(5)).unwrap();
+        w.write_all(b"hellx").unwrap();
+        assert!(matches!(w.commit(), Err(StoreError::DigestMismatch { .. })));
+        assert!(!s.has_blob(&good));
+        let mut w = s.ingest(&good, Some(6)).unwrap();
+        w.write_all(b"hello").unwrap();
+        assert!(matches!(w.commit(), Err(StoreError::SizeMismatch { .. })));
+        s.put_verified(&good, b"hello").unwrap();
+        assert!(s.has_blob(&good));
+        // nothing left behind in ingest/
+        assert_eq!(std::fs::read_dir(s.root.join("ingest")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn tags_and_gc() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path().join("store"), d.path().join("snap"));
+        s.init().unwrap();
+        let stray = s.put_bytes(b"stray").unwrap();
+        let cfg =
+            br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#;
+        let cd = s.put_bytes(cfg).unwrap();
+        let m = format!(
+            r#"{{"schemaVersion":2,"mediaType":"{}","config":{{"mediaType":"{}","digest":"{cd}","size":{}}},"layers":[]}}"#,
+            crate::registry::types::OCI_MANIFEST,
+            crate::registry::types::OCI_CONFIG,
+            cfg.len()
+        );
+        let md = s.put_bytes(m.as_bytes()).unwrap();
+        let desc = Descriptor {
+            media_type: crate::registry::types::OCI_MANIFEST.into(),
+            digest: md.clone(),
+            size: m.len() as u64,
+            platform: None,
+            annotations: BTreeMap::new(),
+            urls: vec![],
+        };
+        s.tag("example.com/a:1", &desc).unwrap();
+        s.tag("example.com/a:2", &desc).unwrap();
+        assert_eq!(s.references().unwrap().len(), 2);
+        assert_eq!(s.get("example.com/a:1").unwrap().digest(), md);
+        assert!(s.gc(&BTreeSet::new()).unwrap() > 0);
+        assert!(!s.has_blob(&stray));
+        assert!(s.has_blob(&md) && s.has_blob(&cd));
+        s.untag("example.com/a:1").unwrap();
+        s.untag("example.com/a:2").unwrap();
+        s.gc(&BTreeSet::new()).unwrap();
+        assert!(!s.has_blob(&md));
+    }
+}

@@ -1,0 +1,482 @@
+//! Shared test harness: a real registry (Debian's `docker-registry`) on a free 127.0.0.1 port,
+//! OCI images built here from Debian's busybox-static, a fault-injecting HTTP proxy, and
+//! helpers to drive the berth binary with its own state directory.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+
+pub fn berth_bin() -> &'static str {
+    env!("CARGO_BIN_EXE_berth")
+}
+
+/// Run berth with a state directory; config comes from `BERTH_CONFIG` = /dev/null.
+pub fn berth(state: &Path, args: &[&str]) -> Output {
+    Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(state)
+        .args(args)
+        .env("BERTH_CONFIG", "/dev/null")
+        .env("DOCKER_CONFIG", state.join("no-docker-config"))
+        .output()
+        .expect("run berth")
+}
+
+pub fn ok(out: &Output) -> String {
+    assert!(
+        out.status.success(),
+        "berth failed ({:?}):\nstdout: {}\nstderr: {}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+fn wait_http(addr: &str) -> bool {
+    for _ in 0..200 {
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+            let mut buf = String::new();
+            let _ = s.read_to_string(&mut buf);
+            if buf.starts_with("HTTP/1.1 200") {
+                return true;
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    false
+}
+
+/// A docker-registry process on 127.0.0.1, stopped on drop.
+pub struct Registry {
+    child: Child,
+    pub addr: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        let bin = ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"]
+            .into_iter()
+            .find(|p| Path::new(p).exists())
+            .expect("docker-registry is not installed (apt-get install docker-registry; .ci/run does this)");
+        let dir = tempfile::tempdir().unwrap();
+        for _ in 0..5 {
+            let port = free_port();
+            let addr = format!("127.0.0.1:{port}");
+            let cfg = dir.path().join("config.yml");
+            std::fs::write(
+                &cfg,
+                format!(
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
+                    dir.path().join("data").display()
+                ),
+            )
+            .unwrap();
+            let child = Command::new(bin)
+                .arg("serve")
+                .arg(&cfg)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .unwrap();
+            let mut reg = Registry {
+                child,
+                addr: addr.clone(),
+                _dir: tempfile::tempdir().unwrap(),
+            };
+            if wait_http(&addr) {
+                reg._dir = dir;
+                return reg;
+            }
+            let _ = reg.child.kill();
+        }
+        panic!("docker-registry did not come up");
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+pub fn sha256(b: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(b)))
+}
+
+fn header(path: &str, size: u64, mode: u32, kind: tar::EntryType) -> tar::Header {
+    let mut h = tar::Header::new_gnu();
+    h.set_path(path).unwrap();
+    h.set_size(size);
+    h.set_mode(mode);
+    h.set_entry_type(kind);
+    h.set_mtime(1_700_000_000);
+    h.set_uid(0);
+    h.set_gid(0);
+    h.set_cksum();
+    h
+}
+
+/// A layer under construction (an uncompressed tar).
+pub struct LayerBuilder(tar::Builder<Vec<u8>>);
+
+impl LayerBuilder {
+    pub fn new() -> Self {
+        LayerBuilder(tar::Builder::new(Vec::new()))
+    }
+    pub fn dir(mut self, p: &str, mode: u32) -> Self {
+        let h = header(p, 0, mode, tar::EntryType::Directory);
+        self.0.append(&h, std::io::empty()).unwrap();
+        self
+    }
+    pub fn file(mut self, p: &str, data: &[u8], mode: u32) -> Self {
+        let h = header(p, data.len() as u64, mode, tar::EntryType::Regular);
+        self.0.append(&h, data).unwrap();
+        self
+    }
+    pub fn file_owned(mut self, p: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = header(p, data.len() as u64, mode, tar::EntryType::Regular);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_cksum();
+        self.0.append(&h, data).unwrap();
+        self
+    }
+    pub fn symlink(mut self, p: &str, target: &str) -> Self {
+        let mut h = header(p, 0, 0o777, tar::EntryType::Symlink);
+        h.set_link_name(target).unwrap();
+        h.set_cksum();
+        self.0.append(&h, std::io::empty()).unwrap();
+        self
+    }
+    pub fn hardlink(mut self, p: &str, target: &str) -> Self {
+        let mut h = header(p, 0, 0o644, tar::EntryType::Link);
+        h.set_link_name(target).unwrap();
+        h.set_cksum();
+        self.0.append(&h, std::io::empty()).unwrap();
+        self
+    }
+    pub fn build(self) -> Vec<u8> {
+        self.0.into_inner().unwrap()
+    }
+}
+
+/// busybox-static with the applets tests use, /etc/passwd and /etc/group.
+pub fn busybox_layer() -> Vec<u8> {
+    let bb = std::fs::read("/bin/busybox")
+        .or_else(|_| std::fs::read("/usr/bin/busybox"))
+        .expect("busybox-static is not installed (apt-get install busybox-static)");
+    let mut l = LayerBuilder::new()
+        .dir("bin", 0o755)
+        .dir("etc", 0o755)
+        .dir("tmp", 0o1777)
+        .dir("www", 0o755)
+        .file("bin/busybox", &bb, 0o755);
+    for a in [
+        "sh", "ls", "cat", "echo", "httpd", "wget", "sleep", "true", "false", "id", "env", "ps",
+        "grep", "head", "nc", "mkdir", "touch", "dd", "yes", "hostname", "stat", "test", "seq",
+    ] {
+        l = l.symlink(&format!("bin/{a}"), "busybox");
+    }
+    l.file("etc/passwd", b"root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\nnobody:x:65534:65534:nobody:/:/bin/false\n", 0o644)
+        .file("etc/group", b"root:x:0:\napp:x:1000:\nextra:x:2000:app\nnobody:x:65534:\n", 0o644)
+        .file("www/index.html", b"hello from berth\n", 0o644)
+        .build()
+}
+
+pub fn gzip(b: &[u8]) -> Vec<u8> {
+    let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    e.write_all(b).unwrap();
+    e.finish().unwrap()
+}
+
+/// Write an OCI image layout at `dir` with one image tagged `tag`, layers gzip-compressed.
+/// Returns the manifest digest.
+pub fn write_layout(dir: &Path, tag: &str, layers: &[Vec<u8>], cmd: &[&str]) -> String {
+    let blobs = dir.join("blobs/sha256");
+    std::fs::create_dir_all(&blobs).unwrap();
+    let put = |b: &[u8]| {
+        let d = sha256(b);
+        std::fs::write(blobs.join(&d[7..]), b).unwrap();
+        d
+    };
+    let mut diff_ids = vec![];
+    let mut descs = vec![];
+    for l in layers {
+        diff_ids.push(sha256(l));
+        let gz = gzip(l);
+        let d = put(&gz);
+        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
+    }
+    let config = serde_json::json!({
+        "architecture": arch(), "os": "linux", "created": "2026-01-01T00:00:00Z",
+        "config": {"Cmd": cmd, "Env": ["PATH=/bin"], "WorkingDir": "/"},
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+    });
+    let cb = serde_json::to_vec(&config).unwrap();
+    let cd = put(&cb);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cd, "size": cb.len()},
+        "layers": descs,
+    });
+    let mb = serde_json::to_vec(&manifest).unwrap();
+    let md = put(&mb);
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({
+        "schemaVersion": 2,
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mb.len(),
+                        "annotations": {"org.opencontainers.image.ref.name": tag}}],
+    });
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    md
+}
+
+pub fn arch() -> &'static str {
+    match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        a => a,
+    }
+}
+
+/// Push an OCI layout image to a registry with skopeo (an independent peer).
+pub fn skopeo_push(layout: &Path, tag: &str, dest: &str) {
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        .arg(format!("oci:{}:{tag}", layout.display()))
+        .arg(format!("docker://{dest}"))
+        .output()
+        .expect("skopeo is not installed (apt-get install skopeo)");
+    assert!(
+        out.status.success(),
+        "skopeo push: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Build a busybox image (plus `extra` layers) and push it to `dest` on the registry.
+pub fn push_image(dest: &str, extra: &[Vec<u8>]) -> String {
+    let dir = tempfile::tempdir().unwrap();
+    let mut layers = vec![busybox_layer()];
+    layers.extend(extra.iter().cloned());
+    let d = write_layout(dir.path(), "t", &layers, &["/bin/sh"]);
+    skopeo_push(dir.path(), "t", dest);
+    d
+}
+
+/// What the fault proxy does to each request.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Fault {
+    /// Forward untouched.
+    None,
+    /// Answer blob requests with half the body, then close the connection.
+    ResetBlobs,
+    /// Answer every request with HTTP 500.
+    Error500,
+    /// Flip one byte in every blob body.
+    CorruptBlobs,
+}
+
+/// An HTTP proxy in front of the registry that injects faults into the first `count`
+/// matching requests (usize::MAX: all), one request per connection.
+pub struct FaultProxy {
+    pub addr: String,
+    stop: Arc<AtomicBool>,
+    pub faults_left: Arc<AtomicUsize>,
+    pub requests: Arc<AtomicUsize>,
+}
+
+impl FaultProxy {
+    pub fn start(upstream: &str, fault: Fault, count: usize) -> FaultProxy {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        listener.set_nonblocking(true).unwrap();
+        let stop = Arc::new(AtomicBool::new(false));
+        let faults_left = Arc::new(AtomicUsize::new(count));
+        let requests = Arc::new(AtomicUsize::new(0));
+        let (s, f, r, up) = (
+            stop.clone(),
+            faults_left.clone(),
+            requests.clone(),
+            upstream.to_string(),
+        );
+        std::thread::spawn(move || {
+            while !s.load(Ordering::Relaxed) {
+                match listener.accept() {
+                    Ok((conn, _)) => {
+                        let (f, r, up) = (f.clone(), r.clone(), up.clone());
+                        std::thread::spawn(move || {
+                            let _ = proxy_one(conn, &up, fault, &f, &r);
+                        });
+                    }
+                    Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
+                }
+            }
+        });
+        FaultProxy {
+            addr,
+            stop,
+            faults_left,
+            requests,
+        }
+    }
+}
+
+impl Drop for FaultProxy {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn read_head(s: &mut TcpStream) -> std::io::Result<Vec<u8>> {
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        if s.read(&mut b)? == 0 {
+            return Err(std::io::Error::other("eof"));
+        }
+        head.push(b[0]);
+    }
+    Ok(head)
+}
+
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            (k.eq_ignore_ascii_case("content-length"))
+                .then(|| v.trim().parse().ok())
+                .flatten()
+        })
+        .unwrap_or(0)
+}
+
+fn proxy_one(
+    mut client: TcpStream,
+    upstream: &str,
+    fault: Fault,
+    left: &AtomicUsize,
+    reqs: &AtomicUsize,
+) -> std::io::Result<()> {
+    client.set_nonblocking(false)?;
+    let head = read_head(&mut client)?;
+    let head_s = String::from_utf8_lossy(&head).into_owned();
+    let mut body = vec![0u8; content_length(&head_s)];
+    client.read_exact(&mut body)?;
+    reqs.fetch_add(1, Ordering::SeqCst);
+    let is_blob_get = head_s.starts_with("GET ")
+        && head_s
+            .lines()
+            .next()
+            .is_some_and(|l| l.contains("/blobs/sha256:"));
+    let applies = match fault {
+        Fault::None => false,
+        Fault::Error500 => true,
+        Fault::ResetBlobs | Fault::CorruptBlobs => is_blob_get,
+    };
+    let take = applies
+        && left
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok();
+    if take && fault == Fault::Error500 {
+        client.write_all(
+            b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
+    // forward with Connection: close
+    let mut up = TcpStream::connect(upstream)?;
+    let mut fwd = String::new();
+    for l in head_s.split("\r\n") {
+        if l.to_ascii_lowercase().starts_with("connection:") || l.is_empty() {
+            continue;
+        }
+        fwd.push_str(l);
+        fwd.push_str("\r\n");
+    }
+    fwd.push_str("Connection: close\r\n\r\n");
+    up.write_all(fwd.as_bytes())?;
+    up.write_all(&body)?;
+    let mut resp = Vec::new();
+    up.read_to_end(&mut resp)?;
+    let split = resp
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .map(|p| p + 4)
+        .unwrap_or(resp.len());
+    let (rh, rb) = resp.split_at(split);
+    let mut rb = rb.to_vec();
+    if take && fault == Fault::CorruptBlobs && !rb.is_empty() {
+        let i = rb.len() / 2;
+        rb[i] ^= 0xff;
+    }
+    client.write_all(rh)?;
+    if take && fault == Fault::ResetBlobs {
+        client.write_all(&rb[..rb.len() / 2])?;
+        let _ = client.shutdown(std::net::Shutdown::Both);
+        return Ok(());
+    }
+    client.write_all(&rb)?;
+    Ok(())
+}
+
+/// Every file below a directory (relative path → description of type, mode, owner, content).
+pub fn tree(root: &Path) -> std::collections::BTreeMap<String, String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = std::collections::BTreeMap::new();
+    fn walk(root: &Path, p: &Path, out: &mut std::collections::BTreeMap<String, String>) {
+        for e in std::fs::read_dir(p).unwrap() {
+            let e = e.unwrap();
+            let path = e.path();
+            let rel = path.strip_prefix(root).unwrap().display().to_string();
+            let m = std::fs::symlink_metadata(&path).unwrap();
+            let ft = m.file_type();
+            let desc = if ft.is_symlink() {
+                format!("link {}", std::fs::read_link(&path).unwrap().display())
+            } else if ft.is_dir() {
+                format!("dir {:o} {}:{}", m.mode() & 0o7777, m.uid(), m.gid())
+            } else if ft.is_file() {
+                format!(
+                    "file {:o} {}:{} {}",
+                    m.mode() & 0o7777,
+                    m.uid(),
+                    m.gid(),
+                    sha256(&std::fs::read(&path).unwrap())
+                )
+            } else {
+                format!("other {:o} rdev {}", m.mode(), m.rdev())
+            };
+            out.insert(rel, desc);
+            if ft.is_dir() {
+                walk(root, &path, out);
+            }
+        }
+    }
+    walk(root, root, &mut out);
+    out
+}
+
+pub fn paths_in(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| rd.map(|e| e.unwrap().path()).collect())
+        .unwrap_or_default();
+    v.sort();
+    v
+}

@@ -1,0 +1,351 @@
+//! Images against a real registry (Debian's docker-registry on 127.0.0.1), with skopeo and
+//! umoci as independent peers. Run as root (layer ownership, whiteouts, overlay mounts).
+
+mod common;
+use common::*;
+use std::path::Path;
+use std::process::Command;
+
+/// A layer over busybox: a file, a whiteout of /www/index.html, an opaque /etc/app.d,
+/// a hardlink, ownership and modes.
+fn second_layer() -> Vec<u8> {
+    LayerBuilder::new()
+        .dir("etc/app.d", 0o755)
+        .file("etc/app.d/.wh..wh..opq", b"", 0o644)
+        .file("etc/app.d/new.conf", b"new=1\n", 0o640)
+        .file("www/.wh.index.html", b"", 0o644)
+        .file_owned("srv/data.txt", b"owned by app\n", 0o600, 1000, 1000)
+        .hardlink("srv/data-link.txt", "srv/data.txt")
+        .file("bin/tool", b"#!/bin/sh\necho tool\n", 0o4755)
+        .build()
+}
+
+fn first_extra_layer() -> Vec<u8> {
+    LayerBuilder::new()
+        .dir("etc/app.d", 0o755)
+        .file("etc/app.d/old.conf", b"old=1\n", 0o644)
+        .build()
+}
+
+/// Mount berth's snapshots of an image read-only as overlayfs (as the runtime will) and
+/// return the mount point; unmounted on drop.
+struct Merged {
+    dir: tempfile::TempDir,
+}
+impl Merged {
+    fn mount(state: &Path, reference: &str) -> Merged {
+        let out = berth(state, &["image", "inspect", reference]);
+        let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
+        let lowers: Vec<String> = v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rev()
+            .map(|l| {
+                state
+                    .join("snapshots")
+                    .join(&l["chain_id"].as_str().unwrap()[7..])
+                    .join("fs")
+                    .display()
+                    .to_string()
+            })
+            .collect();
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args([
+                "-t",
+                "overlay",
+                "overlay",
+                "-o",
+                &format!("ro,lowerdir={}", lowers.join(":")),
+            ])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "overlay mount failed");
+        Merged { dir }
+    }
+}
+impl Drop for Merged {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(self.dir.path()).status();
+    }
+}
+
+#[test]
+fn pull_matches_umoci_and_skopeo_reads_the_store() {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let layers = vec![busybox_layer(), first_extra_layer(), second_layer()];
+    let digest = write_layout(layout.path(), "t", &layers, &["/bin/sh"]);
+    let dest = format!("{}/interop/app:1", reg.addr);
+    skopeo_push(layout.path(), "t", &dest);
+
+    let state = tempfile::tempdir().unwrap();
+    let out = ok(&berth(state.path(), &["image", "pull", "--quiet", &dest]));
+    assert!(out.is_empty(), "--quiet printed {out}");
+    let out = ok(&berth(state.path(), &["image", "inspect", &dest]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(
+        v["digest"], digest,
+        "berth stores the manifest skopeo pushed, byte for byte"
+    );
+    assert_eq!(v["layers"].as_array().unwrap().len(), 3);
+
+    // the unpacked root filesystem equals umoci's unpack of the same image
+    let bundle = tempfile::tempdir().unwrap();
+    let st = Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:t", layout.path().display()),
+        ])
+        .arg(bundle.path().join("b"))
+        .output()
+        .expect("umoci is not installed (apt-get install umoci)");
+    assert!(
+        st.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let theirs = tree(&bundle.path().join("b/rootfs"));
+    let merged = Merged::mount(state.path(), &dest);
+    let ours = tree(merged.dir.path());
+    assert!(
+        !ours.contains_key("www/index.html"),
+        "whiteout hides the lower file"
+    );
+    assert!(
+        !ours.contains_key("etc/app.d/old.conf"),
+        "opaque dir hides the lower content"
+    );
+    assert!(ours.contains_key("etc/app.d/new.conf"));
+    assert_eq!(
+        ours.get("srv/data.txt")
+            .map(String::as_str)
+            .unwrap_or("")
+            .split(' ')
+            .nth(2),
+        Some("1000:1000")
+    );
+    assert_eq!(ours, theirs, "berth's rootfs differs from umoci's");
+    drop(merged);
+
+    // skopeo can read berth's store as an OCI layout
+    let copy = tempfile::tempdir().unwrap();
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet"])
+        .arg(format!(
+            "oci:{}:{dest}",
+            state.path().join("store").display()
+        ))
+        .arg(format!("oci:{}:x", copy.path().display()))
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "skopeo copy from berth's store: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(copy.path().join("index.json")).unwrap()).unwrap();
+    assert_eq!(idx["manifests"][0]["digest"], digest);
+
+    // pulling again reuses everything
+    let out = ok(&berth(state.path(), &["image", "pull", "--json", &dest]));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["reused"], 3);
+    assert_eq!(v["downloaded"], 0);
+}
+
+#[test]
+fn berth_push_is_read_by_skopeo_with_the_same_digest() {
+    let reg = Registry::start();
+    let src = format!("{}/push/src:1", reg.addr);
+    push_image(&src, &[second_layer()]);
+    let state = tempfile::tempdir().unwrap();
+    ok(&berth(state.path(), &["image", "pull", "-q", &src]));
+    let dst = format!("{}/push/dst:2", reg.addr);
+    ok(&berth(state.path(), &["image", "tag", &src, &dst]));
+    ok(&berth(state.path(), &["image", "push", "-q", &dst]));
+    let ours: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &dst]))).unwrap();
+    let out = Command::new("skopeo")
+        .args(["inspect", "--tls-verify=false"])
+        .arg(format!("docker://{dst}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(theirs["Digest"], ours["digest"]);
+    // and skopeo can copy all its blobs
+    let copy = tempfile::tempdir().unwrap();
+    let st = Command::new("skopeo")
+        .args(["copy", "--quiet", "--src-tls-verify=false"])
+        .arg(format!("docker://{dst}"))
+        .arg(format!("oci:{}:x", copy.path().display()))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    // pushing again finds every blob present
+    ok(&berth(state.path(), &["image", "push", "-q", &dst]));
+}
+
+#[test]
+fn pinned_digests_shared_layers_and_concurrent_pulls() {
+    let reg = Registry::start();
+    let a = format!("{}/share/a:1", reg.addr);
+    let b = format!("{}/share/b:1", reg.addr);
+    let da = push_image(
+        &a,
+        &[LayerBuilder::new().file("a.txt", b"a", 0o644).build()],
+    );
+    push_image(
+        &b,
+        &[LayerBuilder::new().file("b.txt", b"b", 0o644).build()],
+    );
+    let state = tempfile::tempdir().unwrap();
+    // two berth processes pulling the same image at once
+    let spawn = |r: &str| {
+        Command::new(berth_bin())
+            .arg("--state-dir")
+            .arg(state.path())
+            .args(["image", "pull", "-q", r])
+            .env("BERTH_CONFIG", "/dev/null")
+            .spawn()
+            .unwrap()
+    };
+    let (mut p1, mut p2) = (spawn(&a), spawn(&a));
+    assert!(p1.wait().unwrap().success() && p2.wait().unwrap().success());
+    ok(&berth(state.path(), &["image", "pull", "-q", &b]));
+    // the busybox base is unpacked once: 3 snapshots for 4 layers
+    let snaps: Vec<_> = paths_in(&state.path().join("snapshots"))
+        .into_iter()
+        .filter(|p| !p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert_eq!(snaps.len(), 3, "{snaps:?}");
+    // a pinned reference must match
+    let pinned = format!("{}/share/a@{da}", reg.addr);
+    ok(&berth(state.path(), &["image", "pull", "-q", &pinned]));
+    let wrong = format!("{}/share/a@sha256:{}", reg.addr, "0".repeat(64));
+    let out = berth(state.path(), &["image", "pull", "-q", &wrong]);
+    assert!(!out.status.success());
+    // ls shows all three references
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 3);
+}
+
+#[test]
+fn registry_errors_name_registry_and_repository() {
+    let reg = Registry::start();
+    let state = tempfile::tempdir().unwrap();
+    let missing = format!("{}/nothing/here:1", reg.addr);
+    let out = berth(state.path(), &["image", "pull", "-q", &missing]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&reg.addr) && err.contains("nothing/here") && err.contains("not found"),
+        "{err}"
+    );
+    // nothing is listening here
+    let dead = format!("127.0.0.1:{}/x/y:1", free_port());
+    let out = berth(state.path(), &["image", "pull", "-q", &dead]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("127.0.0.1"));
+    // the store is empty and consistent
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
+    assert!(ls.as_array().unwrap().is_empty());
+}
+
+fn assert_store_clean(state: &Path) {
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state, &["image", "ls", "--json"]))).unwrap();
+    assert!(
+        ls.as_array().unwrap().is_empty(),
+        "no reference after a failed pull"
+    );
+    let ingest = paths_in(&state.join("store/ingest"));
+    assert!(ingest.is_empty(), "ingest/ left behind {ingest:?}");
+    let tmp: Vec<_> = paths_in(&state.join("snapshots"))
+        .into_iter()
+        .filter(|p| p.file_name().unwrap().to_string_lossy().starts_with('.'))
+        .collect();
+    assert!(tmp.is_empty(), "temporary snapshots left behind {tmp:?}");
+}
+
+#[test]
+fn transient_faults_are_retried() {
+    let reg = Registry::start();
+    let name = "faults/app:1";
+    push_image(&format!("{}/{name}", reg.addr), &[second_layer()]);
+    for (fault, count) in [
+        (Fault::ResetBlobs, 2),
+        (Fault::Error500, 3),
+        (Fault::CorruptBlobs, 1),
+    ] {
+        let proxy = FaultProxy::start(&reg.addr, fault, count);
+        let state = tempfile::tempdir().unwrap();
+        let r = format!("{}/{name}", proxy.addr);
+        let out = berth(state.path(), &["image", "pull", "-q", &r]);
+        assert!(
+            out.status.success(),
+            "{fault:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert_eq!(
+            proxy.faults_left.load(std::sync::atomic::Ordering::SeqCst),
+            0,
+            "{fault:?}: faults were injected"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r]))).unwrap();
+        assert!(
+            v["layers"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .all(|l| l["unpacked"] == true)
+        );
+    }
+}
+
+#[test]
+fn persistent_faults_fail_cleanly() {
+    let reg = Registry::start();
+    let name = "faults/bad:1";
+    push_image(&format!("{}/{name}", reg.addr), &[]);
+    // a registry that always corrupts blobs: the digest error names the blob, nothing stays
+    let proxy = FaultProxy::start(&reg.addr, Fault::CorruptBlobs, usize::MAX);
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(
+        state.path(),
+        &["image", "pull", "-q", &format!("{}/{name}", proxy.addr)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("sha256:") && err.contains("discarded"),
+        "{err}"
+    );
+    assert_store_clean(state.path());
+    let blobs = paths_in(&state.path().join("store/blobs/sha256"));
+    assert!(
+        blobs.is_empty(),
+        "no corrupt blob enters the store: {blobs:?}"
+    );
+    // a registry that always answers 500
+    let proxy = FaultProxy::start(&reg.addr, Fault::Error500, usize::MAX);
+    let out = berth(
+        state.path(),
+        &["image", "pull", "-q", &format!("{}/{name}", proxy.addr)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("500"));
+    assert_store_clean(state.path());
+}
