@@ -3,7 +3,7 @@
 #
 # Builds a ≥300 MB image of two layers (plus busybox), pushes it to a local docker-registry on
 # 127.0.0.1, then times each tool RUNS times from a cold local store and reports medians and
-# ratios. Needs root, docker-registry, skopeo, umoci, podman, busybox-static, and a release
+# ratios. Needs root, docker-registry, skopeo, podman, busybox-static, and a release
 # build (cargo build --release).
 #
 #   bash benches/pull.sh            # RUNS=5 by default
@@ -45,9 +45,7 @@ for n in 1 2; do
   mkdir -p "$d/small"
   for i in $(seq 1 $((LAYER_MB * 4))); do head -c 131072 /dev/urandom > "$d/small/f$i"; done
 done
-umoci init --layout "$work/layout" >/dev/null
-umoci new --image "$work/layout:1" >/dev/null
-for n in 0 1 2; do umoci insert --image "$work/layout:1" "$work/l$n" / >/dev/null; done
+python3 benches/mkimage.py "$work/layout" 1 "$work/l0" "$work/l1" "$work/l2" >/dev/null
 skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://127.0.0.1:$port/bench/big:1"
 ref="127.0.0.1:$port/bench/big:1"
 size=$(du -sm "$work/regdata" | cut -f1)

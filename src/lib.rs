@@ -6,6 +6,7 @@
 //! `agent`, and `cli` (the binary's edge).
 #![deny(unsafe_code)]
 
+pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
@@ -14,6 +15,7 @@ pub mod manifest;
 pub mod observe;
 pub mod plan;
 pub mod registry;
+pub mod runtime;
 pub mod state;
 pub mod store;
 pub mod sys;

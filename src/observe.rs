@@ -124,3 +124,32 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
             .collect(),
     })
 }
+
+/// Observe the host: records, the store, and each container's live state (process, exit,
+/// cgroup limits) from the runtime.
+pub fn observe(
+    state: &StateDir,
+    store: &Store,
+    runtime: &crate::runtime::Runtime,
+) -> Result<Observed, ObserveError> {
+    let mut o = from_records(state, store)?;
+    for (name, oc) in o.containers.iter_mut() {
+        let status = runtime
+            .status(name)
+            .unwrap_or_else(|e| ContainerStatus::Lost {
+                reason: e.to_string(),
+            });
+        oc.status = match status {
+            ContainerStatus::Exited { .. } | ContainerStatus::Created
+                if oc.record.stopped_by_user =>
+            {
+                ContainerStatus::StoppedByUser
+            }
+            s => s,
+        };
+        if matches!(oc.status, ContainerStatus::Running { .. }) {
+            oc.live_limits = runtime.live_limits(name);
+        }
+    }
+    Ok(o)
+}

@@ -69,3 +69,12 @@ pub fn fork_process() -> nix::Result<Option<nix::unistd::Pid>> {
         nix::unistd::ForkResult::Child => Ok(None),
     }
 }
+
+/// Make `fd` (a terminal) the controlling terminal of this session (TIOCSCTTY).
+pub fn set_controlling_tty(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal); `fd` is a valid open
+    // descriptor for the lifetime of the borrow.
+    let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0) };
+    nix::errno::Errno::result(r).map(drop)
+}

@@ -93,7 +93,7 @@ fn plan_reads_records_and_guards_deletions() {
     let out = berth(state_dir.path(), &["plan", d]);
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
-        text.contains("-/+ container.web (env.A: \"1\" → \"2\" forces replacement)"),
+        text.contains("-/+ container.web (env.A: \"1\" → \"2\" forces replacement; drift: its directory was removed)"),
         "{text}"
     );
     assert!(

@@ -13,6 +13,7 @@ use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+pub mod containers;
 pub mod image;
 
 #[derive(Parser, Debug)]
@@ -65,11 +66,78 @@ pub enum Command {
     },
     /// Show what `apply` would change, and why, without changing anything.
     Plan(PlanArgs),
+    /// Converge the host to the manifests: execute exactly the plan `berth plan` shows.
+    Apply {
+        #[command(flatten)]
+        plan: PlanArgs,
+        /// Container steps run at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+    },
     /// Manage images in berth's store: pull, ls, inspect, tag, rm, push, import, prune.
     Image {
         #[command(subcommand)]
         command: image::ImageCommand,
     },
+    /// List containers: name, image, state, uptime or exit status, restarts, pid.
+    Ps {
+        /// Include containers that are not running.
+        #[arg(short, long)]
+        all: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show a container's output (CRI log format underneath).
+    Logs {
+        name: String,
+        /// Keep printing new output until the container stops.
+        #[arg(short, long)]
+        follow: bool,
+        /// Only the last N lines.
+        #[arg(long, value_name = "N")]
+        tail: Option<usize>,
+        /// Only lines newer than this (e.g. 10m, 1h).
+        #[arg(long, value_name = "DURATION")]
+        since: Option<crate::manifest::units::Duration>,
+        /// Prefix each line with its timestamp.
+        #[arg(short, long)]
+        timestamps: bool,
+    },
+    /// Run a command in a running container (all its namespaces, cgroup, user, env, caps).
+    Exec {
+        /// Keep stdin open.
+        #[arg(short, long)]
+        interactive: bool,
+        /// Allocate a pseudo-terminal.
+        #[arg(short, long)]
+        tty: bool,
+        name: String,
+        /// The command and its arguments (after --).
+        #[arg(last = true, required = true)]
+        command: Vec<String>,
+    },
+    /// Stop a container; it stays stopped (not drift) until start, restart or a new config.
+    Stop { name: String },
+    /// Start a stopped or exited container.
+    Start { name: String },
+    /// Stop, then start a container.
+    Restart { name: String },
+    /// Processes inside a container, as seen from the host.
+    Top { name: String },
+    /// CPU %, memory usage/limit and pids of containers (all when none named).
+    Stats {
+        names: Vec<String>,
+        /// One sample, then exit.
+        #[arg(long)]
+        no_stream: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// A container as JSON: config, state, mounts, pid, cgroup path.
+    Inspect { name: String },
+    /// Internal: the per-container supervisor started by berth.
+    #[command(hide = true)]
+    Shim { dir: PathBuf },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -143,6 +211,45 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate { dir, json } => validate(&dir, json),
         Command::Plan(args) => plan_cmd(&c, &args),
         Command::Image { command } => image::run(&c, command),
+        Command::Apply { plan, parallel } => containers::apply_cmd(&c, &plan, parallel),
+        Command::Ps { all, json } => containers::ps(&c, all, json),
+        Command::Logs {
+            name,
+            follow,
+            tail,
+            since,
+            timestamps,
+        } => containers::logs_cmd(
+            &c,
+            &containers::LogsArgs {
+                name,
+                follow,
+                tail,
+                since,
+                timestamps,
+            },
+        ),
+        Command::Exec {
+            interactive,
+            tty,
+            name,
+            command,
+        } => {
+            let rt = containers::runtime(&c)?;
+            let code = crate::runtime::exec::exec(&rt, &name, command, interactive, tty)?;
+            Ok(ExitCode::from(code.clamp(0, 255) as u8))
+        }
+        Command::Stop { name } => containers::stop_cmd(&c, &name),
+        Command::Start { name } => containers::start_cmd(&c, &name, false),
+        Command::Restart { name } => containers::start_cmd(&c, &name, true),
+        Command::Top { name } => containers::top_cmd(&c, &name),
+        Command::Stats {
+            names,
+            no_stream,
+            json,
+        } => containers::stats_cmd(&c, &names, no_stream, json),
+        Command::Inspect { name } => containers::inspect_cmd(&c, &name),
+        Command::Shim { dir } => crate::runtime::shim::main(&dir),
     }
 }
 
@@ -268,9 +375,13 @@ pub fn load_desired(dir: &Path, allow_empty: bool) -> Result<Desired> {
 
 /// Observe the host for a plan: records, the store, and (for `pull = "always"` images) what
 /// the registry serves now.
-pub fn observe_host(c: &Ctx, desired: &Desired) -> Result<observe::Observed> {
+pub fn observe_host(
+    c: &Ctx,
+    desired: &Desired,
+    rt: &crate::runtime::Runtime,
+) -> Result<observe::Observed> {
     let store = image::store(c);
-    let mut observed = observe::from_records(&c.state, &store).context("reading berth's state")?;
+    let mut observed = observe::observe(&c.state, &store, rt).context("reading berth's state")?;
     let always: Vec<_> = desired
         .images
         .values()
@@ -297,7 +408,7 @@ pub fn observe_host(c: &Ctx, desired: &Desired) -> Result<observe::Observed> {
 
 fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
     let desired = load_desired(&args.dir, args.allow_empty)?;
-    let observed = observe_host(c, &desired)?;
+    let observed = observe_host(c, &desired, &containers::runtime(c)?)?;
     let plan = plan::diff(&desired, &observed)?;
     plan::check_deletions(&plan, args.max_deletions)?;
     if args.json {

@@ -1,0 +1,539 @@
+//! Executing a [`Plan`]: exactly its steps, in dependency order, independent container steps
+//! in parallel (bounded), reporting each step as it completes. `apply` decides nothing: the
+//! plan did.
+
+use crate::config::Config;
+use crate::image::ImageError;
+use crate::image::pull::Puller;
+use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind, NET_HOST, NET_NONE};
+use crate::manifest::units::MountSource;
+use crate::plan::{Action, Op, Plan, Step};
+use crate::runtime::config::{
+    self as rc, Limits, MountKind, MountSpec, NetMode, ProcessSpec, RuntimeConfig,
+};
+use crate::runtime::{Runtime, RuntimeError};
+use crate::state::{ContainerRecord, StateDir, StateError, VolumeRecord};
+use crate::store::{Store, StoreError};
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ApplyError {
+    #[error(transparent)]
+    State(#[from] StateError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    #[error(transparent)]
+    Image(#[from] ImageError),
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("{0}")]
+    Invalid(String),
+    #[error(
+        "bridge networks are not implemented yet: {0} (use networks = [\"none\"] or [\"host\"] for now)"
+    )]
+    BridgeUnsupported(String),
+}
+
+/// What happened to one step.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepOutcome {
+    pub address: String,
+    pub action: Action,
+    pub ok: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    pub millis: u64,
+}
+
+pub struct Executor<'a> {
+    pub state: &'a StateDir,
+    pub store: &'a Store,
+    pub runtime: &'a Runtime,
+    pub puller: &'a Puller,
+    pub desired: &'a Desired,
+    pub config: &'a Config,
+    /// Container steps run at once.
+    pub parallel: usize,
+}
+
+fn container_net(spec: &ContainerSpec) -> Result<NetMode, ApplyError> {
+    match spec.networks.as_slice() {
+        [n] if n == NET_HOST => Ok(NetMode::Host),
+        [n] if n == NET_NONE => Ok(NetMode::None),
+        other => Err(ApplyError::BridgeUnsupported(format!(
+            "networks = {other:?}"
+        ))),
+    }
+}
+
+/// Refuse, before changing anything, a plan this build cannot carry out.
+pub fn check_supported(plan: &Plan, desired: &Desired) -> Result<(), ApplyError> {
+    for st in &plan.steps {
+        match (st.kind, st.action) {
+            (Kind::Network, Action::Create | Action::Replace) => {
+                return Err(ApplyError::BridgeUnsupported(format!(
+                    "{} would be created",
+                    st.address
+                )));
+            }
+            (Kind::Container, Action::Create | Action::Replace) => {
+                if let Some(c) = desired.containers.get(&st.name) {
+                    container_net(&c.spec).map_err(|_| {
+                        ApplyError::BridgeUnsupported(format!(
+                            "{} uses networks {:?}",
+                            st.address, c.spec.networks
+                        ))
+                    })?;
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+impl Executor<'_> {
+    /// Run the plan. `report` is called as each step completes. Stops after the first failing
+    /// wave; the error names the resource and the step.
+    pub fn execute(
+        &self,
+        plan: &Plan,
+        report: &(dyn Fn(&StepOutcome) + Sync),
+    ) -> Result<Vec<StepOutcome>, ApplyError> {
+        check_supported(plan, self.desired)?;
+        let mut outcomes = vec![];
+        for wave in waves(plan, self.desired) {
+            let results: Vec<StepOutcome> =
+                if wave.len() > 1 && wave.iter().all(|s| s.kind == Kind::Image) {
+                    self.pull_all(&wave, report)
+                } else if wave.len() > 1
+                    && wave
+                        .iter()
+                        .all(|s| s.kind == Kind::Container && s.action != Action::Destroy)
+                {
+                    self.parallel_steps(&wave, report)
+                } else {
+                    let mut v = vec![];
+                    for st in wave {
+                        let o = self.timed(st);
+                        report(&o);
+                        let failed = !o.ok;
+                        v.push(o);
+                        if failed {
+                            break;
+                        }
+                    }
+                    v
+                };
+            let failed = results.iter().find(|o| !o.ok).cloned();
+            outcomes.extend(results);
+            if let Some(f) = failed {
+                return Err(ApplyError::Invalid(format!(
+                    "{}: {}",
+                    f.address,
+                    f.error.unwrap_or_default()
+                )));
+            }
+        }
+        Ok(outcomes)
+    }
+
+    fn timed(&self, st: &Step) -> StepOutcome {
+        let t = Instant::now();
+        let r = self.run_step(st);
+        StepOutcome {
+            address: st.address.clone(),
+            action: st.action,
+            ok: r.is_ok(),
+            error: r.err().map(|e| error_chain(&e)),
+            millis: t.elapsed().as_millis() as u64,
+        }
+    }
+
+    fn parallel_steps(
+        &self,
+        wave: &[&Step],
+        report: &(dyn Fn(&StepOutcome) + Sync),
+    ) -> Vec<StepOutcome> {
+        let mut out = vec![];
+        for chunk in wave.chunks(self.parallel.max(1)) {
+            let results: Vec<StepOutcome> = std::thread::scope(|s| {
+                let handles: Vec<_> = chunk
+                    .iter()
+                    .map(|st| {
+                        s.spawn(move || {
+                            let o = self.timed(st);
+                            report(&o);
+                            o
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        h.join().unwrap_or_else(|_| StepOutcome {
+                            address: "?".into(),
+                            action: Action::Create,
+                            ok: false,
+                            error: Some("step panicked".into()),
+                            millis: 0,
+                        })
+                    })
+                    .collect()
+            });
+            let failed = results.iter().any(|o| !o.ok);
+            out.extend(results);
+            if failed {
+                break;
+            }
+        }
+        out
+    }
+
+    fn pull_all(&self, wave: &[&Step], report: &(dyn Fn(&StepOutcome) + Sync)) -> Vec<StepOutcome> {
+        let rt = match tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+        {
+            Ok(rt) => rt,
+            Err(e) => {
+                return vec![StepOutcome {
+                    address: "image".into(),
+                    action: Action::Create,
+                    ok: false,
+                    error: Some(e.to_string()),
+                    millis: 0,
+                }];
+            }
+        };
+        rt.block_on(async {
+            let jobs = wave.iter().map(|st| async move {
+                let t = Instant::now();
+                let r = match self.image_ref(st) {
+                    Ok(r) => self
+                        .puller
+                        .pull(&r)
+                        .await
+                        .map(|_| ())
+                        .map_err(|e| error_chain(&e)),
+                    Err(e) => Err(e.to_string()),
+                };
+                let o = StepOutcome {
+                    address: st.address.clone(),
+                    action: st.action,
+                    ok: r.is_ok(),
+                    error: r.err(),
+                    millis: t.elapsed().as_millis() as u64,
+                };
+                report(&o);
+                o
+            });
+            futures::future::join_all(jobs).await
+        })
+    }
+
+    fn image_ref(&self, st: &Step) -> Result<crate::registry::reference::Reference, ApplyError> {
+        self.desired
+            .images
+            .get(&st.name)
+            .map(|i| i.spec.reference.clone())
+            .ok_or_else(|| ApplyError::Invalid(format!("{}: not in the manifests", st.address)))
+    }
+
+    fn run_step(&self, st: &Step) -> Result<(), ApplyError> {
+        for op in &st.ops {
+            self.run_op(st, *op).map_err(|e| {
+                ApplyError::Invalid(format!("{}: {}", op_name(*op), error_chain(&e)))
+            })?;
+        }
+        Ok(())
+    }
+
+    fn run_op(&self, st: &Step, op: Op) -> Result<(), ApplyError> {
+        let name = st.name.as_str();
+        match op {
+            Op::PullImage => {
+                let r = self.image_ref(st)?;
+                let rt = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .map_err(|e| ApplyError::Invalid(e.to_string()))?;
+                rt.block_on(self.puller.pull(&r))?;
+            }
+            Op::CreateVolume => {
+                let v = self
+                    .desired
+                    .volumes
+                    .get(name)
+                    .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+                let data = rc::volume_data(&self.state.volumes_dir(), name);
+                std::fs::create_dir_all(&data).map_err(|e| {
+                    StateError::Io(crate::fsutil::PathError::new("create directory", &data, e))
+                })?;
+                let rec = VolumeRecord {
+                    name: name.into(),
+                    source: v.source.clone(),
+                    spec: v.spec.clone(),
+                    created_at: crate::fsutil::now_unix(),
+                };
+                self.state.write_record(Kind::Volume, name, &rec)?;
+            }
+            Op::CreateNetwork | Op::RemoveNetwork => {
+                if op == Op::RemoveNetwork {
+                    // only records exist until bridges do
+                    self.state.remove_record(Kind::Network, name)?;
+                } else {
+                    return Err(ApplyError::BridgeUnsupported(st.address.clone()));
+                }
+            }
+            Op::CreateContainer => self.create_container(name)?,
+            Op::StartContainer => {
+                self.runtime.start(name)?;
+                if let Some(mut rec) = self.record(name)?
+                    && rec.stopped_by_user
+                {
+                    rec.stopped_by_user = false;
+                    self.state.write_record(Kind::Container, name, &rec)?;
+                }
+            }
+            Op::StopContainer => {
+                let (sig, timeout) = self.stop_settings(name)?;
+                self.runtime.stop(name, &sig, timeout)?;
+            }
+            Op::RemoveContainer => {
+                let (sig, timeout) = self.stop_settings(name)?;
+                self.runtime.remove(name, &sig, timeout)?;
+                self.state.remove_record(Kind::Container, name)?;
+            }
+            Op::UpdateContainer => {
+                let c = self
+                    .desired
+                    .containers
+                    .get(name)
+                    .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+                let mut rec = self
+                    .record(name)?
+                    .ok_or_else(|| ApplyError::Invalid("no record".into()))?;
+                if self.runtime.exists(name) {
+                    self.runtime.update_limits(name, &limits(&c.spec))?;
+                }
+                rec.spec = c.spec.clone();
+                rec.source = c.source.clone();
+                self.state.write_record(Kind::Container, name, &rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn record(&self, name: &str) -> Result<Option<ContainerRecord>, ApplyError> {
+        Ok(
+            crate::fsutil::read_json(&self.state.record_path(Kind::Container, name))
+                .map_err(StateError::Io)?,
+        )
+    }
+
+    fn stop_settings(&self, name: &str) -> Result<(String, Duration), ApplyError> {
+        let spec = match self.record(name)? {
+            Some(r) => r.spec,
+            None => match self.desired.containers.get(name) {
+                Some(c) => c.spec.clone(),
+                None => return Ok(("SIGTERM".into(), Duration::from_secs(10))),
+            },
+        };
+        Ok((spec.stop_signal.clone(), spec.stop_timeout.as_std()))
+    }
+
+    fn create_container(&self, name: &str) -> Result<(), ApplyError> {
+        let c: &Declared<ContainerSpec> = self
+            .desired
+            .containers
+            .get(name)
+            .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+        let r = c.spec.image_ref.to_string();
+        let img = self.store.get(&r)?;
+        let cfg = runtime_config(self.store, self.state, self.config, name, &c.spec, &img)?;
+        let rec = ContainerRecord {
+            name: name.into(),
+            source: c.source.clone(),
+            spec: c.spec.clone(),
+            image_digest: Some(img.digest().to_string()),
+            created_at: crate::fsutil::now_unix(),
+            stopped_by_user: false,
+        };
+        // the record first: a crash after it shows up as drift and is repaired
+        self.state.write_record(Kind::Container, name, &rec)?;
+        self.runtime.prepare(&cfg)?;
+        Ok(())
+    }
+}
+
+/// An error and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !s.contains(&m) {
+            s.push_str(": ");
+            s.push_str(&m);
+        }
+        cur = c.source();
+    }
+    s
+}
+
+fn op_name(op: Op) -> &'static str {
+    match op {
+        Op::PullImage => "pull image",
+        Op::CreateVolume => "create volume",
+        Op::CreateNetwork => "create network",
+        Op::RemoveNetwork => "remove network",
+        Op::CreateContainer => "create container",
+        Op::StartContainer => "start container",
+        Op::StopContainer => "stop container",
+        Op::RemoveContainer => "remove container",
+        Op::UpdateContainer => "update container",
+    }
+}
+
+pub fn limits(spec: &ContainerSpec) -> Limits {
+    Limits {
+        memory: spec.memory.map(|m| m.0),
+        cpus: spec.cpus,
+        pids: spec.pids,
+    }
+}
+
+/// Compute what the shim needs for a container.
+pub fn runtime_config(
+    store: &Store,
+    state: &StateDir,
+    config: &Config,
+    name: &str,
+    spec: &ContainerSpec,
+    img: &crate::store::StoredImage,
+) -> Result<RuntimeConfig, ApplyError> {
+    let mut layers = vec![];
+    for c in img.chain_ids() {
+        if !store.has_snapshot(&c) {
+            return Err(ApplyError::Invalid(format!(
+                "image {}: layer {c} is not unpacked; pull the image again",
+                img.reference
+            )));
+        }
+        layers.push(store.snapshot_dir(&c)?.join("fs"));
+    }
+    let hostname = spec
+        .hostname
+        .clone()
+        .unwrap_or_else(|| name.chars().take(63).collect());
+    let mut mounts = vec![];
+    for v in &spec.volumes {
+        let kind = match &v.source {
+            MountSource::Bind(p) => {
+                if !p.exists() {
+                    return Err(ApplyError::Invalid(format!(
+                        "bind mount source {} does not exist",
+                        p.display()
+                    )));
+                }
+                MountKind::Bind {
+                    source: p.clone(),
+                    read_only: v.read_only,
+                }
+            }
+            MountSource::Volume(n) => MountKind::Volume {
+                source: rc::volume_data(&state.volumes_dir(), n),
+                read_only: v.read_only,
+                populate_marker: state.volumes_dir().join(n).join(".populated"),
+            },
+        };
+        mounts.push(MountSpec {
+            target: v.target.clone(),
+            kind,
+        });
+    }
+    for t in &spec.tmpfs {
+        mounts.push(MountSpec {
+            target: t.target.clone(),
+            kind: MountKind::Tmpfs {
+                size: t.size.map(|s| s.0),
+                mode: t.mode,
+            },
+        });
+    }
+    let args = rc::merge_args(spec, &img.config);
+    if args.is_empty() {
+        return Err(ApplyError::Invalid(format!(
+            "image {} has no CMD or ENTRYPOINT: set `command`",
+            img.reference
+        )));
+    }
+    Ok(RuntimeConfig {
+        name: name.into(),
+        layers,
+        read_only: spec.read_only,
+        hostname: hostname.clone(),
+        net: container_net(spec)?,
+        process: ProcessSpec {
+            args,
+            env: rc::merge_env(spec, &img.config, &hostname),
+            cwd: rc::working_dir(spec, &img.config),
+            user: rc::user(spec, &img.config),
+            capabilities: rc::capabilities(spec),
+        },
+        mounts,
+        limits: limits(spec),
+        cgroup_parent: config.cgroup_parent.clone(),
+        log_max_size: rc::LOG_MAX_SIZE,
+        log_max_files: rc::LOG_MAX_FILES,
+        stop_signal: spec.stop_signal.clone(),
+        stop_timeout_ms: spec.stop_timeout.0,
+    })
+}
+
+/// Group the plan's steps into waves that must run one after another; steps within a wave
+/// are independent. Container destroys keep their plan order (dependents first); image pulls
+/// form one wave; containers go by dependency level.
+fn waves<'p>(plan: &'p Plan, desired: &Desired) -> Vec<Vec<&'p Step>> {
+    let mut level: BTreeMap<String, usize> = BTreeMap::new();
+    for c in desired.containers_in_order() {
+        let l = c
+            .spec
+            .depends_on
+            .keys()
+            .filter_map(|d| level.get(d))
+            .max()
+            .map(|m| m + 1)
+            .unwrap_or(0);
+        level.insert(c.name.clone(), l);
+    }
+    let mut keyed: Vec<((u8, usize), &Step)> = plan
+        .steps
+        .iter()
+        .enumerate()
+        .map(|(i, st)| {
+            let key = match (st.kind, st.action) {
+                (Kind::Container, Action::Destroy) => (0, i),
+                (Kind::Image, _) => (1, 0),
+                (Kind::Volume, _) => (2, i),
+                (Kind::Network, Action::Destroy) => (5, i),
+                (Kind::Network, _) => (3, i),
+                (Kind::Container, _) => (4, level.get(&st.name).copied().unwrap_or(0)),
+            };
+            (key, st)
+        })
+        .collect();
+    keyed.sort_by_key(|(k, _)| *k);
+    let mut out: Vec<Vec<&Step>> = vec![];
+    let mut last = None;
+    for (k, st) in keyed {
+        match out.last_mut() {
+            Some(w) if last == Some(k) => w.push(st),
+            _ => out.push(vec![st]),
+        }
+        last = Some(k);
+    }
+    out
+}

@@ -1,0 +1,442 @@
+//! `berth apply` and the container commands: ps, logs, exec, stop, start, restart, top,
+//! stats, inspect.
+
+use super::{Ctx, PlanArgs, image, load_desired};
+use crate::apply::{Executor, StepOutcome};
+use crate::manifest::spec::Kind;
+use crate::manifest::units::human_bytes;
+use crate::observe::{self, ContainerStatus};
+use crate::plan::{self, render};
+use crate::runtime::Runtime;
+use crate::runtime::logs;
+use crate::state::{ContainerRecord, StateLock};
+use anyhow::{Context, Result, bail};
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::process::ExitCode;
+use std::time::Duration;
+
+pub fn runtime(c: &Ctx) -> Result<Runtime> {
+    let exe = match std::env::var_os("BERTH_EXE") {
+        Some(p) => p.into(),
+        None => std::env::current_exe().context("finding berth's own executable")?,
+    };
+    Ok(Runtime::new(c.state.containers_dir(), exe))
+}
+
+/// Take the state lock, waiting (with a word) if another berth process holds it.
+pub fn lock(c: &Ctx) -> Result<StateLock> {
+    match c.state.lock(false) {
+        Ok(l) => Ok(l),
+        Err(crate::state::StateError::Locked(p)) => {
+            eprintln!(
+                "waiting for another berth process to finish with {}…",
+                p.display()
+            );
+            Ok(c.state.lock(true)?)
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> {
+    let _lock = lock(c)?;
+    let desired = load_desired(&args.dir, args.allow_empty)?;
+    let rt = runtime(c)?;
+    let observed = super::observe_host(c, &desired, &rt)?;
+    let plan = plan::diff(&desired, &observed)?;
+    plan::check_deletions(&plan, args.max_deletions)?;
+    crate::apply::check_supported(&plan, &desired)?;
+    if plan.is_empty() {
+        if args.json {
+            println!(
+                "{}",
+                serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": [], "ok": true})
+            );
+        } else {
+            print!("{}", render::to_text(&plan));
+        }
+        return Ok(ExitCode::SUCCESS);
+    }
+    if !args.json {
+        print!("{}", render::to_text(&plan));
+        println!();
+    }
+    let store = image::store(c);
+    let puller = image::puller(c, true)?;
+    let ex = Executor {
+        state: &c.state,
+        store: &store,
+        runtime: &rt,
+        puller: &puller,
+        desired: &desired,
+        config: &c.config,
+        parallel,
+    };
+    let json = args.json;
+    let report = |o: &StepOutcome| {
+        if !json {
+            match &o.error {
+                None => println!(
+                    "{:>3} {}: done ({} ms)",
+                    o.action.symbol(),
+                    o.address,
+                    o.millis
+                ),
+                Some(e) => println!("{:>3} {}: FAILED: {e}", o.action.symbol(), o.address),
+            }
+            let _ = std::io::stdout().flush();
+        }
+    };
+    let result = ex.execute(&plan, &report);
+    let s = plan.summary();
+    match result {
+        Ok(outcomes) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": outcomes, "ok": true})
+                );
+            } else {
+                println!(
+                    "\nApply complete: {} added, {} changed, {} replaced, {} destroyed.",
+                    s.add, s.change, s.replace, s.destroy
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Err(e) => {
+            if json {
+                println!(
+                    "{}",
+                    serde_json::json!({"ok": false, "error": e.to_string()})
+                );
+            }
+            bail!("apply failed: {e}")
+        }
+    }
+}
+
+fn records(c: &Ctx) -> Result<BTreeMap<String, ContainerRecord>> {
+    Ok(c.state.read_records(Kind::Container)?)
+}
+
+fn record(c: &Ctx, name: &str) -> Result<ContainerRecord> {
+    records(c)?
+        .remove(name)
+        .ok_or_else(|| anyhow::anyhow!("no container named {name:?} (berth ps -a lists them)"))
+}
+
+fn ago(secs: u64) -> String {
+    let d = crate::fsutil::now_unix().saturating_sub(secs);
+    match d {
+        0..=59 => format!("{d}s"),
+        60..=3599 => format!("{}m", d / 60),
+        3600..=86_399 => format!("{}h", d / 3600),
+        _ => format!("{}d", d / 86_400),
+    }
+}
+
+pub fn describe_status(s: &ContainerStatus) -> (String, String) {
+    match s {
+        ContainerStatus::Created => ("created".into(), "-".into()),
+        ContainerStatus::Running { started_at, .. } => {
+            ("running".into(), format!("up {}", ago(*started_at)))
+        }
+        ContainerStatus::Exited {
+            code,
+            signal,
+            oom,
+            finished_at,
+            ..
+        } => {
+            let how = match (oom, code, signal) {
+                (true, _, _) => "OOM killed".to_string(),
+                (_, Some(c), _) => format!("code {c}"),
+                (_, _, Some(s)) => format!("signal {s}"),
+                _ => "?".into(),
+            };
+            ("exited".into(), format!("{how}, {} ago", ago(*finished_at)))
+        }
+        ContainerStatus::StoppedByUser => ("stopped by user".into(), "-".into()),
+        ContainerStatus::Lost { reason } => ("lost".into(), reason.clone()),
+    }
+}
+
+pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
+    let rt = runtime(c)?;
+    let o = observe::observe(&c.state, &image::store(c), &rt)?;
+    let mut rows = vec![];
+    for (name, oc) in &o.containers {
+        let running = matches!(oc.status, ContainerStatus::Running { .. });
+        if !all && !running {
+            continue;
+        }
+        let st = rt.state(name);
+        let (state, detail) = describe_status(&oc.status);
+        rows.push(serde_json::json!({
+            "name": name, "image": oc.record.spec.image_ref.to_string(), "state": state, "status": detail,
+            "restarts": st.as_ref().map(|s| s.restarts).unwrap_or(0),
+            "pid": match oc.status { ContainerStatus::Running { pid, .. } => Some(pid), _ => None },
+            "detail": oc.status,
+        }));
+    }
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "{:<20} {:<40} {:<16} {:<28} {:>8} {:>8}",
+        "NAME", "IMAGE", "STATE", "STATUS", "RESTARTS", "PID"
+    );
+    for r in rows {
+        println!(
+            "{:<20} {:<40} {:<16} {:<28} {:>8} {:>8}",
+            r["name"].as_str().unwrap_or(""),
+            r["image"].as_str().unwrap_or(""),
+            r["state"].as_str().unwrap_or(""),
+            r["status"].as_str().unwrap_or(""),
+            r["restarts"],
+            r["pid"]
+                .as_i64()
+                .map(|p| p.to_string())
+                .unwrap_or_else(|| "-".into())
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub struct LogsArgs {
+    pub name: String,
+    pub follow: bool,
+    pub tail: Option<usize>,
+    pub since: Option<crate::manifest::units::Duration>,
+    pub timestamps: bool,
+}
+
+fn print_record(r: &logs::Record, timestamps: bool, out: &mut impl Write) -> std::io::Result<()> {
+    if timestamps {
+        write!(out, "{} ", r.time)?;
+    }
+    if r.full {
+        writeln!(out, "{}", r.content)
+    } else {
+        write!(out, "{}", r.content)
+    }
+}
+
+pub fn logs_cmd(c: &Ctx, a: &LogsArgs) -> Result<ExitCode> {
+    record(c, &a.name)?;
+    let rt = runtime(c)?;
+    let path = rt.log_path(&a.name);
+    let cfg = rt.config(&a.name)?;
+    let min_time = a.since.map(|d| {
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos() as i128;
+        now - d.0 as i128 * 1_000_000
+    });
+    let mut recs = logs::read_all(&path, cfg.log_max_files)
+        .with_context(|| format!("reading {}", path.display()))?;
+    if let Some(t) = min_time {
+        recs.retain(|r| logs::parse_rfc3339(&r.time).is_some_and(|x| x >= t));
+    }
+    if let Some(n) = a.tail {
+        let skip = recs.len().saturating_sub(n);
+        recs.drain(..skip);
+    }
+    let stdout = std::io::stdout();
+    let mut out = stdout.lock();
+    for r in &recs {
+        print_record(r, a.timestamps, &mut out)?;
+    }
+    out.flush()?;
+    if !a.follow {
+        return Ok(ExitCode::SUCCESS);
+    }
+    // follow: read new lines from the current file as it grows; reopen after rotation
+    use std::io::{BufRead, Seek};
+    let mut file =
+        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    file.seek(std::io::SeekFrom::End(0))?;
+    let mut reader = std::io::BufReader::new(file);
+    let mut line = String::new();
+    loop {
+        line.clear();
+        let n = reader.read_line(&mut line)?;
+        if n > 0 && line.ends_with('\n') {
+            if let Some(r) = logs::parse_line(line.trim_end_matches('\n')) {
+                print_record(&r, a.timestamps, &mut out)?;
+                out.flush()?;
+            }
+            continue;
+        }
+        let running = matches!(rt.status(&a.name)?, ContainerStatus::Running { .. });
+        let rotated = std::fs::metadata(&path)
+            .map(|m| m.len() < reader.stream_position().unwrap_or(0))
+            .unwrap_or(false);
+        if rotated {
+            reader = std::io::BufReader::new(std::fs::File::open(&path)?);
+            continue;
+        }
+        if !running {
+            return Ok(ExitCode::SUCCESS);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+pub fn stop_cmd(c: &Ctx, name: &str) -> Result<ExitCode> {
+    let _lock = lock(c)?;
+    let mut rec = record(c, name)?;
+    rec.stopped_by_user = true;
+    c.state.write_record(Kind::Container, name, &rec)?;
+    runtime(c)?.stop(name, &rec.spec.stop_signal, rec.spec.stop_timeout.as_std())?;
+    println!("{name}: stopped");
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn start_cmd(c: &Ctx, name: &str, restart: bool) -> Result<ExitCode> {
+    let _lock = lock(c)?;
+    let mut rec = record(c, name)?;
+    let rt = runtime(c)?;
+    if restart {
+        rt.stop(name, &rec.spec.stop_signal, rec.spec.stop_timeout.as_std())?;
+    }
+    let pid = rt.start(name)?;
+    if rec.stopped_by_user {
+        rec.stopped_by_user = false;
+        c.state.write_record(Kind::Container, name, &rec)?;
+    }
+    println!("{name}: running, pid {pid}");
+    Ok(ExitCode::SUCCESS)
+}
+
+fn running_pid(rt: &Runtime, name: &str) -> Result<i32> {
+    match rt.status(name)? {
+        ContainerStatus::Running { pid, .. } => Ok(pid),
+        s => bail!(
+            "container {name} is not running ({})",
+            describe_status(&s).0
+        ),
+    }
+}
+
+pub fn top_cmd(c: &Ctx, name: &str) -> Result<ExitCode> {
+    record(c, name)?;
+    let rt = runtime(c)?;
+    running_pid(&rt, name)?;
+    let st = rt.state(name).context("no state")?;
+    println!("{:>8} {:>8} {:>6} CMD", "PID", "PPID", "UID");
+    let mut pids = st.cgroup.open().procs();
+    pids.sort();
+    for p in pids {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let ppid = stat
+            .rfind(')')
+            .and_then(|i| stat[i + 2..].split(' ').nth(1))
+            .unwrap_or("?")
+            .to_string();
+        let uid = std::fs::read_to_string(format!("/proc/{p}/status"))
+            .ok()
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("Uid:")
+                        .map(|v| v.split_whitespace().next().unwrap_or("?").to_string())
+                })
+            })
+            .unwrap_or_else(|| "?".into());
+        let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+            .map(|b| {
+                String::from_utf8_lossy(&b)
+                    .replace('\0', " ")
+                    .trim()
+                    .to_string()
+            })
+            .unwrap_or_default();
+        println!("{p:>8} {ppid:>8} {uid:>6} {cmd}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+pub fn stats_cmd(c: &Ctx, names: &[String], no_stream: bool, json: bool) -> Result<ExitCode> {
+    let rt = runtime(c)?;
+    let names: Vec<String> = if names.is_empty() {
+        records(c)?.into_keys().collect()
+    } else {
+        names.to_vec()
+    };
+    loop {
+        let sample = |n: &str| rt.state(n).map(|s| s.cgroup.open()).filter(|g| g.exists());
+        let before: Vec<(String, u64)> = names
+            .iter()
+            .map(|n| (n.clone(), sample(n).map(|g| g.cpu_usage_ns()).unwrap_or(0)))
+            .collect();
+        let t = std::time::Instant::now();
+        std::thread::sleep(Duration::from_millis(500));
+        let secs = t.elapsed().as_secs_f64();
+        let mut rows = vec![];
+        for (n, b) in before {
+            let Some(g) = sample(&n) else { continue };
+            let cpu = (g.cpu_usage_ns().saturating_sub(b)) as f64 / (secs * 1e9) * 100.0;
+            let lim = g.read_limits();
+            rows.push(serde_json::json!({"name": n, "cpu_percent": (cpu * 100.0).round() / 100.0, "memory": g.memory_usage(), "memory_limit": lim.memory, "pids": g.pids_current(), "pids_limit": lim.pids}));
+        }
+        if json {
+            println!("{}", serde_json::to_string(&rows)?);
+        } else {
+            println!(
+                "{:<20} {:>8} {:>24} {:>10}",
+                "NAME", "CPU %", "MEM USAGE / LIMIT", "PIDS"
+            );
+            for r in &rows {
+                let lim = r["memory_limit"]
+                    .as_u64()
+                    .map(human_bytes)
+                    .unwrap_or_else(|| "unlimited".into());
+                println!(
+                    "{:<20} {:>7.2}% {:>24} {:>10}",
+                    r["name"].as_str().unwrap_or(""),
+                    r["cpu_percent"].as_f64().unwrap_or(0.0),
+                    format!("{} / {lim}", human_bytes(r["memory"].as_u64().unwrap_or(0))),
+                    r["pids"]
+                );
+            }
+        }
+        if no_stream {
+            return Ok(ExitCode::SUCCESS);
+        }
+    }
+}
+
+pub fn inspect_cmd(c: &Ctx, name: &str) -> Result<ExitCode> {
+    let rec = record(c, name)?;
+    let rt = runtime(c)?;
+    let status = rt.status(name)?;
+    let st = rt.state(name);
+    let dirs: Vec<String> = st
+        .as_ref()
+        .map(|s| {
+            s.cgroup
+                .open()
+                .dirs()
+                .iter()
+                .map(|d| d.display().to_string())
+                .collect()
+        })
+        .unwrap_or_default();
+    let v = serde_json::json!({
+        "name": name,
+        "record": rec,
+        "status": status,
+        "state": st,
+        "exit": rt.exit(name),
+        "config": rt.config(name).ok(),
+        "cgroup_dirs": dirs,
+        "directory": rt.dir(name).0,
+        "log": rt.log_path(name),
+    });
+    println!("{}", serde_json::to_string_pretty(&v)?);
+    Ok(ExitCode::SUCCESS)
+}

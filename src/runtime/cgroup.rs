@@ -1,0 +1,318 @@
+//! Container cgroups through `cgroups-rs`, v1 and v2.
+//!
+//! A container's cgroup goes beneath the cgroup berth itself runs in (per controller on v1),
+//! under `berth/<container>` — the delegated-subtree model of systemd's `Delegate=yes` — unless
+//! the host config names an absolute `cgroup_parent`. The paths used are recorded in the
+//! container's state so a later berth process, wherever it runs, finds the same cgroup.
+
+use super::config::Limits;
+use cgroups_rs::CgroupPid;
+use cgroups_rs::fs::cgroup::{Cgroup, get_cgroups_relative_paths};
+use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::memory::MemController;
+use cgroups_rs::fs::pid::PidController;
+use cgroups_rs::fs::{MaxValue, hierarchies};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cgroup {path}: {step}: {message}")]
+    Failed {
+        path: String,
+        step: &'static str,
+        message: String,
+    },
+}
+
+/// Where a container's cgroup is: enough to load it again from any process.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CgroupLocation {
+    /// Path below each controller's base (relative, no leading slash).
+    pub path: String,
+    /// v1: each controller's base (berth's own cgroup at creation); empty with an absolute parent.
+    #[serde(default)]
+    pub relative: HashMap<String, String>,
+    pub v2: bool,
+}
+
+const CPU_PERIOD_US: u64 = 100_000;
+
+fn err(path: &str, step: &'static str, e: impl std::fmt::Display) -> CgroupError {
+    CgroupError::Failed {
+        path: path.to_string(),
+        step,
+        message: e.to_string(),
+    }
+}
+
+/// berth's own cgroup on the unified (v2) hierarchy, from /proc/self/cgroup.
+fn own_v2_path() -> String {
+    std::fs::read_to_string("/proc/self/cgroup")
+        .ok()
+        .and_then(|s| {
+            s.lines().find_map(|l| {
+                l.strip_prefix("0::")
+                    .map(|p| p.trim_start_matches('/').to_string())
+            })
+        })
+        .unwrap_or_default()
+}
+
+impl CgroupLocation {
+    /// The location for a new container cgroup.
+    pub fn for_container(name: &str, parent: Option<&std::path::Path>) -> CgroupLocation {
+        let v2 = hierarchies::is_cgroup2_unified_mode();
+        match parent {
+            Some(p) => CgroupLocation {
+                path: p
+                    .join(name)
+                    .to_string_lossy()
+                    .trim_start_matches('/')
+                    .to_string(),
+                relative: HashMap::new(),
+                v2,
+            },
+            None if v2 => {
+                let own = PathBuf::from(own_v2_path());
+                CgroupLocation {
+                    path: own.join("berth").join(name).to_string_lossy().into_owned(),
+                    relative: HashMap::new(),
+                    v2,
+                }
+            }
+            None => CgroupLocation {
+                path: format!("berth/{name}"),
+                relative: get_cgroups_relative_paths().unwrap_or_default(),
+                v2,
+            },
+        }
+    }
+
+    fn load(&self) -> Cgroup {
+        let hier = hierarchies::auto();
+        if self.relative.is_empty() {
+            Cgroup::load(hier, &self.path)
+        } else {
+            Cgroup::load_with_relative_paths(hier, &self.path, self.relative.clone())
+        }
+    }
+
+    /// Create the cgroup with its limits.
+    pub fn create(&self, limits: &Limits) -> Result<ContainerCgroup, CgroupError> {
+        let cg = self.load();
+        cg.create().map_err(|e| err(&self.path, "create", e))?;
+        let c = ContainerCgroup {
+            cg,
+            loc: self.clone(),
+        };
+        c.set_limits(limits)?;
+        Ok(c)
+    }
+
+    /// A handle to an existing cgroup (it may have been removed).
+    pub fn open(&self) -> ContainerCgroup {
+        ContainerCgroup {
+            cg: self.load(),
+            loc: self.clone(),
+        }
+    }
+}
+
+pub struct ContainerCgroup {
+    cg: Cgroup,
+    loc: CgroupLocation,
+}
+
+impl ContainerCgroup {
+    pub fn exists(&self) -> bool {
+        self.cg.exists()
+    }
+
+    pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
+        self.cg
+            .add_task_by_tgid(CgroupPid::from(pid as u64))
+            .map_err(|e| err(&self.loc.path, "add process", e))
+    }
+
+    /// Apply memory (with memory+swap equal to it), CPU quota and pids limits; `None` lifts one.
+    pub fn set_limits(&self, l: &Limits) -> Result<(), CgroupError> {
+        let p = &self.loc.path;
+        if let Some(mem) = self.cg.controller_of::<MemController>() {
+            let v = l.memory.map(|m| m as i64).unwrap_or(-1);
+            if self.loc.v2 {
+                mem.set_limit(v).map_err(|e| err(p, "set memory.max", e))?;
+                if l.memory.is_some() {
+                    // swap.max is swap alone on v2: none means memory+swap = memory
+                    let _ = mem.set_memswap_limit(0);
+                } else {
+                    let _ = mem.set_memswap_limit(-1);
+                }
+            } else if l.memory.is_some() {
+                // v1 needs limit ≤ memsw: lower memsw last when shrinking, raise it first when growing
+                let _ = mem.set_memswap_limit(v);
+                mem.set_limit(v)
+                    .map_err(|e| err(p, "set memory.limit_in_bytes", e))?;
+                let _ = mem.set_memswap_limit(v);
+            } else {
+                let _ = mem.set_memswap_limit(-1);
+                mem.set_limit(-1)
+                    .map_err(|e| err(p, "set memory.limit_in_bytes", e))?;
+                let _ = mem.set_memswap_limit(-1);
+            }
+        }
+        if let Some(cpu) = self.cg.controller_of::<CpuController>() {
+            let quota = l
+                .cpus
+                .map(|c| (c * CPU_PERIOD_US as f64).round() as i64)
+                .unwrap_or(-1);
+            cpu.set_cfs_quota_and_period(Some(quota), Some(CPU_PERIOD_US))
+                .map_err(|e| err(p, "set cpu quota", e))?;
+        }
+        if let Some(pids) = self.cg.controller_of::<PidController>() {
+            let v = l
+                .pids
+                .map(|n| MaxValue::Value(n as i64))
+                .unwrap_or(MaxValue::Max);
+            pids.set_pid_max(v).map_err(|e| err(p, "set pids.max", e))?;
+        }
+        Ok(())
+    }
+
+    /// The limits as the host has them now.
+    pub fn read_limits(&self) -> Limits {
+        let mut l = Limits::default();
+        if let Some(mem) = self.cg.controller_of::<MemController>() {
+            let lim = mem.memory_stat().limit_in_bytes;
+            // "unlimited" on v1 is a huge page-rounded number
+            if lim > 0 && lim < (1i64 << 50) {
+                l.memory = Some(lim as u64);
+            }
+        }
+        if let Some(cpu) = self.cg.controller_of::<CpuController>()
+            && let Ok(q) = cpu.cfs_quota()
+            && q > 0
+        {
+            l.cpus = Some(q as f64 / CPU_PERIOD_US as f64);
+        }
+        if let Some(p) = self.cg.controller_of::<PidController>()
+            && let Ok(MaxValue::Value(n)) = p.get_pid_max()
+        {
+            l.pids = Some(n as u64);
+        }
+        l
+    }
+
+    /// How many times the OOM killer struck in this cgroup.
+    pub fn oom_kills(&self) -> u64 {
+        if self.loc.v2 {
+            let events = PathBuf::from("/sys/fs/cgroup")
+                .join(&self.loc.path)
+                .join("memory.events");
+            return std::fs::read_to_string(events)
+                .ok()
+                .and_then(|s| {
+                    s.lines().find_map(|l| {
+                        l.strip_prefix("oom_kill ")
+                            .and_then(|v| v.trim().parse().ok())
+                    })
+                })
+                .unwrap_or(0);
+        }
+        self.cg
+            .controller_of::<MemController>()
+            .map(|m| m.memory_stat().oom_control.oom_kill)
+            .unwrap_or(0)
+    }
+
+    /// Memory in use, bytes.
+    pub fn memory_usage(&self) -> u64 {
+        self.cg
+            .controller_of::<MemController>()
+            .map(|m| m.memory_stat().usage_in_bytes)
+            .unwrap_or(0)
+    }
+
+    pub fn pids_current(&self) -> u64 {
+        self.cg
+            .controller_of::<PidController>()
+            .and_then(|p| p.get_pid_current().ok())
+            .unwrap_or(0)
+    }
+
+    /// CPU time used, nanoseconds.
+    pub fn cpu_usage_ns(&self) -> u64 {
+        if self.loc.v2 {
+            let stat = PathBuf::from("/sys/fs/cgroup")
+                .join(&self.loc.path)
+                .join("cpu.stat");
+            return std::fs::read_to_string(stat)
+                .ok()
+                .and_then(|s| {
+                    s.lines().find_map(|l| {
+                        l.strip_prefix("usage_usec ")
+                            .and_then(|v| v.trim().parse::<u64>().ok())
+                    })
+                })
+                .map(|us| us * 1000)
+                .unwrap_or(0);
+        }
+        self.cg
+            .controller_of::<cgroups_rs::fs::cpuacct::CpuAcctController>()
+            .map(|c| c.cpuacct().usage)
+            .unwrap_or(0)
+    }
+
+    /// Processes in the cgroup.
+    pub fn procs(&self) -> Vec<i32> {
+        self.cg.procs().into_iter().map(|p| p.pid as i32).collect()
+    }
+
+    /// Kill whatever is left and remove the cgroup.
+    pub fn destroy(&self) -> Result<(), CgroupError> {
+        if !self.cg.exists() {
+            return Ok(());
+        }
+        for _ in 0..50 {
+            let procs = self.procs();
+            if procs.is_empty() {
+                break;
+            }
+            for p in procs {
+                let _ = nix::sys::signal::kill(
+                    nix::unistd::Pid::from_raw(p),
+                    nix::sys::signal::Signal::SIGKILL,
+                );
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        self.cg
+            .delete()
+            .map_err(|e| err(&self.loc.path, "remove", e))
+    }
+
+    /// Directories of this cgroup on the host (one per controller on v1).
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        if self.loc.v2 {
+            return vec![PathBuf::from("/sys/fs/cgroup").join(&self.loc.path)];
+        }
+        let mut out = vec![];
+        if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
+            for e in rd.flatten() {
+                let ctl = e.file_name().to_string_lossy().into_owned();
+                let base = self
+                    .loc
+                    .relative
+                    .get(&ctl)
+                    .map(|s| s.trim_start_matches('/').to_string())
+                    .unwrap_or_default();
+                let p = e.path().join(base).join(&self.loc.path);
+                if p.is_dir() {
+                    out.push(p);
+                }
+            }
+        }
+        out
+    }
+}

@@ -1,0 +1,650 @@
+//! The container's first process, between clone(2) and execve(2): root filesystem, mounts,
+//! hostname, user, capabilities, then exec. Runs in the new namespaces, single-threaded.
+//!
+//! Every mount target is resolved inside the root filesystem with
+//! `openat2(RESOLVE_IN_ROOT)` and mounted through `/proc/self/fd/N`, so a symlink in an image
+//! can never redirect a mount or a `mkdir` onto the host. All mounts happen in the
+//! container's private mount namespace and vanish with it.
+
+use super::config::{MountKind, NetMode, ProcessSpec, RuntimeConfig};
+use nix::fcntl::{OFlag, OpenHow, ResolveFlag, openat2};
+use nix::mount::{MntFlags, MsFlags, mount, umount2};
+use nix::sys::stat::{Mode, SFlag, makedev, mknodat};
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd, RawFd};
+use std::path::{Component, Path, PathBuf};
+
+/// A failed step: the message goes back to the shim through the error pipe.
+#[derive(Debug)]
+pub struct InitError {
+    pub step: String,
+    pub message: String,
+}
+
+impl std::fmt::Display for InitError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.step, self.message)
+    }
+}
+
+fn fail(step: impl Into<String>, e: impl std::fmt::Display) -> InitError {
+    InitError {
+        step: step.into(),
+        message: e.to_string(),
+    }
+}
+
+type R<T> = Result<T, InitError>;
+
+/// Docker's masked paths: hidden behind /dev/null (files) or an empty read-only tmpfs (dirs).
+pub const MASKED: &[&str] = &[
+    "/proc/acpi",
+    "/proc/asound",
+    "/proc/kcore",
+    "/proc/keys",
+    "/proc/latency_stats",
+    "/proc/timer_list",
+    "/proc/timer_stats",
+    "/proc/sched_debug",
+    "/proc/scsi",
+    "/proc/interrupts",
+    "/sys/firmware",
+];
+/// Docker's read-only paths.
+pub const READ_ONLY: &[&str] = &[
+    "/proc/bus",
+    "/proc/fs",
+    "/proc/irq",
+    "/proc/sys",
+    "/proc/sysrq-trigger",
+];
+
+fn rel(p: &Path) -> PathBuf {
+    p.components()
+        .filter(|c| matches!(c, Component::Normal(_)))
+        .collect()
+}
+
+fn how() -> OpenHow {
+    OpenHow::new()
+        .flags(OFlag::O_PATH | OFlag::O_CLOEXEC)
+        .resolve(ResolveFlag::RESOLVE_IN_ROOT | ResolveFlag::RESOLVE_NO_MAGICLINKS)
+}
+
+/// Open `path` inside `root` (never escaping it); `None` when it does not exist.
+fn open_in(root: &OwnedFd, path: &Path) -> R<Option<OwnedFd>> {
+    let r = rel(path);
+    let p = if r.as_os_str().is_empty() {
+        PathBuf::from(".")
+    } else {
+        r
+    };
+    match openat2(root.as_fd(), &p, how()) {
+        Ok(fd) => Ok(Some(fd)),
+        Err(nix::errno::Errno::ENOENT) => Ok(None),
+        Err(e) => Err(fail(format!("resolve {}", path.display()), e)),
+    }
+}
+
+/// Make `path` exist inside `root` as a directory (or, with `file`, an empty file) and open it.
+fn ensure_in(root: &OwnedFd, path: &Path, file: bool) -> R<OwnedFd> {
+    if let Some(fd) = open_in(root, path)? {
+        return Ok(fd);
+    }
+    let r = rel(path);
+    let comps: Vec<_> = r.components().collect();
+    let mut prefix = PathBuf::new();
+    for (i, c) in comps.iter().enumerate() {
+        let parent = prefix.clone();
+        prefix.push(c);
+        if open_in(root, &prefix)?.is_some() {
+            continue;
+        }
+        let pfd = open_in(root, &parent)?
+            .ok_or_else(|| fail("mkdir", format!("{} vanished", parent.display())))?;
+        let dir = std::fs::File::open(format!("/proc/self/fd/{}", pfd.as_raw_fd()))
+            .map_err(|e| fail(format!("open {}", parent.display()), e))?;
+        let name = c.as_os_str();
+        if file && i + 1 == comps.len() {
+            let fd = nix::fcntl::openat(
+                dir.as_fd(),
+                name,
+                OFlag::O_CREAT | OFlag::O_WRONLY | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW,
+                Mode::from_bits_truncate(0o644),
+            )
+            .map_err(|e| fail(format!("create {}", prefix.display()), e))?;
+            drop(fd);
+        } else {
+            match nix::sys::stat::mkdirat(dir.as_fd(), name, Mode::from_bits_truncate(0o755)) {
+                Ok(()) | Err(nix::errno::Errno::EEXIST) => {}
+                Err(e) => return Err(fail(format!("mkdir {}", prefix.display()), e)),
+            }
+        }
+    }
+    open_in(root, path)?
+        .ok_or_else(|| fail("mkdir", format!("{} could not be created", path.display())))
+}
+
+fn fdpath(fd: &OwnedFd) -> String {
+    format!("/proc/self/fd/{}", fd.as_raw_fd())
+}
+
+fn mnt(
+    src: Option<&str>,
+    target: &OwnedFd,
+    fstype: Option<&str>,
+    flags: MsFlags,
+    data: Option<&str>,
+    what: &str,
+) -> R<()> {
+    mount(src, fdpath(target).as_str(), fstype, flags, data)
+        .map_err(|e| fail(format!("mount {what}"), e))
+}
+
+/// Bind `src` onto `target` (already opened inside `root` at `path`); with `read_only`,
+/// remount the new mount read-only (reopened, since the old fd still names what is below it).
+fn bind(src: &Path, root: &OwnedFd, path: &Path, target: &OwnedFd, read_only: bool) -> R<()> {
+    let what = path.display();
+    let t = fdpath(target);
+    mount(
+        Some(src),
+        t.as_str(),
+        None::<&str>,
+        MsFlags::MS_BIND | MsFlags::MS_REC,
+        None::<&str>,
+    )
+    .map_err(|e| fail(format!("bind mount {what}"), e))?;
+    if read_only {
+        let top =
+            open_in(root, path)?.ok_or_else(|| fail(format!("bind mount {what}"), "vanished"))?;
+        let tp = fdpath(&top);
+        mount(
+            None::<&str>,
+            tp.as_str(),
+            None::<&str>,
+            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
+            None::<&str>,
+        )
+        .map_err(|e| fail(format!("remount {what} read-only"), e))?;
+    }
+    Ok(())
+}
+
+/// Copy a directory tree (modes, owners, symlinks) into an empty volume on first use.
+fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
+    use std::os::unix::fs::{MetadataExt, PermissionsExt};
+    for e in std::fs::read_dir(src)? {
+        let e = e?;
+        let (s, d) = (e.path(), dst.join(e.file_name()));
+        let m = std::fs::symlink_metadata(&s)?;
+        if m.file_type().is_symlink() {
+            std::os::unix::fs::symlink(std::fs::read_link(&s)?, &d)?;
+        } else if m.is_dir() {
+            std::fs::create_dir_all(&d)?;
+            copy_tree(&s, &d)?;
+            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
+        } else if m.is_file() {
+            std::fs::copy(&s, &d)?;
+        } else {
+            continue;
+        }
+        let _ = std::os::unix::fs::lchown(&d, Some(m.uid()), Some(m.gid()));
+    }
+    Ok(())
+}
+
+/// Mount everything below the root filesystem at `rootfs`, then pivot into it.
+pub fn setup_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<()> {
+    let cd = super::config::ContainerDir(dir.to_path_buf());
+    mount(
+        None::<&str>,
+        "/",
+        None::<&str>,
+        MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+        None::<&str>,
+    )
+    .map_err(|e| fail("make / private", e))?;
+    // overlayfs: image snapshots below, the container's own upper layer on top
+    let lower: Vec<String> = cfg
+        .layers
+        .iter()
+        .rev()
+        .map(|p| p.display().to_string())
+        .collect();
+    let opts = if lower.is_empty() {
+        return Err(fail("rootfs", "the image has no layers"));
+    } else {
+        format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower.join(":"),
+            cd.upper().display(),
+            cd.work().display()
+        )
+    };
+    let rootfs = cd.rootfs();
+    mount(
+        Some("overlay"),
+        &rootfs,
+        Some("overlay"),
+        MsFlags::empty(),
+        Some(opts.as_str()),
+    )
+    .map_err(|e| fail("mount overlay root filesystem", e))?;
+    let root: OwnedFd = nix::fcntl::open(
+        &rootfs,
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fail("open rootfs", e))?;
+
+    // volumes, bind mounts, tmpfs
+    for m in &cfg.mounts {
+        let what = m.target.display().to_string();
+        match &m.kind {
+            MountKind::Bind { source, read_only } => {
+                let is_file = std::fs::metadata(source)
+                    .map_err(|e| fail(format!("bind source {}", source.display()), e))?
+                    .is_file();
+                let t = ensure_in(&root, &m.target, is_file)?;
+                bind(source, &root, &m.target, &t, *read_only)?;
+            }
+            MountKind::Volume {
+                source,
+                read_only,
+                populate_marker,
+            } => {
+                let t = ensure_in(&root, &m.target, false)?;
+                if !populate_marker.exists() {
+                    let empty = std::fs::read_dir(source)
+                        .map(|mut d| d.next().is_none())
+                        .unwrap_or(true);
+                    if empty {
+                        copy_tree(Path::new(&fdpath(&t)), source).map_err(|e| {
+                            fail(format!("fill volume at {what} from the image"), e)
+                        })?;
+                    }
+                    std::fs::write(populate_marker, b"")
+                        .map_err(|e| fail("mark volume filled", e))?;
+                }
+                bind(source, &root, &m.target, &t, *read_only)?;
+            }
+            MountKind::Tmpfs { size, mode } => {
+                let t = ensure_in(&root, &m.target, false)?;
+                let mut data = format!("mode={:o}", mode.unwrap_or(0o1777));
+                if let Some(s) = size {
+                    data.push_str(&format!(",size={s}"));
+                }
+                mnt(
+                    Some("tmpfs"),
+                    &t,
+                    Some("tmpfs"),
+                    MsFlags::MS_NOSUID | MsFlags::MS_NODEV,
+                    Some(&data),
+                    &what,
+                )?;
+            }
+        }
+    }
+
+    // /proc
+    let nse = MsFlags::MS_NOSUID | MsFlags::MS_NODEV | MsFlags::MS_NOEXEC;
+    let t = ensure_in(&root, Path::new("/proc"), false)?;
+    mnt(Some("proc"), &t, Some("proc"), nse, None, "/proc")?;
+    // /dev
+    let t = ensure_in(&root, Path::new("/dev"), false)?;
+    mnt(
+        Some("tmpfs"),
+        &t,
+        Some("tmpfs"),
+        MsFlags::MS_NOSUID | MsFlags::MS_STRICTATIME,
+        Some("mode=755,size=65536k"),
+        "/dev",
+    )?;
+    let dev =
+        open_in(&root, Path::new("/dev"))?.ok_or_else(|| fail("/dev", "missing after mount"))?;
+    let devdir = std::fs::File::open(fdpath(&dev)).map_err(|e| fail("open /dev", e))?;
+    for (name, major, minor) in [
+        ("null", 1, 3),
+        ("zero", 1, 5),
+        ("full", 1, 7),
+        ("random", 1, 8),
+        ("urandom", 1, 9),
+        ("tty", 5, 0),
+    ] {
+        mknodat(
+            devdir.as_fd(),
+            name,
+            SFlag::S_IFCHR,
+            Mode::from_bits_truncate(0o666),
+            makedev(major, minor),
+        )
+        .map_err(|e| fail(format!("mknod /dev/{name}"), e))?;
+        // the umask may have cut the mode
+        let _ = nix::sys::stat::fchmodat(
+            devdir.as_fd(),
+            name,
+            Mode::from_bits_truncate(0o666),
+            nix::sys::stat::FchmodatFlags::FollowSymlink,
+        );
+    }
+    for (name, target) in [
+        ("ptmx", "pts/ptmx"),
+        ("fd", "/proc/self/fd"),
+        ("stdin", "/proc/self/fd/0"),
+        ("stdout", "/proc/self/fd/1"),
+        ("stderr", "/proc/self/fd/2"),
+    ] {
+        nix::unistd::symlinkat(target, devdir.as_fd(), name)
+            .map_err(|e| fail(format!("symlink /dev/{name}"), e))?;
+    }
+    for (name, fstype, flags, data) in [
+        (
+            "pts",
+            "devpts",
+            MsFlags::MS_NOSUID | MsFlags::MS_NOEXEC,
+            "newinstance,ptmxmode=0666,mode=0620,gid=5",
+        ),
+        ("shm", "tmpfs", nse, "mode=1777,size=65536k"),
+        ("mqueue", "mqueue", nse, ""),
+    ] {
+        let t = ensure_in(&root, &Path::new("/dev").join(name), false)?;
+        mnt(
+            Some(fstype),
+            &t,
+            Some(fstype),
+            flags,
+            (!data.is_empty()).then_some(data),
+            &format!("/dev/{name}"),
+        )?;
+    }
+    // /sys, read-only
+    let t = ensure_in(&root, Path::new("/sys"), false)?;
+    mnt(
+        Some("sysfs"),
+        &t,
+        Some("sysfs"),
+        nse | MsFlags::MS_RDONLY,
+        None,
+        "/sys",
+    )?;
+    // /etc/hostname, /etc/hosts, /etc/resolv.conf from berth
+    for f in ["hostname", "hosts", "resolv.conf"] {
+        let t = ensure_in(&root, &Path::new("/etc").join(f), true)?;
+        bind(
+            &cd.etc().join(f),
+            &root,
+            &Path::new("/etc").join(f),
+            &t,
+            false,
+        )?;
+    }
+    // masked and read-only paths
+    for p in MASKED {
+        if let Some(t) = open_in(&root, Path::new(p))? {
+            let is_dir = std::fs::metadata(fdpath(&t))
+                .map(|m| m.is_dir())
+                .unwrap_or(false);
+            if is_dir {
+                mnt(
+                    Some("tmpfs"),
+                    &t,
+                    Some("tmpfs"),
+                    MsFlags::MS_RDONLY,
+                    Some("size=0"),
+                    p,
+                )?;
+            } else {
+                bind(Path::new("/dev/null"), &root, Path::new(p), &t, false)?;
+            }
+        }
+    }
+    for p in READ_ONLY {
+        if let Some(t) = open_in(&root, Path::new(p))? {
+            let tp = fdpath(&t);
+            bind(Path::new(&tp), &root, Path::new(p), &t, true)?;
+        }
+    }
+
+    // pivot_root into the new root and detach the old one
+    nix::unistd::fchdir(root.as_fd()).map_err(|e| fail("chdir rootfs", e))?;
+    nix::unistd::pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
+    umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the old root", e))?;
+    nix::unistd::chdir("/").map_err(|e| fail("chdir /", e))?;
+    if cfg.read_only {
+        mount(
+            None::<&str>,
+            "/",
+            None::<&str>,
+            MsFlags::MS_REMOUNT | MsFlags::MS_BIND | MsFlags::MS_RDONLY,
+            None::<&str>,
+        )
+        .map_err(|e| fail("remount / read-only", e))?;
+    }
+    Ok(())
+}
+
+/// A resolved user: ids, supplementary groups, home.
+#[derive(Debug, Clone, PartialEq)]
+pub struct User {
+    pub uid: u32,
+    pub gid: u32,
+    pub groups: Vec<u32>,
+    pub home: String,
+}
+
+/// Resolve `uid[:gid]` or `name[:group]` against passwd and group file contents (docker's
+/// rules: numeric ids need no entry; a name must exist).
+pub fn resolve_user(spec: Option<&str>, passwd: &str, group: &str) -> Result<User, String> {
+    let pw: Vec<Vec<&str>> = passwd
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 7)
+        .collect();
+    let gr: Vec<Vec<&str>> = group
+        .lines()
+        .map(|l| l.split(':').collect::<Vec<_>>())
+        .filter(|f| f.len() >= 4)
+        .collect();
+    let (u, g) = match spec {
+        None | Some("") => ("0", None),
+        Some(s) => match s.split_once(':') {
+            Some((u, g)) => (u, Some(g)),
+            None => (s, None),
+        },
+    };
+    let entry = pw
+        .iter()
+        .find(|f| f[0] == u || (u.parse::<u32>().is_ok() && f[2] == u));
+    let uid: u32 = match (u.parse::<u32>(), entry) {
+        (Ok(n), _) => n,
+        (Err(_), Some(e)) => e[2]
+            .parse()
+            .map_err(|_| format!("bad uid for user {u:?} in /etc/passwd"))?,
+        (Err(_), None) => {
+            return Err(format!(
+                "user {u:?} not found in the container's /etc/passwd"
+            ));
+        }
+    };
+    let name = entry.map(|e| e[0]);
+    let gid: u32 = match g {
+        Some(g) => match g.parse::<u32>() {
+            Ok(n) => n,
+            Err(_) => gr
+                .iter()
+                .find(|f| f[0] == g)
+                .and_then(|f| f[2].parse().ok())
+                .ok_or_else(|| format!("group {g:?} not found in the container's /etc/group"))?,
+        },
+        None => entry.and_then(|e| e[3].parse().ok()).unwrap_or(0),
+    };
+    let mut groups: Vec<u32> = vec![];
+    if let Some(n) = name {
+        for f in &gr {
+            if f[3].split(',').any(|m| m == n)
+                && let Ok(id) = f[2].parse::<u32>()
+                && id != gid
+                && !groups.contains(&id)
+            {
+                groups.push(id);
+            }
+        }
+    }
+    let home = entry
+        .map(|e| e[5].to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "/".into());
+    Ok(User {
+        uid,
+        gid,
+        groups,
+        home,
+    })
+}
+
+fn find_executable(arg0: &str, env: &[String]) -> Option<String> {
+    if arg0.contains('/') {
+        return Some(arg0.to_string());
+    }
+    let path = env
+        .iter()
+        .find_map(|e| e.strip_prefix("PATH="))
+        .unwrap_or(super::config::DEFAULT_PATH);
+    path.split(':')
+        .map(|d| format!("{}/{arg0}", d.trim_end_matches('/')))
+        .find(|p| {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::metadata(p)
+                .map(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+                .unwrap_or(false)
+        })
+}
+
+/// Everything after the root filesystem: hostname, limits, user, capabilities, exec.
+/// Returns only on failure.
+pub fn exec_process(cfg: &RuntimeConfig, keep_fd: RawFd) -> InitError {
+    match exec_inner(cfg, keep_fd) {
+        Ok(never) => match never {},
+        Err(e) => e,
+    }
+}
+
+fn exec_inner(cfg: &RuntimeConfig, keep_fd: RawFd) -> R<std::convert::Infallible> {
+    nix::unistd::sethostname(&cfg.hostname).map_err(|e| fail("sethostname", e))?;
+    if cfg.net == NetMode::None {
+        super::netlo::loopback_up().map_err(|e| fail("bring up loopback", e))?;
+    }
+    exec_as(&cfg.process, keep_fd)
+}
+
+/// Become the container process described by `p` (user, capabilities, working directory,
+/// no_new_privs) and exec it. Used for the container's init and for `berth exec`.
+pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
+    use caps::{CapSet, Capability};
+    // open files: docker's 1048576, never above the host's hard limit
+    let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+        .map_err(|e| fail("getrlimit", e))?;
+    let n = hard.min(1 << 20);
+    nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
+        .map_err(|e| fail("setrlimit nofile", e))?;
+    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
+    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let user = resolve_user(p.user.as_deref(), &passwd, &group).map_err(|e| fail("user", e))?;
+    // working directory: created if missing, checked after chdir (CVE-2024-21626)
+    let cwd = &p.cwd;
+    if std::fs::metadata(cwd).is_err() {
+        std::fs::create_dir_all(cwd)
+            .map_err(|e| fail(format!("create working directory {cwd}"), e))?;
+    }
+    nix::unistd::chdir(cwd.as_str()).map_err(|e| fail(format!("chdir {cwd}"), e))?;
+    let real = nix::unistd::getcwd().map_err(|e| fail("getcwd", e))?;
+    if !real.is_absolute() || real.to_string_lossy().starts_with("(unreachable)") {
+        return Err(fail(
+            "working directory",
+            format!("{cwd} resolves outside the container"),
+        ));
+    }
+    // capabilities: bounding set first (needs CAP_SETPCAP), then ids, then the rest
+    let keep: std::collections::HashSet<Capability> = p
+        .capabilities
+        .iter()
+        .filter_map(|c| c.parse::<Capability>().ok())
+        .collect();
+    for c in caps::all() {
+        if !keep.contains(&c) && caps::has_cap(None, CapSet::Bounding, c).unwrap_or(false) {
+            caps::drop(None, CapSet::Bounding, c)
+                .map_err(|e| fail(format!("drop {c} from the bounding set"), e))?;
+        }
+    }
+    let gids: Vec<nix::unistd::Gid> = user
+        .groups
+        .iter()
+        .map(|g| nix::unistd::Gid::from_raw(*g))
+        .collect();
+    nix::unistd::setgroups(&gids).map_err(|e| fail("setgroups", e))?;
+    let gid = nix::unistd::Gid::from_raw(user.gid);
+    nix::unistd::setresgid(gid, gid, gid).map_err(|e| fail("setgid", e))?;
+    let uid = nix::unistd::Uid::from_raw(user.uid);
+    nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail("setuid", e))?;
+    caps::clear(None, CapSet::Inheritable)
+        .map_err(|e| fail("clear inheritable capabilities", e))?;
+    let _ = caps::clear(None, CapSet::Ambient);
+    if user.uid == 0 {
+        caps::set(None, CapSet::Effective, &keep)
+            .map_err(|e| fail("set effective capabilities", e))?;
+        caps::set(None, CapSet::Permitted, &keep)
+            .map_err(|e| fail("set permitted capabilities", e))?;
+    }
+    nix::sys::prctl::set_no_new_privs().map_err(|e| fail("no_new_privs", e))?;
+    // nothing of the host may be reachable through /proc/<pid>/exe while berth's code runs
+    nix::sys::prctl::set_dumpable(false).map_err(|e| fail("set non-dumpable", e))?;
+    let mut env = p.env.clone();
+    if !env.iter().any(|e| e.starts_with("HOME=")) {
+        env.push(format!("HOME={}", user.home));
+    }
+    let arg0 = p.args.first().ok_or_else(|| {
+        fail(
+            "exec",
+            "no command: set `command` or `entrypoint`, or use an image with CMD",
+        )
+    })?;
+    let exe = find_executable(arg0, &env).ok_or_else(|| {
+        fail(
+            "exec",
+            format!("{arg0:?}: executable file not found in $PATH"),
+        )
+    })?;
+    let cstr =
+        |s: &str| CString::new(s).map_err(|_| fail("exec", format!("{s:?} contains a NUL byte")));
+    let argv: Vec<CString> = p.args.iter().map(|a| cstr(a)).collect::<R<_>>()?;
+    let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<R<_>>()?;
+    let path = cstr(&exe)?;
+    crate::sys::close_fds_except(&[keep_fd]);
+    match nix::unistd::execve(&path, &argv, &envp) {
+        Ok(never) => match never {},
+        Err(e) => Err(fail(format!("exec {exe}"), e)),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const PASSWD: &str = "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000:app:/home/app:/bin/sh\n";
+    const GROUP: &str = "root:x:0:\napp:x:1000:\nextra:x:2000:app\nother:x:3000:root,app\n";
+
+    #[test]
+    fn users_resolve_like_docker() {
+        let u = resolve_user(None, PASSWD, GROUP).unwrap();
+        assert_eq!((u.uid, u.gid, u.home.as_str()), (0, 0, "/root"));
+        let u = resolve_user(Some("app"), PASSWD, GROUP).unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 1000));
+        assert_eq!(u.groups, [2000, 3000]);
+        let u = resolve_user(Some("1000:extra"), PASSWD, GROUP).unwrap();
+        assert_eq!((u.uid, u.gid), (1000, 2000));
+        let u = resolve_user(Some("4242"), PASSWD, GROUP).unwrap();
+        assert_eq!((u.uid, u.home.as_str()), (4242, "/"));
+        assert!(resolve_user(Some("ghost"), PASSWD, GROUP).is_err());
+        assert!(resolve_user(Some("app:ghosts"), PASSWD, GROUP).is_err());
+    }
+}

@@ -1,0 +1,334 @@
+//! berth's container runtime: namespaces, overlayfs, cgroups, one shim per container.
+//!
+//! Lifecycle verbs: [`Runtime::prepare`] writes the container's config, [`Runtime::start`]
+//! spawns its shim and waits until the process runs (or failed to), [`Runtime::stop`] signals
+//! it and escalates to SIGKILL, [`Runtime::remove`] deletes what it had on the host (never
+//! volumes), [`Runtime::status`] reads its live state.
+
+pub mod cgroup;
+pub mod config;
+pub mod exec;
+pub mod init;
+pub mod logs;
+pub mod netlo;
+pub mod shim;
+pub mod state;
+
+use crate::fsutil::{self, PathError};
+use crate::observe::{ContainerStatus, LiveLimits};
+use config::{ContainerDir, RuntimeConfig};
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, thiserror::Error)]
+pub enum RuntimeError {
+    #[error(transparent)]
+    Io(#[from] PathError),
+    #[error("container {name}: starting the shim: {source}")]
+    Spawn {
+        name: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("container {name}: {message}")]
+    StartFailed { name: String, message: String },
+    #[error("container {name} is not created")]
+    NotCreated { name: String },
+    #[error("container {name} is not running")]
+    NotRunning { name: String },
+    #[error(transparent)]
+    Cgroup(#[from] cgroup::CgroupError),
+    #[error("container {name}: did not stop within {secs}s of SIGKILL")]
+    StopTimeout { name: String, secs: u64 },
+    #[error("container {name}: invalid stop signal {signal}")]
+    BadSignal { name: String, signal: String },
+}
+
+pub struct Runtime {
+    /// `STATE/containers`
+    pub containers: PathBuf,
+    /// The berth executable to run as the shim (`/proc/self/exe` is not always berth).
+    pub berth_exe: PathBuf,
+}
+
+impl Runtime {
+    pub fn new(containers: impl Into<PathBuf>, berth_exe: impl Into<PathBuf>) -> Self {
+        Runtime {
+            containers: containers.into(),
+            berth_exe: berth_exe.into(),
+        }
+    }
+
+    pub fn dir(&self, name: &str) -> ContainerDir {
+        ContainerDir(self.containers.join(name))
+    }
+
+    /// Write a container's config (creating its directory).
+    pub fn prepare(&self, cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
+        let d = self.dir(&cfg.name);
+        std::fs::create_dir_all(&d.0).map_err(fsutil::at("create directory", &d.0))?;
+        fsutil::write_json(&d.config(), cfg)?;
+        Ok(())
+    }
+
+    pub fn config(&self, name: &str) -> Result<RuntimeConfig, RuntimeError> {
+        fsutil::read_json(&self.dir(name).config())?
+            .ok_or_else(|| RuntimeError::NotCreated { name: name.into() })
+    }
+
+    /// Spawn the shim and wait for it to report the container's pid.
+    pub fn start(&self, name: &str) -> Result<i32, RuntimeError> {
+        let d = self.dir(name);
+        if !d.config().exists() {
+            return Err(RuntimeError::NotCreated { name: name.into() });
+        }
+        if let ContainerStatus::Running { pid, .. } = self.status(name)? {
+            return Ok(pid);
+        }
+        // a restart after an exit counts
+        let prior = state::read_state(&d.state())?;
+        let exited = d.exit().exists();
+        if let (Some(mut s), true) = (prior, exited) {
+            s.restarts += 1;
+            fsutil::write_json(&d.state(), &s)?;
+        }
+        let mut child = std::process::Command::new(&self.berth_exe)
+            .arg("shim")
+            .arg(&d.0)
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .map_err(|source| RuntimeError::Spawn {
+                name: name.into(),
+                source,
+            })?;
+        let mut out = String::new();
+        if let Some(mut s) = child.stdout.take() {
+            let _ = s.read_to_string(&mut out);
+        }
+        let _ = child.wait();
+        let line = out.lines().next().unwrap_or("");
+        match line
+            .strip_prefix("ok ")
+            .and_then(|p| p.trim().parse::<i32>().ok())
+        {
+            Some(pid) => Ok(pid),
+            None => Err(RuntimeError::StartFailed {
+                name: name.into(),
+                message: line
+                    .strip_prefix("error ")
+                    .unwrap_or(if line.is_empty() {
+                        "the shim exited without a word (see shim.log)"
+                    } else {
+                        line
+                    })
+                    .to_string(),
+            }),
+        }
+    }
+
+    /// The live state of a container.
+    pub fn status(&self, name: &str) -> Result<ContainerStatus, RuntimeError> {
+        let d = self.dir(name);
+        if !d.0.exists() {
+            return Ok(ContainerStatus::Lost {
+                reason: "its directory was removed".into(),
+            });
+        }
+        if !d.config().exists() {
+            return Ok(ContainerStatus::Lost {
+                reason: "its config was removed".into(),
+            });
+        }
+        let st = state::read_state(&d.state())?;
+        let ex = state::read_exit(&d.exit())?;
+        let Some(st) = st else {
+            return Ok(match ex {
+                Some(e) => exited(&e, 0),
+                None => ContainerStatus::Created,
+            });
+        };
+        if let Some(e) = ex
+            && e.started_at >= st.started_at
+        {
+            return Ok(exited(&e, st.restarts));
+        }
+        if state::alive(st.pid, st.pid_start_time) {
+            if !st.cgroup.open().exists() {
+                return Ok(ContainerStatus::Lost {
+                    reason: "its cgroup was removed".into(),
+                });
+            }
+            if !d.upper().exists() {
+                return Ok(ContainerStatus::Lost {
+                    reason: "its root filesystem was removed".into(),
+                });
+            }
+            return Ok(ContainerStatus::Running {
+                pid: st.pid,
+                started_at: st.started_at,
+            });
+        }
+        // the exit may be being written right now: give the shim a moment if it lives
+        if state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0)) {
+            for _ in 0..50 {
+                if let Some(e) = state::read_exit(&d.exit())?
+                    && e.started_at >= st.started_at
+                {
+                    return Ok(exited(&e, st.restarts));
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        Ok(ContainerStatus::Lost {
+            reason: format!(
+                "process {} vanished and no exit was recorded (its shim was killed?)",
+                st.pid
+            ),
+        })
+    }
+
+    pub fn live_limits(&self, name: &str) -> Option<LiveLimits> {
+        let st = state::read_state(&self.dir(name).state()).ok()??;
+        let cg = st.cgroup.open();
+        if !cg.exists() {
+            return None;
+        }
+        let l = cg.read_limits();
+        Some(LiveLimits {
+            memory: l.memory,
+            cpus: l.cpus,
+            pids: l.pids,
+        })
+    }
+
+    /// Change memory/cpus/pids of a running container in place (and in its config).
+    pub fn update_limits(&self, name: &str, limits: &config::Limits) -> Result<(), RuntimeError> {
+        let mut cfg = self.config(name)?;
+        cfg.limits = limits.clone();
+        fsutil::write_json(&self.dir(name).config(), &cfg)?;
+        if let Some(st) = state::read_state(&self.dir(name).state())? {
+            let cg = st.cgroup.open();
+            if cg.exists() {
+                cg.set_limits(limits)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Send the stop signal, wait up to the timeout, then SIGKILL. Returns once the process is
+    /// gone and its exit recorded.
+    pub fn stop(&self, name: &str, signal: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let d = self.dir(name);
+        let Some(st) = state::read_state(&d.state())? else {
+            return Ok(());
+        };
+        let sig: nix::sys::signal::Signal =
+            signal.parse().map_err(|_| RuntimeError::BadSignal {
+                name: name.into(),
+                signal: signal.into(),
+            })?;
+        let pid = nix::unistd::Pid::from_raw(st.pid);
+        let done = |d: &ContainerDir| -> bool {
+            let recorded = state::read_exit(&d.exit())
+                .ok()
+                .flatten()
+                .is_some_and(|e| e.started_at >= st.started_at);
+            recorded
+                || (!state::alive(st.pid, st.pid_start_time)
+                    && !state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0)))
+        };
+        if done(&d) {
+            return self.finish_lost(name, &st);
+        }
+        let _ = nix::sys::signal::kill(pid, sig);
+        let deadline = Instant::now() + timeout;
+        while Instant::now() < deadline && !done(&d) {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        if !done(&d) {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline && !done(&d) {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            if !done(&d) {
+                return Err(RuntimeError::StopTimeout {
+                    name: name.into(),
+                    secs: 10,
+                });
+            }
+        }
+        self.finish_lost(name, &st)
+    }
+
+    /// When the shim is gone without recording the exit, record it and clean up ourselves.
+    fn finish_lost(&self, name: &str, st: &state::ContainerState) -> Result<(), RuntimeError> {
+        let d = self.dir(name);
+        let recorded = state::read_exit(&d.exit())?.is_some_and(|e| e.started_at >= st.started_at);
+        if !recorded {
+            let cg = st.cgroup.open();
+            let oom = cg.exists() && cg.oom_kills() > 0;
+            cg.destroy()?;
+            let rec = state::ExitRecord {
+                code: None,
+                signal: Some(9),
+                oom,
+                started_at: st.started_at,
+                finished_at: fsutil::now_unix(),
+                error: Some("the shim was gone; berth stopped the container".into()),
+            };
+            fsutil::write_json(&d.exit(), &rec)?;
+        }
+        Ok(())
+    }
+
+    /// Stop (if needed) and delete everything the container has on the host except volumes.
+    pub fn remove(&self, name: &str, signal: &str, timeout: Duration) -> Result<(), RuntimeError> {
+        let d = self.dir(name);
+        if !d.0.exists() {
+            return Ok(());
+        }
+        self.stop(name, signal, timeout)?;
+        if let Some(st) = state::read_state(&d.state())? {
+            st.cgroup.open().destroy()?;
+        }
+        crate::store::remove_tree(&d.0).map_err(|e| match e {
+            crate::store::StoreError::Io(p) => RuntimeError::Io(p),
+            other => RuntimeError::Io(PathError::new(
+                "remove",
+                &d.0,
+                std::io::Error::other(other.to_string()),
+            )),
+        })?;
+        Ok(())
+    }
+
+    pub fn state(&self, name: &str) -> Option<state::ContainerState> {
+        state::read_state(&self.dir(name).state()).ok().flatten()
+    }
+
+    pub fn exit(&self, name: &str) -> Option<state::ExitRecord> {
+        state::read_exit(&self.dir(name).exit()).ok().flatten()
+    }
+
+    pub fn log_path(&self, name: &str) -> PathBuf {
+        self.dir(name).log()
+    }
+
+    pub fn exists(&self, name: &str) -> bool {
+        Path::new(&self.dir(name).config()).exists()
+    }
+}
+
+fn exited(e: &state::ExitRecord, restarts: u32) -> ContainerStatus {
+    ContainerStatus::Exited {
+        code: e.code,
+        signal: e.signal,
+        oom: e.oom,
+        finished_at: e.finished_at,
+        restarts,
+    }
+}

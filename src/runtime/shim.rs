@@ -1,0 +1,293 @@
+//! `berth shim`: one per container, a re-exec of berth's own binary, single-threaded. It
+//! detaches from whoever started it, creates the cgroup, clones the container's first process
+//! into new namespaces, reports the pid (or the failure) on its stdout, then captures the
+//! container's stdout/stderr into the log, reaps it, records the exit atomically, and removes
+//! the cgroup. Killing the berth CLI or agent never kills a container.
+
+use super::cgroup::CgroupLocation;
+use super::config::{ContainerDir, NetMode, RuntimeConfig};
+use super::logs::LogWriter;
+use super::state::{ContainerState, ExitRecord, pid_start_time};
+use crate::fsutil::{self, now_unix};
+use nix::fcntl::OFlag;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sched::CloneFlags;
+use nix::sys::wait::{WaitStatus, waitpid};
+use std::io::{Read, Write};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::path::Path;
+
+/// Contents of /etc/hosts for a container without a bridge network.
+pub fn hosts_file(hostname: &str, net: &NetMode) -> String {
+    match net {
+        NetMode::Host => std::fs::read_to_string("/etc/hosts")
+            .unwrap_or_else(|_| "127.0.0.1\tlocalhost\n".into()),
+        NetMode::None => format!(
+            "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
+        ),
+    }
+}
+
+/// Write the per-container files the shim mounts: /etc/hostname, /etc/hosts, /etc/resolv.conf.
+pub fn write_etc(dir: &ContainerDir, cfg: &RuntimeConfig) -> std::io::Result<()> {
+    let etc = dir.etc();
+    std::fs::create_dir_all(&etc)?;
+    std::fs::write(etc.join("hostname"), format!("{}\n", cfg.hostname))?;
+    std::fs::write(etc.join("hosts"), hosts_file(&cfg.hostname, &cfg.net))?;
+    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    std::fs::write(etc.join("resolv.conf"), resolv)?;
+    Ok(())
+}
+
+fn report(out: &mut std::fs::File, msg: &str) {
+    let _ = out.write_all(msg.as_bytes());
+    let _ = out.flush();
+}
+
+/// Entry point of `berth shim DIR`. `dir` is the container's directory. Never returns.
+pub fn main(dir: &Path) -> ! {
+    // detach: a new session, then fork so the process that started us can reap our parent
+    let _ = nix::unistd::setsid();
+    match crate::sys::fork_process() {
+        Ok(Some(_)) => std::process::exit(0),
+        Ok(None) => {}
+        Err(e) => {
+            println!("error cannot fork the shim: {e}");
+            std::process::exit(1);
+        }
+    }
+    // stdout is the readiness pipe; keep a handle and point fd 1 elsewhere later
+    let ready = std::io::stdout()
+        .as_fd()
+        .try_clone_to_owned()
+        .map(std::fs::File::from);
+    let mut ready = match ready {
+        Ok(f) => Some(f),
+        Err(_) => std::process::exit(1),
+    };
+    let code = match run(dir, &mut ready) {
+        Ok(()) => 0,
+        Err(e) => {
+            if let Some(r) = ready.as_mut() {
+                report(r, &format!("error {e}\n"));
+            }
+            1
+        }
+    };
+    std::process::exit(code)
+}
+
+fn devnull_stdio() {
+    if let Ok(null) = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/null")
+    {
+        let _ = crate::sys::dup_onto(null.as_fd(), 0);
+        let _ = crate::sys::dup_onto(null.as_fd(), 1);
+    }
+}
+
+fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
+    let cd = ContainerDir(dir.to_path_buf());
+    let cfg: RuntimeConfig = fsutil::read_json(&cd.config())
+        .map_err(|e| e.to_string())?
+        .ok_or("no config.json")?;
+    // diagnostics of the shim itself
+    if let Ok(f) = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("shim.log"))
+    {
+        let _ = crate::sys::dup_onto(f.as_fd(), 2);
+    }
+    for d in [cd.upper(), cd.work(), cd.rootfs()] {
+        std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+    }
+    write_etc(&cd, &cfg).map_err(|e| format!("write /etc files: {e}"))?;
+    let _ = std::fs::remove_file(cd.exit());
+    let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
+    let cg = loc.create(&cfg.limits).map_err(|e| e.to_string())?;
+
+    let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
+    let (out_r, out_w) = pipe()?;
+    let (err_r, err_w) = pipe()?;
+    let (go_r, go_w) = pipe()?;
+    let (fail_r, fail_w) = pipe()?;
+    let mut flags = CloneFlags::CLONE_NEWNS
+        | CloneFlags::CLONE_NEWUTS
+        | CloneFlags::CLONE_NEWIPC
+        | CloneFlags::CLONE_NEWPID;
+    if cfg.net == NetMode::None {
+        flags |= CloneFlags::CLONE_NEWNET;
+    }
+    let child_cfg = cfg.clone();
+    let child_dir = dir.to_path_buf();
+    let (cout, cerr, cgo, cfail) = (
+        out_w.as_raw_fd(),
+        err_w.as_raw_fd(),
+        go_r.as_raw_fd(),
+        fail_w.as_raw_fd(),
+    );
+    let child = Box::new(move || -> isize {
+        let fail_fd = cfail;
+        let die = |msg: String| -> isize {
+            // SAFETY-free: write through /proc/self/fd to avoid owning the raw fd here
+            if let Ok(mut f) = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{fail_fd}"))
+            {
+                let _ = f.write_all(msg.as_bytes());
+            }
+            127
+        };
+        // wait until the shim has put us in the cgroup
+        let mut b = [0u8; 1];
+        match std::fs::File::open(format!("/proc/self/fd/{cgo}")).and_then(|mut f| f.read(&mut b)) {
+            Ok(1) => {}
+            _ => return die("setup: the shim went away".into()),
+        }
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
+            return die(format!("cgroup namespace: {e}"));
+        }
+        let stdio = (|| -> std::io::Result<()> {
+            let null = std::fs::File::open("/dev/null")?;
+            let o = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{cout}"))?;
+            let e = std::fs::OpenOptions::new()
+                .write(true)
+                .open(format!("/proc/self/fd/{cerr}"))?;
+            crate::sys::dup_onto(null.as_fd(), 0)?;
+            crate::sys::dup_onto(o.as_fd(), 1)?;
+            crate::sys::dup_onto(e.as_fd(), 2)?;
+            Ok(())
+        })();
+        if let Err(e) = stdio {
+            return die(format!("stdio: {e}"));
+        }
+        if let Err(e) = super::init::setup_rootfs(&child_cfg, &child_dir) {
+            return die(e.to_string());
+        }
+        let e = super::init::exec_process(&child_cfg, fail_fd);
+        die(e.to_string())
+    });
+    let pid = crate::sys::clone_child(child, flags).map_err(|e| format!("clone: {e}"))?;
+    drop((out_w, err_w, go_r, fail_w));
+    let started_at = now_unix();
+    if let Err(e) = cg.add(pid.as_raw()) {
+        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(pid, None);
+        let _ = cg.destroy();
+        return Err(e.to_string());
+    }
+    let mut go = std::fs::File::from(go_w);
+    let _ = go.write_all(b"g");
+    drop(go);
+    let mut failure = String::new();
+    let _ = std::fs::File::from(fail_r).read_to_string(&mut failure);
+    if !failure.is_empty() {
+        let _ = waitpid(pid, None);
+        let rec = ExitRecord {
+            code: Some(127),
+            signal: None,
+            oom: false,
+            started_at,
+            finished_at: now_unix(),
+            error: Some(failure.clone()),
+        };
+        let _ = fsutil::write_json(&cd.exit(), &rec);
+        let _ = cg.destroy();
+        return Err(failure);
+    }
+    let state = ContainerState {
+        pid: pid.as_raw(),
+        shim_pid: std::process::id() as i32,
+        started_at,
+        pid_start_time: pid_start_time(pid.as_raw()).unwrap_or(0),
+        cgroup: loc.clone(),
+        restarts: fsutil::read_json::<ContainerState>(&cd.state())
+            .ok()
+            .flatten()
+            .map(|s| s.restarts)
+            .unwrap_or(0),
+    };
+    fsutil::write_json(&cd.state(), &state).map_err(|e| e.to_string())?;
+    if let Some(mut r) = ready.take() {
+        report(&mut r, &format!("ok {}\n", pid.as_raw()));
+    }
+    // the starter reads until EOF: no copy of the readiness pipe may stay open
+    devnull_stdio();
+
+    // capture output until both pipes close
+    let mut log = LogWriter::open(&cd.log(), cfg.log_max_size, cfg.log_max_files)
+        .map_err(|e| e.to_string())?;
+    pump(&mut log, out_r, err_r);
+    let _ = log.flush_pending();
+    let status = loop {
+        match waitpid(pid, None) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            other => break other,
+        }
+    };
+    let (code, signal) = match status {
+        Ok(WaitStatus::Exited(_, c)) => (Some(c), None),
+        Ok(WaitStatus::Signaled(_, s, _)) => (None, Some(s as i32)),
+        _ => (None, None),
+    };
+    let oom = cg.oom_kills() > 0;
+    let rec = ExitRecord {
+        code,
+        signal,
+        oom,
+        started_at,
+        finished_at: now_unix(),
+        error: None,
+    };
+    let _ = fsutil::write_json(&cd.exit(), &rec);
+    if let Err(e) = cg.destroy() {
+        eprintln!("shim: {e}");
+    }
+    Ok(())
+}
+
+fn pump(log: &mut LogWriter, out: OwnedFd, err: OwnedFd) {
+    let mut open = [
+        Some(std::fs::File::from(out)),
+        Some(std::fs::File::from(err)),
+    ];
+    let mut buf = vec![0u8; 64 * 1024];
+    while open.iter().any(Option::is_some) {
+        let mut fds: Vec<PollFd> = vec![];
+        let mut idx = vec![];
+        for (i, f) in open.iter().enumerate() {
+            if let Some(f) = f {
+                fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+                idx.push(i);
+            }
+        }
+        match poll(&mut fds, PollTimeout::NONE) {
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        let ready: Vec<(usize, bool)> = fds
+            .iter()
+            .zip(&idx)
+            .map(|(p, i)| (*i, p.revents().is_some_and(|r| !r.is_empty())))
+            .collect();
+        drop(fds);
+        for (i, r) in ready {
+            if !r {
+                continue;
+            }
+            let n = open[i].as_mut().map(|f| f.read(&mut buf)).unwrap_or(Ok(0));
+            match n {
+                Ok(0) | Err(_) => open[i] = None,
+                Ok(n) => {
+                    let _ = log.write(i, &buf[..n]);
+                }
+            }
+        }
+    }
+}
