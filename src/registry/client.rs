@@ -379,13 +379,7 @@ impl RegistryClient {
                         what: what.to_string(),
                         source: e,
                     };
-                    if err.is_transient() && attempt < self.retry.attempts {
-                        let d = self.retry.delay(attempt, None);
-                        tracing::info!(
-                            "{err}; retrying in {d:?} ({attempt}/{})",
-                            self.retry.attempts
-                        );
-                        tokio::time::sleep(d).await;
+                    if self.backoff(&err, attempt, None).await {
                         continue;
                     }
                     return Err(err);
@@ -453,17 +447,30 @@ impl RegistryClient {
                     }
                 }
             };
-            if err.is_transient() && attempt < self.retry.attempts {
-                let d = self.retry.delay(attempt, retry_after);
-                tracing::info!(
-                    "{err}; retrying in {d:?} ({attempt}/{})",
-                    self.retry.attempts
-                );
-                tokio::time::sleep(d).await;
+            if self.backoff(&err, attempt, retry_after).await {
                 continue;
             }
             return Err(err);
         }
+    }
+
+    /// For a transient error with attempts left: log, wait the backoff, return true (retry).
+    async fn backoff(
+        &self,
+        err: &RegistryError,
+        attempt: u32,
+        retry_after: Option<Duration>,
+    ) -> bool {
+        if !err.is_transient() || attempt >= self.retry.attempts {
+            return false;
+        }
+        let d = self.retry.delay(attempt, retry_after);
+        tracing::info!(
+            "{err}; retrying in {d:?} ({attempt}/{})",
+            self.retry.attempts
+        );
+        tokio::time::sleep(d).await;
+        true
     }
 
     async fn fetch_token(
