@@ -214,7 +214,17 @@ pub struct LogsArgs {
     pub timestamps: bool,
 }
 
-fn print_record(r: &logs::Record, timestamps: bool, out: &mut impl Write) -> std::io::Result<()> {
+/// Print one record to stdout or, for the container's stderr, to stderr (as `docker logs`).
+fn print_record(r: &logs::Record, timestamps: bool) -> std::io::Result<()> {
+    if r.stream == "stderr" {
+        let mut err = std::io::stderr().lock();
+        write_record(r, timestamps, &mut err)?;
+        return err.flush();
+    }
+    write_record(r, timestamps, &mut std::io::stdout().lock())
+}
+
+fn write_record(r: &logs::Record, timestamps: bool, out: &mut impl Write) -> std::io::Result<()> {
     if timestamps {
         write!(out, "{} ", r.time)?;
     }
@@ -246,12 +256,10 @@ pub fn logs_cmd(c: &Ctx, a: &LogsArgs) -> Result<ExitCode> {
         let skip = recs.len().saturating_sub(n);
         recs.drain(..skip);
     }
-    let stdout = std::io::stdout();
-    let mut out = stdout.lock();
     for r in &recs {
-        print_record(r, a.timestamps, &mut out)?;
+        print_record(r, a.timestamps)?;
     }
-    out.flush()?;
+    std::io::stdout().flush()?;
     if !a.follow {
         return Ok(ExitCode::SUCCESS);
     }
@@ -267,8 +275,8 @@ pub fn logs_cmd(c: &Ctx, a: &LogsArgs) -> Result<ExitCode> {
         let n = reader.read_line(&mut line)?;
         if n > 0 && line.ends_with('\n') {
             if let Some(r) = logs::parse_line(line.trim_end_matches('\n')) {
-                print_record(&r, a.timestamps, &mut out)?;
-                out.flush()?;
+                print_record(&r, a.timestamps)?;
+                std::io::stdout().flush()?;
             }
             continue;
         }

@@ -191,6 +191,7 @@ pub fn busybox_layer() -> Vec<u8> {
     for a in [
         "sh", "ls", "cat", "echo", "httpd", "wget", "sleep", "true", "false", "id", "env", "ps",
         "grep", "head", "nc", "mkdir", "touch", "dd", "yes", "hostname", "stat", "test", "seq",
+        "tail",
     ] {
         l = l.symlink(&format!("bin/{a}"), "busybox");
     }

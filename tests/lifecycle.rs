@@ -1,0 +1,398 @@
+//! Container lifecycle end to end, as root: OOM kills, the pids limit, restart policies,
+//! drift after a killed shim, stop/start by hand, a killed CLI, logs options, and images
+//! pulled from a real registry. Each test has its own state directory and container names,
+//! and removes what it created (even when it fails) by applying an empty set on drop.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "example.com/e2e/bb:1";
+
+struct Host {
+    state: tempfile::TempDir,
+    dir: tempfile::TempDir,
+    tag: &'static str,
+}
+
+impl Host {
+    /// A fresh state directory with the busybox image imported under `IMAGE`.
+    fn new(tag: &'static str) -> Host {
+        let layout = tempfile::tempdir().unwrap();
+        write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
+        let state = tempfile::tempdir().unwrap();
+        ok(&berth(
+            state.path(),
+            &[
+                "image",
+                "import",
+                "--tag",
+                IMAGE,
+                layout.path().to_str().unwrap(),
+            ],
+        ));
+        Host {
+            state,
+            dir: tempfile::tempdir().unwrap(),
+            tag,
+        }
+    }
+
+    fn s(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn d(&self) -> &str {
+        self.dir.path().to_str().unwrap()
+    }
+
+    /// A container name unique to this test and process.
+    fn name(&self, n: &str) -> String {
+        format!("{}{n}{}", self.tag, std::process::id())
+    }
+
+    /// Write the manifests: the image resource plus `containers` (TOML bodies by name).
+    fn declare(&self, containers: &[(&str, &str)]) {
+        let mut t = format!("[image.bb]\nref = \"{IMAGE}\"\npull = \"never\"\n");
+        for (n, body) in containers {
+            t.push_str(&format!(
+                "\n[container.{}]\nimage = \"bb\"\nnetworks = [\"none\"]\nstop_timeout = \"1s\"\n{body}\n",
+                self.name(n)
+            ));
+        }
+        std::fs::write(self.dir.path().join("c.toml"), t).unwrap();
+    }
+
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        berth(self.s(), args)
+    }
+
+    fn apply(&self) -> String {
+        ok(&self.run(&["apply", self.d()]))
+    }
+
+    /// `plan --detailed-exitcode`: (exit code, text).
+    fn plan(&self) -> (Option<i32>, String) {
+        let o = self.run(&["plan", "--detailed-exitcode", self.d()]);
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+        )
+    }
+
+    fn ps(&self, n: &str) -> Value {
+        let all: Value = serde_json::from_str(&ok(&self.run(&["ps", "-a", "--json"]))).unwrap();
+        let name = self.name(n);
+        all.as_array()
+            .unwrap()
+            .iter()
+            .find(|r| r["name"] == name.as_str())
+            .cloned()
+            .unwrap_or(Value::Null)
+    }
+
+    /// Poll `ps` until `f` holds (at most 60 s; a bound, not a timing assertion).
+    fn wait_for(&self, n: &str, what: &str, f: impl Fn(&Value) -> bool) -> Value {
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            let r = self.ps(n);
+            if f(&r) {
+                return r;
+            }
+            assert!(Instant::now() < end, "{n}: never {what}; last ps: {r}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    fn cgroup_file(&self, n: &str, file: &str) -> Option<String> {
+        let i: Value = serde_json::from_str(&ok(&self.run(&["inspect", &self.name(n)]))).unwrap();
+        let dirs = i["cgroup_dirs"].as_array()?.clone();
+        dirs.iter()
+            .filter_map(|d| std::fs::read_to_string(Path::new(d.as_str()?).join(file)).ok())
+            .next()
+    }
+}
+
+impl Drop for Host {
+    fn drop(&mut self) {
+        let empty = self.dir.path().join("nothing");
+        let _ = berth(
+            self.s(),
+            &["apply", "--allow-empty", empty.to_str().unwrap()],
+        );
+    }
+}
+
+fn state(r: &Value) -> &str {
+    r["state"].as_str().unwrap_or("")
+}
+
+fn pid_alive(pid: i64) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
+}
+
+#[test]
+fn oom_kill_is_recorded_and_shown() {
+    let h = Host::new("oom");
+    // busybox `tail` keeps the current line in memory; /dev/zero never ends one
+    h.declare(&[(
+        "a",
+        "command = [\"tail\", \"/dev/zero\"]\nmemory = \"16MiB\"",
+    )]);
+    h.apply();
+    let r = h.wait_for("a", "exited", |r| state(r) == "exited");
+    assert_eq!(r["detail"]["oom"], true, "{r}");
+    assert!(r["status"].as_str().unwrap().contains("OOM killed"), "{r}");
+    let text = ok(&h.run(&["ps", "-a"]));
+    assert!(text.contains("OOM killed"), "{text}");
+    // restart = "no": staying exited is the declared state, not drift
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(
+        out.contains("killed by the OOM killer"),
+        "plan says why it stays exited: {out}"
+    );
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb() {
+    let h = Host::new("pid");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]\npids = 12")]);
+    h.apply();
+    let out = h.run(&[
+        "exec",
+        &h.name("a"),
+        "--",
+        "sh",
+        "-c",
+        "i=0; while [ $i -lt 40 ]; do sleep 1000 >/dev/null 2>&1 & i=$((i+1)); done; echo done",
+    ]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(all.contains("can't fork"), "fork must fail: {all}");
+    let current: u64 = h
+        .cgroup_file("a", "pids.current")
+        .expect("pids.current")
+        .trim()
+        .parse()
+        .unwrap();
+    assert!(current <= 12, "pids.current = {current}");
+    let max = h.cgroup_file("a", "pids.max").unwrap();
+    assert_eq!(max.trim(), "12");
+}
+
+#[test]
+fn restart_policies_are_followed_by_apply() {
+    let h = Host::new("rst");
+    h.declare(&[
+        (
+            "flaky",
+            "command = [\"sh\", \"-c\", \"exit 3\"]\nrestart = \"on-failure:1\"",
+        ),
+        ("once", "command = [\"true\"]\nrestart = \"no\""),
+    ]);
+    h.apply();
+    h.wait_for("flaky", "exited", |r| state(r) == "exited");
+    let once = h.wait_for("once", "exited", |r| state(r) == "exited");
+    assert!(
+        once["status"].as_str().unwrap().contains("code 0"),
+        "{once}"
+    );
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains(&h.name("flaky")), "{out}");
+    assert!(out.contains("restart = \"on-failure:1\""), "{out}");
+    assert!(
+        !out.contains(&format!("~ container.{}", h.name("once"))),
+        "restart = no stays exited: {out}"
+    );
+    h.apply();
+    let r = h.wait_for("flaky", "restarted and exited again", |r| {
+        r["restarts"] == 1 && state(r) == "exited"
+    });
+    assert!(r["status"].as_str().unwrap().contains("code 3"), "{r}");
+    // the one allowed restart is used up: converged
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(0), "{out}");
+}
+
+#[test]
+fn killed_shim_is_drift_and_apply_repairs_it() {
+    let h = Host::new("drf");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    let pid = r["pid"].as_i64().unwrap();
+    let st: Value = serde_json::from_str(
+        &std::fs::read_to_string(
+            h.s()
+                .join("containers")
+                .join(h.name("a"))
+                .join("state.json"),
+        )
+        .unwrap(),
+    )
+    .unwrap();
+    let shim = st["shim_pid"].as_i64().unwrap();
+    for p in [shim, pid] {
+        Command::new("kill")
+            .args(["-KILL", &p.to_string()])
+            .status()
+            .unwrap();
+    }
+    let end = Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) || pid_alive(shim) {
+        assert!(Instant::now() < end, "processes survived SIGKILL");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(2), "a vanished container is drift: {out}");
+    assert!(out.contains(&h.name("a")), "{out}");
+    h.apply();
+    let r = h.wait_for("a", "running again", |r| state(r) == "running");
+    assert_ne!(r["pid"].as_i64().unwrap(), pid);
+    assert_eq!(h.plan().0, Some(0));
+}
+
+#[test]
+fn stopped_by_hand_stays_stopped_until_started() {
+    let h = Host::new("stp");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]\nrestart = \"always\"")]);
+    h.apply();
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    let pid = r["pid"].as_i64().unwrap();
+    ok(&h.run(&["stop", &h.name("a")]));
+    assert!(!pid_alive(pid), "stop ends the process");
+    assert_eq!(state(&h.ps("a")), "stopped by user");
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(0), "stopped by hand is not drift: {out}");
+    assert!(out.contains("stopped by user"), "{out}");
+    // apply leaves it alone too
+    h.apply();
+    assert_eq!(state(&h.ps("a")), "stopped by user");
+    ok(&h.run(&["start", &h.name("a")]));
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    let pid2 = r["pid"].as_i64().unwrap();
+    ok(&h.run(&["restart", &h.name("a")]));
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    assert_ne!(
+        r["pid"].as_i64().unwrap(),
+        pid2,
+        "restart starts a new process"
+    );
+    assert_eq!(h.plan().0, Some(0));
+}
+
+#[test]
+fn killed_cli_leaves_the_container_running_and_its_exit_recorded() {
+    let h = Host::new("cli");
+    h.declare(&[(
+        "a",
+        "command = [\"sh\", \"-c\", \"echo up; while [ ! -e /tmp/go ]; do sleep 0.1; done; exit 5\"]",
+    )]);
+    h.apply();
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    let pid = r["pid"].as_i64().unwrap();
+    // a berth CLI attached to the container (logs -f), killed with SIGKILL
+    let mut follower = Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(h.s())
+        .args(["logs", "-f", &h.name("a")])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut first = String::new();
+    {
+        use std::io::BufRead;
+        let mut rd = std::io::BufReader::new(follower.stdout.take().unwrap());
+        rd.read_line(&mut first).unwrap();
+    }
+    assert_eq!(first, "up\n");
+    follower.kill().unwrap();
+    follower.wait().unwrap();
+    assert!(pid_alive(pid), "the container outlives the CLI");
+    assert_eq!(state(&h.ps("a")), "running");
+    ok(&h.run(&["exec", &h.name("a"), "--", "touch", "/tmp/go"]));
+    let r = h.wait_for("a", "exited", |r| state(r) == "exited");
+    assert_eq!(r["detail"]["code"], 5, "{r}");
+}
+
+#[test]
+fn logs_tail_since_and_timestamps() {
+    let h = Host::new("log");
+    h.declare(&[(
+        "a",
+        "command = [\"sh\", \"-c\", \"for i in 1 2 3 4 5; do echo $i; done; echo err >&2; exec sleep 1000\"]",
+    )]);
+    h.apply();
+    let n = h.name("a");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !String::from_utf8_lossy(&h.run(&["logs", &n]).stderr).contains("err") {
+        assert!(Instant::now() < end, "logs never complete");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(ok(&h.run(&["logs", &n])), "1\n2\n3\n4\n5\n");
+    let both = h.run(&["logs", &n]);
+    assert_eq!(
+        String::from_utf8_lossy(&both.stderr),
+        "err\n",
+        "stderr stays stderr"
+    );
+    // --tail counts lines of both streams, as docker's does
+    let tail = h.run(&["logs", "--tail", "3", &n]);
+    assert_eq!(ok(&tail), "4\n5\n");
+    assert_eq!(String::from_utf8_lossy(&tail.stderr), "err\n");
+    assert_eq!(
+        ok(&h.run(&["logs", "--since", "1h", &n])),
+        "1\n2\n3\n4\n5\n"
+    );
+    let ts = ok(&h.run(&["logs", "--timestamps", "--tail", "2", &n]));
+    let (time, line) = ts.trim_end().split_once(' ').unwrap();
+    assert_eq!(line, "5");
+    assert!(
+        time.len() >= 20 && time.as_bytes()[4] == b'-' && time.contains('T'),
+        "RFC 3339 time: {ts}"
+    );
+}
+
+#[test]
+fn apply_pulls_from_a_registry_and_runs() {
+    let reg = Registry::start();
+    let reference = format!("{}/e2e/pulled:1", reg.addr);
+    push_image(&reference, &[]);
+    let state = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let name = format!("pul{}", std::process::id());
+    std::fs::write(
+        dir.path().join("c.toml"),
+        format!(
+            "[container.{name}]\nimage = \"{reference}\"\ncommand = [\"sleep\", \"1000\"]\nnetworks = [\"none\"]\nstop_timeout = \"1s\"\n"
+        ),
+    )
+    .unwrap();
+    let d = dir.path().to_str().unwrap();
+    let plan = ok(&berth(state.path(), &["plan", d]));
+    assert!(plan.contains("pull"), "{plan}");
+    let out = berth(state.path(), &["apply", d]);
+    let running = ok(&berth(state.path(), &["ps", "--json"]));
+    let _ = berth(
+        state.path(),
+        &[
+            "apply",
+            "--allow-empty",
+            dir.path().join("none").to_str().unwrap(),
+        ],
+    );
+    ok(&out);
+    let ps: Value = serde_json::from_str(&running).unwrap();
+    assert_eq!(ps[0]["name"], name.as_str());
+    assert_eq!(ps[0]["state"], "running");
+    assert_eq!(ps[0]["image"], reference.as_str());
+}
