@@ -396,3 +396,25 @@ fn apply_pulls_from_a_registry_and_runs() {
     assert_eq!(ps[0]["state"], "running");
     assert_eq!(ps[0]["image"], reference.as_str());
 }
+
+#[test]
+fn same_name_in_two_state_dirs_does_not_share_a_cgroup() {
+    let a = Host::new("dup");
+    let b = Host::new("dup");
+    a.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    b.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    a.apply();
+    let pid = a.wait_for("a", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    let out = b.run(&["apply", b.d()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another container"), "{err}");
+    drop(b);
+    assert!(
+        pid_alive(pid),
+        "the other state directory's cleanup spared it"
+    );
+    assert_eq!(state(&a.ps("a")), "running");
+}

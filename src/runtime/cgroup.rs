@@ -102,6 +102,16 @@ impl CgroupLocation {
     /// Create the cgroup with its limits.
     pub fn create(&self, limits: &Limits) -> Result<ContainerCgroup, CgroupError> {
         let cg = self.load();
+        // Two state directories may declare a container of the same name: never share (and
+        // later kill) a cgroup that another container's processes are in.
+        if cg.exists() && !cg.procs().is_empty() {
+            return Err(err(
+                &self.path,
+                "create",
+                "the cgroup already holds processes of another container \
+                 (a container of this name from another berth state directory?)",
+            ));
+        }
         cg.create().map_err(|e| err(&self.path, "create", e))?;
         let c = ContainerCgroup {
             cg,
@@ -287,9 +297,17 @@ impl ContainerCgroup {
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        let dirs = self.dirs();
         self.cg
             .delete()
-            .map_err(|e| err(&self.loc.path, "remove", e))
+            .map_err(|e| err(&self.loc.path, "remove", e))?;
+        // the shared `berth` parent goes when its last container does (fails while not empty)
+        for d in dirs {
+            if let Some(p) = d.parent().filter(|p| p.ends_with("berth")) {
+                let _ = std::fs::remove_dir(p);
+            }
+        }
+        Ok(())
     }
 
     /// Directories of this cgroup on the host (one per controller on v1).
