@@ -50,7 +50,8 @@ pub struct Executor<'a> {
     pub state: &'a StateDir,
     pub store: &'a Store,
     pub runtime: &'a Runtime,
-    pub puller: &'a Puller,
+    /// Built only when the plan pulls (building a TLS client reads every CA certificate).
+    pub puller: Option<&'a Puller>,
     pub desired: &'a Desired,
     pub config: &'a Config,
     /// Container steps run at once.
@@ -211,12 +212,10 @@ impl Executor<'_> {
             let jobs = wave.iter().map(|st| async move {
                 let t = Instant::now();
                 let r = match self.image_ref(st) {
-                    Ok(r) => self
-                        .puller
-                        .pull(&r)
-                        .await
-                        .map(|_| ())
-                        .map_err(|e| error_chain(&e)),
+                    Ok(r) => match self.puller() {
+                        Ok(p) => p.pull(&r).await.map(|_| ()).map_err(|e| error_chain(&e)),
+                        Err(e) => Err(e.to_string()),
+                    },
                     Err(e) => Err(e.to_string()),
                 };
                 let o = StepOutcome {
@@ -231,6 +230,11 @@ impl Executor<'_> {
             });
             futures::future::join_all(jobs).await
         })
+    }
+
+    fn puller(&self) -> Result<&Puller, ApplyError> {
+        self.puller
+            .ok_or_else(|| ApplyError::Invalid("no registry client for this plan".into()))
     }
 
     fn image_ref(&self, st: &Step) -> Result<crate::registry::reference::Reference, ApplyError> {
@@ -259,7 +263,7 @@ impl Executor<'_> {
                     .enable_all()
                     .build()
                     .map_err(|e| ApplyError::Invalid(e.to_string()))?;
-                rt.block_on(self.puller.pull(&r))?;
+                rt.block_on(self.puller()?.pull(&r))?;
             }
             Op::CreateVolume => {
                 let v = self

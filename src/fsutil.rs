@@ -32,6 +32,17 @@ pub fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -
 /// Write `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the folder.
 /// Readers see the old content or the new, never a torn write.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
+    write_atomic_opts(path, bytes, true)
+}
+
+/// Like [`write_atomic`] but without fsync: readers see the old or the new file, never a
+/// mix, but a power loss may lose the write. For state that dies with the host anyway (a
+/// running container's pid).
+pub fn write_atomic_volatile(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
+    write_atomic_opts(path, bytes, false)
+}
+
+fn write_atomic_opts(path: &Path, bytes: &[u8], durable: bool) -> Result<(), PathError> {
     let dir = path.parent().unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).map_err(at("create directory", dir))?;
     let name = path
@@ -47,9 +58,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), PathError> {
             .open(&tmp)
             .map_err(at("create", &tmp))?;
         f.write_all(bytes).map_err(at("write", &tmp))?;
-        f.sync_all().map_err(at("fsync", &tmp))?;
+        if durable {
+            f.sync_all().map_err(at("fsync", &tmp))?;
+        }
         std::fs::rename(&tmp, path).map_err(at("rename into place", path))?;
-        sync_dir(dir)
+        if durable { sync_dir(dir) } else { Ok(()) }
     })();
     if res.is_err() {
         let _ = std::fs::remove_file(&tmp);
@@ -65,11 +78,20 @@ pub fn sync_dir(dir: &Path) -> Result<(), PathError> {
 }
 
 /// Serialize to pretty JSON and write atomically.
-pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), PathError> {
+fn json_bytes<T: serde::Serialize>(path: &Path, v: &T) -> Result<Vec<u8>, PathError> {
     let mut bytes = serde_json::to_vec_pretty(v)
         .map_err(|e| PathError::new("serialize", path, std::io::Error::other(e)))?;
     bytes.push(b'\n');
-    write_atomic(path, &bytes)
+    Ok(bytes)
+}
+
+pub fn write_json<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), PathError> {
+    write_atomic(path, &json_bytes(path, v)?)
+}
+
+/// [`write_json`] through [`write_atomic_volatile`].
+pub fn write_json_volatile<T: serde::Serialize>(path: &Path, v: &T) -> Result<(), PathError> {
+    write_atomic_volatile(path, &json_bytes(path, v)?)
 }
 
 /// Read a JSON file; `Ok(None)` when it does not exist.

@@ -63,12 +63,20 @@ pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> 
         println!();
     }
     let store = image::store(c);
-    let puller = image::puller(c, true)?;
+    let pulls = plan
+        .steps
+        .iter()
+        .any(|s| s.ops.contains(&crate::plan::Op::PullImage));
+    let puller = if pulls {
+        Some(image::puller(c, true)?)
+    } else {
+        None
+    };
     let ex = Executor {
         state: &c.state,
         store: &store,
         runtime: &rt,
-        puller: &puller,
+        puller: puller.as_ref(),
         desired: &desired,
         config: &c.config,
         parallel,

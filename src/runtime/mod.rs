@@ -68,7 +68,9 @@ impl Runtime {
     pub fn prepare(&self, cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
         let d = self.dir(&cfg.name);
         std::fs::create_dir_all(&d.0).map_err(fsutil::at("create directory", &d.0))?;
-        fsutil::write_json(&d.config(), cfg)?;
+        // derived from the record and the image: atomic, no fsync on the start path (a config
+        // lost to a power cut shows as drift and is written again)
+        fsutil::write_json_volatile(&d.config(), cfg)?;
         Ok(())
     }
 

@@ -212,7 +212,8 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
             .map(|s| s.restarts)
             .unwrap_or(0),
     };
-    fsutil::write_json(&cd.state(), &state).map_err(|e| e.to_string())?;
+    // a pid means nothing after a reboot: atomic, but not worth an fsync on the start path
+    fsutil::write_json_volatile(&cd.state(), &state).map_err(|e| e.to_string())?;
     if let Some(mut r) = ready.take() {
         report(&mut r, &format!("ok {}\n", pid.as_raw()));
     }
