@@ -7,6 +7,7 @@ use crate::image::ImageError;
 use crate::image::pull::Puller;
 use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind, NET_HOST, NET_NONE};
 use crate::manifest::units::MountSource;
+use crate::net;
 use crate::plan::{Action, Op, Plan, Step};
 use crate::runtime::config::{
     self as rc, Limits, MountKind, MountSpec, NetMode, ProcessSpec, RuntimeConfig,
@@ -29,10 +30,8 @@ pub enum ApplyError {
     Runtime(#[from] RuntimeError),
     #[error("{0}")]
     Invalid(String),
-    #[error(
-        "bridge networks are not implemented yet: {0} (use networks = [\"none\"] or [\"host\"] for now)"
-    )]
-    BridgeUnsupported(String),
+    #[error(transparent)]
+    Net(#[from] crate::net::NetError),
 }
 
 /// What happened to one step.
@@ -56,42 +55,8 @@ pub struct Executor<'a> {
     pub config: &'a Config,
     /// Container steps run at once.
     pub parallel: usize,
-}
-
-fn container_net(spec: &ContainerSpec) -> Result<NetMode, ApplyError> {
-    match spec.networks.as_slice() {
-        [n] if n == NET_HOST => Ok(NetMode::Host),
-        [n] if n == NET_NONE => Ok(NetMode::None),
-        other => Err(ApplyError::BridgeUnsupported(format!(
-            "networks = {other:?}"
-        ))),
-    }
-}
-
-/// Refuse, before changing anything, a plan this build cannot carry out.
-pub fn check_supported(plan: &Plan, desired: &Desired) -> Result<(), ApplyError> {
-    for st in &plan.steps {
-        match (st.kind, st.action) {
-            (Kind::Network, Action::Create | Action::Replace) => {
-                return Err(ApplyError::BridgeUnsupported(format!(
-                    "{} would be created",
-                    st.address
-                )));
-            }
-            (Kind::Container, Action::Create | Action::Replace) => {
-                if let Some(c) = desired.containers.get(&st.name) {
-                    container_net(&c.spec).map_err(|_| {
-                        ApplyError::BridgeUnsupported(format!(
-                            "{} uses networks {:?}",
-                            st.address, c.spec.networks
-                        ))
-                    })?;
-                }
-            }
-            _ => {}
-        }
-    }
-    Ok(())
+    /// Serialises IPAM and hosts-file updates between parallel container steps.
+    pub net_lock: std::sync::Mutex<()>,
 }
 
 impl Executor<'_> {
@@ -102,7 +67,6 @@ impl Executor<'_> {
         plan: &Plan,
         report: &(dyn Fn(&StepOutcome) + Sync),
     ) -> Result<Vec<StepOutcome>, ApplyError> {
-        check_supported(plan, self.desired)?;
         let mut outcomes = vec![];
         for wave in waves(plan, self.desired) {
             let results: Vec<StepOutcome> =
@@ -129,6 +93,9 @@ impl Executor<'_> {
                 };
             let failed = results.iter().find(|o| !o.ok).cloned();
             outcomes.extend(results);
+            if failed.is_some() {
+                let _ = refresh_hosts(self.state);
+            }
             if let Some(f) = failed {
                 return Err(ApplyError::Invalid(format!(
                     "{}: {}",
@@ -137,6 +104,8 @@ impl Executor<'_> {
                 )));
             }
         }
+        // names of containers that came or went in this apply, everywhere
+        refresh_hosts(self.state)?;
         Ok(outcomes)
     }
 
@@ -283,14 +252,8 @@ impl Executor<'_> {
                 };
                 self.state.write_record(Kind::Volume, name, &rec)?;
             }
-            Op::CreateNetwork | Op::RemoveNetwork => {
-                if op == Op::RemoveNetwork {
-                    // only records exist until bridges do
-                    self.state.remove_record(Kind::Network, name)?;
-                } else {
-                    return Err(ApplyError::BridgeUnsupported(st.address.clone()));
-                }
-            }
+            Op::CreateNetwork => self.create_network(name)?,
+            Op::RemoveNetwork => self.remove_network(name, st.action == Action::Destroy)?,
             Op::CreateContainer => self.create_container(name)?,
             Op::StartContainer => {
                 self.runtime.start(name)?;
@@ -308,6 +271,7 @@ impl Executor<'_> {
             Op::RemoveContainer => {
                 let (sig, timeout) = self.stop_settings(name)?;
                 self.runtime.remove(name, &sig, timeout)?;
+                self.release_addresses(name)?;
                 self.state.remove_record(Kind::Container, name)?;
             }
             Op::UpdateContainer => {
@@ -356,7 +320,16 @@ impl Executor<'_> {
             .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
         let r = c.spec.image_ref.to_string();
         let img = self.store.get(&r)?;
-        let cfg = runtime_config(self.store, self.state, self.config, name, &c.spec, &img)?;
+        let net = self.attach(name, &c.spec)?;
+        let cfg = runtime_config(
+            self.store,
+            self.state,
+            self.config,
+            name,
+            &c.spec,
+            &img,
+            net,
+        )?;
         let rec = ContainerRecord {
             name: name.into(),
             source: c.source.clone(),
@@ -368,8 +341,233 @@ impl Executor<'_> {
         // the record first: a crash after it shows up as drift and is repaired
         self.state.write_record(Kind::Container, name, &rec)?;
         self.runtime.prepare(&cfg)?;
+        if matches!(cfg.net, NetMode::Bridge { .. }) {
+            let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+            refresh_hosts(self.state)?;
+        }
         Ok(())
     }
+
+    fn ipam_dir(&self) -> std::path::PathBuf {
+        self.state.root.join("net")
+    }
+
+    /// Bridge, addresses and rules for a network; the IPAM file keeps its leases when the
+    /// network is recreated (drift repair).
+    fn create_network(&self, name: &str) -> Result<(), ApplyError> {
+        let n = self
+            .desired
+            .networks
+            .get(name)
+            .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = net::ipam_path(&self.state.root, name);
+        let bridge = net::bridge_name(&self.state.root, name);
+        let others: Vec<net::Subnet> = net::ipam::all(&self.ipam_dir())?
+            .into_values()
+            .filter(|(_, i)| i.network != name)
+            .map(|(_, i)| i.subnet)
+            .collect();
+        let mut taken: Vec<net::Subnet> = net::host_routes();
+        let existing = net::ipam::Ipam::load(&path)?;
+        if let Some(e) = &existing {
+            // our own bridge's route, if the bridge survived
+            taken.retain(|r| *r != e.subnet);
+        }
+        taken.extend(others.iter().copied());
+        let subnet = match (n.spec.subnet, &existing) {
+            (Some(c), _) => {
+                let s = net::Subnet::new(c.addr, c.prefix);
+                if let Some(o) = taken.iter().find(|t| t.overlaps(s)) {
+                    return Err(net::NetError::Overlap {
+                        network: name.into(),
+                        subnet: s,
+                        other: *o,
+                    }
+                    .into());
+                }
+                s
+            }
+            (None, Some(e)) => e.subnet,
+            (None, None) => net::choose_subnet(name, &taken)?,
+        };
+        let mut ipam = existing.unwrap_or(net::ipam::Ipam {
+            network: name.into(),
+            bridge: bridge.clone(),
+            subnet,
+            internal: n.spec.internal,
+            leases: BTreeMap::new(),
+        });
+        ipam.subnet = subnet;
+        ipam.internal = n.spec.internal;
+        ipam.bridge = bridge.clone();
+        net::link::ensure_bridge(&bridge, subnet.gateway(), subnet.prefix)?;
+        // after a bridge was recreated: put the running containers' veths back on it
+        let records: BTreeMap<String, ContainerRecord> =
+            self.state.read_records(Kind::Container)?;
+        for (c, r) in &records {
+            if let Some(i) = r.spec.networks.iter().position(|x| x == name) {
+                let veth = net::veth_name(&self.state.root, c, i);
+                if net::link::exists(&veth) {
+                    net::link::attach(&veth, &bridge)?;
+                }
+            }
+        }
+        net::nat::install(&bridge, subnet, n.spec.internal)?;
+        if !n.spec.internal {
+            net::enable_forwarding()?;
+        }
+        ipam.save(&path)?;
+        let mut spec = n.spec.clone();
+        spec.subnet = Some(crate::manifest::units::Cidr {
+            addr: subnet.addr,
+            prefix: subnet.prefix,
+        });
+        let rec = crate::state::NetworkRecord {
+            name: name.into(),
+            source: n.source.clone(),
+            spec,
+            created_at: crate::fsutil::now_unix(),
+        };
+        self.state.write_record(Kind::Network, name, &rec)?;
+        Ok(())
+    }
+
+    /// Rules, bridge, IPAM file and record. When the network is destroyed (not replaced),
+    /// refuses while a container still holds an address.
+    fn remove_network(&self, name: &str, destroy: bool) -> Result<(), ApplyError> {
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = net::ipam_path(&self.state.root, name);
+        let bridge = match net::ipam::Ipam::load(&path)? {
+            Some(i) => {
+                let attached: Vec<&String> = i
+                    .leases
+                    .keys()
+                    .filter(|c| self.state.record_path(Kind::Container, c).exists())
+                    .collect();
+                if destroy && !attached.is_empty() {
+                    return Err(ApplyError::Invalid(format!(
+                        "containers {attached:?} are still attached"
+                    )));
+                }
+                i.bridge
+            }
+            None => net::bridge_name(&self.state.root, name),
+        };
+        net::nat::remove(&bridge)?;
+        net::link::delete(&bridge)?;
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .map_err(|e| StateError::Io(crate::fsutil::PathError::new("remove", &path, e)))?;
+        }
+        self.state.remove_record(Kind::Network, name)?;
+        Ok(())
+    }
+
+    /// The container's network mode and published ports; leases its addresses.
+    fn attach(
+        &self,
+        name: &str,
+        spec: &ContainerSpec,
+    ) -> Result<(NetMode, Vec<net::proxy::PortMap>), ApplyError> {
+        match spec.networks.as_slice() {
+            [n] if n == NET_HOST => return Ok((NetMode::Host, vec![])),
+            [n] if n == NET_NONE => return Ok((NetMode::None, vec![])),
+            _ => {}
+        }
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ifaces = vec![];
+        for (i, n) in spec.networks.iter().enumerate() {
+            let path = net::ipam_path(&self.state.root, n);
+            let mut ipam = net::ipam::Ipam::load(&path)?.ok_or_else(|| {
+                ApplyError::Invalid(format!("network {n:?} has not been created"))
+            })?;
+            let addr = ipam.lease(name)?;
+            ipam.save(&path)?;
+            let host_veth = net::veth_name(&self.state.root, name, i);
+            ifaces.push(rc::BridgeIface {
+                network: n.clone(),
+                bridge: ipam.bridge.clone(),
+                peer: format!("bp{}", &host_veth[2..]),
+                host_veth,
+                name: format!("eth{i}"),
+                addr,
+                prefix: ipam.subnet.prefix,
+            });
+        }
+        let gateway = match ifaces.first() {
+            Some(f) => net::Subnet::new(f.addr, f.prefix).gateway(),
+            None => return Err(ApplyError::Invalid("no network".into())),
+        };
+        let ports = spec
+            .ports
+            .iter()
+            .map(|p| net::proxy::PortMap {
+                host_ip: p.host_ip,
+                host_port: p.host_port,
+                container_port: p.container_port,
+                proto: match p.proto {
+                    crate::manifest::units::Proto::Tcp => net::proxy::Proto::Tcp,
+                    crate::manifest::units::Proto::Udp => net::proxy::Proto::Udp,
+                },
+            })
+            .collect();
+        Ok((NetMode::Bridge { ifaces, gateway }, ports))
+    }
+
+    /// Free the container's addresses and drop it from its peers' hosts files.
+    fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut changed = false;
+        for (_, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
+            if ipam.release(name) {
+                ipam.save(&path)?;
+                changed = true;
+            }
+        }
+        if changed {
+            refresh_hosts(self.state)?;
+        }
+        Ok(())
+    }
+}
+
+/// Rewrite, in place, the /etc/hosts of every container on a bridge network so it lists
+/// every container it shares a network with, by name and hostname.
+pub fn refresh_hosts(state: &StateDir) -> Result<(), ApplyError> {
+    let ipams = net::ipam::all(&state.root.join("net"))?;
+    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    let names = |c: &str| -> Vec<String> {
+        let mut v = vec![c.to_string()];
+        if let Some(h) = records.get(c).and_then(|r| r.spec.hostname.clone())
+            && h != c
+        {
+            v.push(h);
+        }
+        v
+    };
+    let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
+    for (_, ipam) in ipams.values() {
+        for c in ipam.leases.keys() {
+            let e = per.entry(c.clone()).or_default();
+            for (peer, addr) in &ipam.leases {
+                e.insert(*addr, names(peer));
+            }
+        }
+    }
+    for (c, entries) in per {
+        let dir = state.containers_dir().join(&c);
+        if !dir.exists() {
+            continue;
+        }
+        let etc = dir.join("etc");
+        std::fs::create_dir_all(&etc)
+            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("create", &etc, e)))?;
+        let p = etc.join("hosts");
+        net::hosts::write_in_place(&p, &net::hosts::render(&entries))
+            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("write", &p, e)))?;
+    }
+    Ok(())
 }
 
 /// An error and its sources, joined with ": ".
@@ -417,6 +615,7 @@ pub fn runtime_config(
     name: &str,
     spec: &ContainerSpec,
     img: &crate::store::StoredImage,
+    (net, ports): (NetMode, Vec<net::proxy::PortMap>),
 ) -> Result<RuntimeConfig, ApplyError> {
     let mut layers = vec![];
     for c in img.chain_ids() {
@@ -479,7 +678,8 @@ pub fn runtime_config(
         layers,
         read_only: spec.read_only,
         hostname: hostname.clone(),
-        net: container_net(spec)?,
+        net,
+        ports,
         process: ProcessSpec {
             args,
             env: rc::merge_env(spec, &img.config, &hostname),

@@ -12,6 +12,7 @@ pub mod config;
 pub mod fsutil;
 pub mod image;
 pub mod manifest;
+pub mod net;
 pub mod observe;
 pub mod plan;
 pub mod registry;

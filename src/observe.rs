@@ -16,6 +16,8 @@ pub struct Observed {
     pub volumes: BTreeMap<String, VolumeRecord>,
     pub networks: BTreeMap<String, NetworkRecord>,
     pub containers: BTreeMap<String, ObservedContainer>,
+    /// Networks whose bridge or rules are missing on the host, with the reason.
+    pub network_drift: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -101,6 +103,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
         images,
         volumes: state.read_records(Kind::Volume)?,
         networks: state.read_records(Kind::Network)?,
+        network_drift: BTreeMap::new(),
         containers: containers
             .into_iter()
             .map(|(n, record)| {
@@ -150,6 +153,17 @@ pub fn observe(
         if matches!(oc.status, ContainerStatus::Running { .. }) {
             oc.live_limits = runtime.live_limits(name);
         }
+    }
+    for name in o.networks.keys() {
+        let bridge = crate::net::bridge_name(&state.root, name);
+        let why = if !crate::net::link::exists(&bridge) {
+            format!("its bridge {bridge} is missing")
+        } else if !crate::net::nat::present(&bridge) {
+            format!("its nftables table ip {bridge} is missing")
+        } else {
+            continue;
+        };
+        o.network_drift.insert(name.clone(), why);
     }
     Ok(o)
 }

@@ -46,7 +46,6 @@ pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> 
     let observed = super::observe_host(c, &desired, &rt)?;
     let plan = plan::diff(&desired, &observed)?;
     plan::check_deletions(&plan, args.max_deletions)?;
-    crate::apply::check_supported(&plan, &desired)?;
     if plan.is_empty() {
         if args.json {
             println!(
@@ -80,6 +79,7 @@ pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> 
         desired: &desired,
         config: &c.config,
         parallel,
+        net_lock: std::sync::Mutex::new(()),
     };
     let json = args.json;
     let report = |o: &StepOutcome| {

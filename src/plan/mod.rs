@@ -424,6 +424,19 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
             }
             Some(rec) => {
                 let reasons = network_changes(&rec.spec, &n.spec);
+                if reasons.is_empty()
+                    && let Some(why) = observed.network_drift.get(name)
+                {
+                    // set up again in place; attached containers keep their addresses
+                    plan.steps.push(step(
+                        Kind::Network,
+                        name,
+                        Action::Update,
+                        vec![Op::CreateNetwork],
+                        vec![Reason::note(format!("drift: {why}"))],
+                        src(&n.source),
+                    ));
+                }
                 if !reasons.is_empty() {
                     replaced_networks.insert(name.clone());
                     plan.steps.push(step(

@@ -18,6 +18,33 @@ pub enum NetMode {
     Host,
     /// A fresh namespace with only loopback.
     None,
+    /// A fresh namespace with one veth per bridge network (eth0, eth1, …) and a default
+    /// route via the first network's gateway.
+    Bridge {
+        ifaces: Vec<BridgeIface>,
+        gateway: std::net::Ipv4Addr,
+    },
+}
+
+impl NetMode {
+    /// Whether the container gets its own network namespace.
+    pub fn own_namespace(&self) -> bool {
+        !matches!(self, NetMode::Host)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BridgeIface {
+    pub network: String,
+    pub bridge: String,
+    /// Host side of the veth pair.
+    pub host_veth: String,
+    /// The container side's name until it is renamed inside.
+    pub peer: String,
+    /// eth0, eth1, …
+    pub name: String,
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -80,6 +107,9 @@ pub struct RuntimeConfig {
     pub log_max_files: u32,
     pub stop_signal: String,
     pub stop_timeout_ms: u64,
+    /// Published ports, proxied by the shim to the first bridge address.
+    #[serde(default)]
+    pub ports: Vec<crate::net::proxy::PortMap>,
 }
 
 /// Files and folders of one container under `STATE/containers/NAME`.

@@ -531,8 +531,23 @@ pub fn exec_process(cfg: &RuntimeConfig, keep_fd: RawFd) -> InitError {
 
 fn exec_inner(cfg: &RuntimeConfig, keep_fd: RawFd) -> R<std::convert::Infallible> {
     nix::unistd::sethostname(&cfg.hostname).map_err(|e| fail("sethostname", e))?;
-    if cfg.net == NetMode::None {
-        super::netlo::loopback_up().map_err(|e| fail("bring up loopback", e))?;
+    match &cfg.net {
+        NetMode::Host => {}
+        NetMode::None => crate::net::link::configure_inside(&[], None)
+            .map_err(|e| fail("bring up loopback", e))?,
+        NetMode::Bridge { ifaces, gateway } => {
+            let inside: Vec<_> = ifaces
+                .iter()
+                .map(|i| crate::net::link::InsideIface {
+                    from: i.peer.clone(),
+                    name: i.name.clone(),
+                    addr: i.addr,
+                    prefix: i.prefix,
+                })
+                .collect();
+            crate::net::link::configure_inside(&inside, Some(*gateway))
+                .map_err(|e| fail("configure the network", e))?
+        }
     }
     exec_as(&cfg.process, keep_fd)
 }

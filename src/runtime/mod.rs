@@ -10,7 +10,6 @@ pub mod config;
 pub mod exec;
 pub mod init;
 pub mod logs;
-pub mod netlo;
 pub mod shim;
 pub mod state;
 

@@ -25,6 +25,13 @@ pub fn hosts_file(hostname: &str, net: &NetMode) -> String {
         NetMode::None => format!(
             "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n127.0.1.1\t{hostname}\n"
         ),
+        NetMode::Bridge { ifaces, .. } => {
+            let mut m = std::collections::BTreeMap::new();
+            if let Some(i) = ifaces.first() {
+                m.insert(i.addr, vec![hostname.to_string()]);
+            }
+            crate::net::hosts::render(&m)
+        }
     }
 }
 
@@ -33,8 +40,15 @@ pub fn write_etc(dir: &ContainerDir, cfg: &RuntimeConfig) -> std::io::Result<()>
     let etc = dir.etc();
     std::fs::create_dir_all(&etc)?;
     std::fs::write(etc.join("hostname"), format!("{}\n", cfg.hostname))?;
-    std::fs::write(etc.join("hosts"), hosts_file(&cfg.hostname, &cfg.net))?;
-    let resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    let hosts = etc.join("hosts");
+    // on bridge networks apply manages the file (peers by name); only seed it
+    if !matches!(cfg.net, NetMode::Bridge { .. }) || !hosts.exists() {
+        std::fs::write(&hosts, hosts_file(&cfg.hostname, &cfg.net))?;
+    }
+    let mut resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
+    if cfg.net.own_namespace() {
+        resolv = crate::net::hosts::resolv_conf(&resolv);
+    }
     std::fs::write(etc.join("resolv.conf"), resolv)?;
     Ok(())
 }
@@ -118,9 +132,11 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         | CloneFlags::CLONE_NEWUTS
         | CloneFlags::CLONE_NEWIPC
         | CloneFlags::CLONE_NEWPID;
-    if cfg.net == NetMode::None {
+    if cfg.net.own_namespace() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
+    // published ports are bound before the container exists: a port in use fails the start
+    let ports = crate::net::proxy::bind(&cfg.ports)?;
     let child_cfg = cfg.clone();
     let child_dir = dir.to_path_buf();
     let (cout, cerr, cgo, cfail) = (
@@ -175,11 +191,16 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let pid = crate::sys::clone_child(child, flags).map_err(|e| format!("clone: {e}"))?;
     drop((out_w, err_w, go_r, fail_w));
     let started_at = now_unix();
-    if let Err(e) = cg.add(pid.as_raw()) {
+    if let Err(e) = cg
+        .add(pid.as_raw())
+        .map_err(|e| e.to_string())
+        .and_then(|()| attach_network(&cfg.net, pid.as_raw()))
+    {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(pid, None);
         let _ = cg.destroy();
-        return Err(e.to_string());
+        detach_network(&cfg.net);
+        return Err(e);
     }
     let mut go = std::fs::File::from(go_w);
     let _ = go.write_all(b"g");
@@ -198,6 +219,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         };
         let _ = fsutil::write_json(&cd.exit(), &rec);
         let _ = cg.destroy();
+        detach_network(&cfg.net);
         return Err(failure);
     }
     let state = ContainerState {
@@ -219,6 +241,12 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     }
     // the starter reads until EOF: no copy of the readiness pipe may stay open
     devnull_stdio();
+    let proxy = match (&cfg.net, ports.is_empty()) {
+        (NetMode::Bridge { ifaces, .. }, false) => ifaces
+            .first()
+            .and_then(|i| start_proxy(ports, i.addr, [out_r.as_raw_fd(), err_r.as_raw_fd()])),
+        _ => None,
+    };
 
     // capture output until both pipes close
     let mut log = LogWriter::open(&cd.log(), cfg.log_max_size, cfg.log_max_files)
@@ -245,11 +273,64 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         finished_at: now_unix(),
         error: None,
     };
+    if let Some(p) = proxy {
+        let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
+        let _ = waitpid(p, None);
+    }
+    detach_network(&cfg.net);
     let _ = fsutil::write_json(&cd.exit(), &rec);
     if let Err(e) = cg.destroy() {
         eprintln!("shim: {e}");
     }
     Ok(())
+}
+
+/// Host side of bridge networking: a veth per network, its peer moved into the container.
+fn attach_network(net: &NetMode, pid: i32) -> Result<(), String> {
+    if let NetMode::Bridge { ifaces, .. } = net {
+        for i in ifaces {
+            crate::net::link::create_veth(&i.host_veth, &i.peer, &i.bridge, pid)
+                .map_err(|e| format!("network {}: {e}", i.network))?;
+        }
+    }
+    Ok(())
+}
+
+/// The veths go with the container's namespace; remove any the kernel has not yet.
+fn detach_network(net: &NetMode) {
+    if let NetMode::Bridge { ifaces, .. } = net {
+        for i in ifaces {
+            if crate::net::link::exists(&i.host_veth) {
+                let _ = crate::net::link::delete(&i.host_veth);
+            }
+        }
+    }
+}
+
+/// Fork the port proxy: it dies with the shim (parent-death signal) and is killed when the
+/// container exits.
+fn start_proxy(
+    ports: Vec<crate::net::proxy::Bound>,
+    target: std::net::Ipv4Addr,
+    close: [i32; 2],
+) -> Option<nix::unistd::Pid> {
+    match crate::sys::fork_process() {
+        Ok(Some(child)) => Some(child),
+        Ok(None) => {
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            if nix::unistd::getppid().as_raw() == 1 {
+                std::process::exit(0);
+            }
+            for fd in close {
+                let _ = nix::unistd::close(fd);
+            }
+            crate::net::proxy::serve(ports, target)
+        }
+        Err(e) => {
+            eprintln!("shim: cannot start the port proxy: {e}");
+            None
+        }
+    }
 }
 
 fn pump(log: &mut LogWriter, out: OwnedFd, err: OwnedFd) {

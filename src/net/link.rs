@@ -1,0 +1,220 @@
+//! Links, addresses and routes through rtnetlink. Each call runs on its own current-thread
+//! runtime: callers are synchronous (apply) or must stay single-threaded (the shim and the
+//! container's first process).
+
+use super::{NetError, nl};
+use futures::TryStreamExt;
+use rtnetlink::{Handle, LinkBridge, LinkUnspec, LinkVeth, RouteMessageBuilder};
+use std::future::Future;
+use std::net::{IpAddr, Ipv4Addr};
+
+fn block_on<T>(
+    what: &str,
+    f: impl AsyncFnOnce(Handle) -> Result<T, NetError>,
+) -> Result<T, NetError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| nl("start a runtime for", what, e))?;
+    rt.block_on(async {
+        let (conn, handle, _) =
+            rtnetlink::new_connection().map_err(|e| nl("open a netlink socket for", what, e))?;
+        let task = tokio::spawn(conn);
+        let r = f(handle).await;
+        task.abort();
+        r
+    })
+}
+
+async fn index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {
+    let mut links = h.link().get().match_name(name.to_string()).execute();
+    match links.try_next().await {
+        Ok(Some(m)) => Ok(Some(m.header.index)),
+        Ok(None) => Ok(None),
+        // ENODEV: no such link
+        Err(rtnetlink::Error::NetlinkError(e)) if e.raw_code() == -libc::ENODEV => Ok(None),
+        Err(e) => Err(nl("look up link", name, e)),
+    }
+}
+
+async fn must_index(h: &Handle, name: &str) -> Result<u32, NetError> {
+    index(h, name)
+        .await?
+        .ok_or_else(|| nl("look up link", name, "no such interface"))
+}
+
+async fn step(
+    step: &'static str,
+    what: &str,
+    f: impl Future<Output = Result<(), rtnetlink::Error>>,
+) -> Result<(), NetError> {
+    f.await.map_err(|e| nl(step, what, e))
+}
+
+/// Whether an interface of this name exists in the host's namespace.
+pub fn exists(name: &str) -> bool {
+    std::path::Path::new("/sys/class/net").join(name).exists()
+}
+
+/// Create the bridge `name` with `gateway/prefix` on it, up. Idempotent.
+pub fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), NetError> {
+    block_on(name, async |h| {
+        let idx = match index(&h, name).await? {
+            Some(i) => i,
+            None => {
+                step(
+                    "create bridge",
+                    name,
+                    h.link().add(LinkBridge::new(name).build()).execute(),
+                )
+                .await?;
+                must_index(&h, name).await?
+            }
+        };
+        step(
+            "add address to",
+            name,
+            h.address()
+                .add(idx, IpAddr::V4(gateway), prefix)
+                .replace()
+                .execute(),
+        )
+        .await?;
+        step(
+            "bring up",
+            name,
+            h.link()
+                .set(LinkUnspec::new_with_index(idx).up().build())
+                .execute(),
+        )
+        .await
+    })
+}
+
+/// Delete an interface if it exists (a bridge, or the host side of a veth).
+pub fn delete(name: &str) -> Result<(), NetError> {
+    block_on(name, async |h| {
+        if let Some(idx) = index(&h, name).await? {
+            step("delete link", name, h.link().del(idx).execute()).await?;
+        }
+        Ok(())
+    })
+}
+
+/// Create a veth pair: `host` attached to `bridge` and up, `peer` moved into the network
+/// namespace of process `pid`.
+pub fn create_veth(host: &str, peer: &str, bridge: &str, pid: i32) -> Result<(), NetError> {
+    block_on(host, async |h| {
+        if let Some(old) = index(&h, host).await? {
+            // left over from a container whose namespace is gone
+            step("delete stale veth", host, h.link().del(old).execute()).await?;
+        }
+        step(
+            "create veth",
+            host,
+            h.link().add(LinkVeth::new(host, peer).build()).execute(),
+        )
+        .await?;
+        let br = must_index(&h, bridge).await?;
+        let hi = must_index(&h, host).await?;
+        step(
+            "attach veth to",
+            bridge,
+            h.link()
+                .set(LinkUnspec::new_with_index(hi).controller(br).up().build())
+                .execute(),
+        )
+        .await?;
+        let pi = must_index(&h, peer).await?;
+        step(
+            "move veth into the container",
+            peer,
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(pi)
+                        .setns_by_pid(pid as u32)
+                        .build(),
+                )
+                .execute(),
+        )
+        .await
+    })
+}
+
+/// Put an existing interface on `bridge` (again).
+pub fn attach(iface: &str, bridge: &str) -> Result<(), NetError> {
+    block_on(iface, async |h| {
+        let br = must_index(&h, bridge).await?;
+        let i = must_index(&h, iface).await?;
+        step(
+            "attach to bridge",
+            iface,
+            h.link()
+                .set(LinkUnspec::new_with_index(i).controller(br).up().build())
+                .execute(),
+        )
+        .await
+    })
+}
+
+/// One interface to configure inside a container.
+#[derive(Debug, Clone)]
+pub struct InsideIface {
+    /// The name it arrived with.
+    pub from: String,
+    /// The name it gets: eth0, eth1, …
+    pub name: String,
+    pub addr: Ipv4Addr,
+    pub prefix: u8,
+}
+
+/// In the current network namespace (the container's): loopback up, each interface renamed,
+/// addressed and up, and a default route via `gateway`.
+pub fn configure_inside(ifaces: &[InsideIface], gateway: Option<Ipv4Addr>) -> Result<(), NetError> {
+    block_on("container network", async |h| {
+        step(
+            "bring up",
+            "lo",
+            h.link()
+                .set(LinkUnspec::new_with_index(1).up().build())
+                .execute(),
+        )
+        .await?;
+        for i in ifaces {
+            let idx = must_index(&h, &i.from).await?;
+            step(
+                "rename",
+                &i.from,
+                h.link()
+                    .set(LinkUnspec::new_with_index(idx).name(i.name.clone()).build())
+                    .execute(),
+            )
+            .await?;
+            step(
+                "add address to",
+                &i.name,
+                h.address().add(idx, IpAddr::V4(i.addr), i.prefix).execute(),
+            )
+            .await?;
+            step(
+                "bring up",
+                &i.name,
+                h.link()
+                    .set(LinkUnspec::new_with_index(idx).up().build())
+                    .execute(),
+            )
+            .await?;
+        }
+        if let Some(gw) = gateway {
+            step(
+                "add default route via",
+                &gw.to_string(),
+                h.route()
+                    .add(RouteMessageBuilder::<Ipv4Addr>::new().gateway(gw).build())
+                    .execute(),
+            )
+            .await?;
+        }
+        Ok(())
+    })
+}
