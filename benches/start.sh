@@ -19,7 +19,7 @@ port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); pr
 ref="127.0.0.1:$port/bench/bb:1"
 cleanup() {
   mkdir -p "$work/empty"
-  "$BERTH" --state-dir "$work/state" apply --allow-empty "$work/empty" >/dev/null 2>&1 || true
+  "$BERTH" --state-dir "$work/state" apply --allow-empty --max-deletions 100000 "$work/empty" >/dev/null 2>&1 || true
   "${PODMAN[@]}" rm -f $("${PODMAN[@]}" ps -aq --filter label=berth-bench=1 2>/dev/null) >/dev/null 2>&1 || true
   "${PODMAN[@]}" rmi -f "$ref" >/dev/null 2>&1 || true
   [ -n "${regpid:-}" ] && kill "$regpid" 2>/dev/null || true

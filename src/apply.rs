@@ -69,6 +69,7 @@ impl Executor<'_> {
     ) -> Result<Vec<StepOutcome>, ApplyError> {
         let mut outcomes = vec![];
         for wave in waves(plan, self.desired) {
+            let touches_containers = wave.iter().any(|s| s.kind == Kind::Container);
             let results: Vec<StepOutcome> =
                 if wave.len() > 1 && wave.iter().all(|s| s.kind == Kind::Image) {
                     self.pull_all(&wave, report)
@@ -93,8 +94,12 @@ impl Executor<'_> {
                 };
             let failed = results.iter().find(|o| !o.ok).cloned();
             outcomes.extend(results);
-            if failed.is_some() {
-                let _ = refresh_hosts(self.state);
+            // names of containers that came or went in this wave, everywhere
+            if touches_containers
+                && let Err(e) = refresh_hosts(self.state, None)
+                && failed.is_none()
+            {
+                return Err(e);
             }
             if let Some(f) = failed {
                 return Err(ApplyError::Invalid(format!(
@@ -104,8 +109,6 @@ impl Executor<'_> {
                 )));
             }
         }
-        // names of containers that came or went in this apply, everywhere
-        refresh_hosts(self.state)?;
         Ok(outcomes)
     }
 
@@ -342,8 +345,9 @@ impl Executor<'_> {
         self.state.write_record(Kind::Container, name, &rec)?;
         self.runtime.prepare(&cfg)?;
         if matches!(cfg.net, NetMode::Bridge { .. }) {
+            // its own hosts file now; its peers' after the wave (refresh_hosts in execute)
             let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-            refresh_hosts(self.state)?;
+            refresh_hosts(self.state, Some(name))?;
         }
         Ok(())
     }
@@ -397,6 +401,7 @@ impl Executor<'_> {
             subnet,
             internal: n.spec.internal,
             leases: BTreeMap::new(),
+            hostnames: BTreeMap::new(),
         });
         ipam.subnet = subnet;
         ipam.internal = n.spec.internal;
@@ -483,6 +488,10 @@ impl Executor<'_> {
                 ApplyError::Invalid(format!("network {n:?} has not been created"))
             })?;
             let addr = ipam.lease(name)?;
+            match spec.hostname.as_deref() {
+                Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
+                _ => ipam.hostnames.remove(name),
+            };
             ipam.save(&path)?;
             let host_veth = net::veth_name(&self.state.root, name, i);
             ifaces.push(rc::BridgeIface {
@@ -515,43 +524,31 @@ impl Executor<'_> {
         Ok((NetMode::Bridge { ifaces, gateway }, ports))
     }
 
-    /// Free the container's addresses and drop it from its peers' hosts files.
+    /// Free the container's addresses (its peers' hosts files follow after the wave).
     fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
         let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut changed = false;
         for (_, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
             if ipam.release(name) {
                 ipam.save(&path)?;
-                changed = true;
             }
-        }
-        if changed {
-            refresh_hosts(self.state)?;
         }
         Ok(())
     }
 }
 
-/// Rewrite, in place, the /etc/hosts of every container on a bridge network so it lists
-/// every container it shares a network with, by name and hostname.
-pub fn refresh_hosts(state: &StateDir) -> Result<(), ApplyError> {
+/// Rewrite, in place, the /etc/hosts of every container on a bridge network (or only of
+/// `only`) so it lists every container it shares a network with, by name and hostname.
+pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
     let ipams = net::ipam::all(&state.root.join("net"))?;
-    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
-    let names = |c: &str| -> Vec<String> {
-        let mut v = vec![c.to_string()];
-        if let Some(h) = records.get(c).and_then(|r| r.spec.hostname.clone())
-            && h != c
-        {
-            v.push(h);
-        }
-        v
-    };
     let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
     for (_, ipam) in ipams.values() {
         for c in ipam.leases.keys() {
+            if only.is_some_and(|o| o != c) {
+                continue;
+            }
             let e = per.entry(c.clone()).or_default();
             for (peer, addr) in &ipam.leases {
-                e.insert(*addr, names(peer));
+                e.insert(*addr, ipam.names(peer));
             }
         }
     }

@@ -19,6 +19,9 @@ pub struct Ipam {
     /// Container name → its address on this network.
     #[serde(default)]
     pub leases: BTreeMap<String, Ipv4Addr>,
+    /// Container name → a hostname it also answers to (when it differs from the name).
+    #[serde(default)]
+    pub hostnames: BTreeMap<String, String>,
 }
 
 impl Ipam {
@@ -26,9 +29,20 @@ impl Ipam {
         Ok(fsutil::read_json(path)?)
     }
 
+    /// Atomic (readers and a killed berth see the old or the new file), without fsync: the
+    /// leases only matter while their containers run, and those do not survive the host.
     pub fn save(&self, path: &Path) -> Result<(), NetError> {
-        fsutil::write_json(path, self)?;
+        fsutil::write_json_volatile(path, self)?;
         Ok(())
+    }
+
+    /// Names a container answers to on this network.
+    pub fn names(&self, container: &str) -> Vec<String> {
+        let mut v = vec![container.to_string()];
+        if let Some(h) = self.hostnames.get(container) {
+            v.push(h.clone());
+        }
+        v
     }
 
     pub fn gateway(&self) -> Ipv4Addr {
@@ -54,6 +68,7 @@ impl Ipam {
     }
 
     pub fn release(&mut self, container: &str) -> bool {
+        self.hostnames.remove(container);
         self.leases.remove(container).is_some()
     }
 }
@@ -88,6 +103,7 @@ mod tests {
             subnet: Subnet::new(Ipv4Addr::new(10, 89, 0, 0), prefix),
             internal: false,
             leases: BTreeMap::new(),
+            hostnames: BTreeMap::new(),
         }
     }
 
