@@ -110,13 +110,8 @@ fn apply_run_exec_and_clean_up() {
         paths_in(&s.join("containers")).is_empty(),
         "container directories left behind"
     );
-    let leftovers: Vec<_> = std::fs::read_dir("/sys/fs/cgroup/memory")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.path().join("berth").join(&name).exists())
-        .collect();
-    assert!(leftovers.is_empty(), "cgroup left behind");
+    let leftovers = cgroups_named(&name);
+    assert!(leftovers.is_empty(), "cgroup left behind: {leftovers:?}");
     assert!(
         !std::path::Path::new(&format!("/proc/{pid}")).exists(),
         "process still running"

@@ -276,6 +276,9 @@ fn published_tcp_and_udp_ports_answer_on_loopback_and_are_freed() {
     ok(&berth(h.s(), &["apply", "--allow-empty", h.d()]));
     std::net::TcpListener::bind(("127.0.0.1", tcp)).expect("tcp port freed");
     std::net::UdpSocket::bind(("127.0.0.1", udp)).expect("udp port freed");
+    // the start that failed on the taken port left nothing behind either
+    let left = cgroups_named(&h.name("clash"));
+    assert!(left.is_empty(), "cgroup left behind: {left:?}");
 }
 
 #[test]

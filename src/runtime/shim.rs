@@ -120,9 +120,8 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     }
     write_etc(&cd, &cfg).map_err(|e| format!("write /etc files: {e}"))?;
     let _ = std::fs::remove_file(cd.exit());
-    let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
-    let cg = loc.create(&cfg.limits).map_err(|e| e.to_string())?;
-
+    // published ports are bound before the container exists: a port in use fails the start
+    let ports = crate::net::proxy::bind(&cfg.ports)?;
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -135,8 +134,9 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     if cfg.net.own_namespace() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    // published ports are bound before the container exists: a port in use fails the start
-    let ports = crate::net::proxy::bind(&cfg.ports)?;
+    // last fallible step before the clone: nothing above leaves anything on the host
+    let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
+    let cg = loc.create(&cfg.limits).map_err(|e| e.to_string())?;
     let child_cfg = cfg.clone();
     let child_dir = dir.to_path_buf();
     let (cout, cerr, cgo, cfail) = (
@@ -188,7 +188,10 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         let e = super::init::exec_process(&child_cfg, fail_fd);
         die(e.to_string())
     });
-    let pid = crate::sys::clone_child(child, flags).map_err(|e| format!("clone: {e}"))?;
+    let pid = crate::sys::clone_child(child, flags).map_err(|e| {
+        let _ = cg.destroy();
+        format!("clone: {e}")
+    })?;
     drop((out_w, err_w, go_r, fail_w));
     let started_at = now_unix();
     if let Err(e) = cg

@@ -481,3 +481,28 @@ pub fn paths_in(dir: &Path) -> Vec<PathBuf> {
     v.sort();
     v
 }
+
+/// Cgroup directories named `name` beneath a `berth` directory anywhere in the cgroup tree
+/// (every v1 controller and v2), i.e. what berth created for container `name`.
+pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
+    fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
+        let Ok(rd) = std::fs::read_dir(dir) else {
+            return;
+        };
+        for e in rd.flatten() {
+            let p = e.path();
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            if e.file_name() == name && dir.file_name().is_some_and(|f| f == "berth") {
+                found.push(p.clone());
+            }
+            if depth > 0 {
+                walk(&p, name, depth - 1, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(Path::new("/sys/fs/cgroup"), name, 5, &mut found);
+    found
+}
