@@ -60,7 +60,7 @@ mkdir -p "$work/m" "$work/empty"
 } > "$work/m/all.toml"
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-now() { date +%s.%N; }
+now() { echo "$EPOCHREALTIME"; }
 
 : > "$work/berth.t"; : > "$work/podman.t"
 for r in $(seq "$RUNS"); do

@@ -52,7 +52,8 @@ size=$(du -sm "$work/regdata" | cut -f1)
 echo "image pushed: $ref (${size} MB in the registry)"
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+# $EPOCHREALTIME (bash 5) rather than $(date): no helper process inside the timed span
+t() { local s e; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$e - $s" | bc; }
 
 : > "$work/berth.t"; : > "$work/podman.t"; : > "$work/skopeo.t"
 for i in $(seq "$RUNS"); do

@@ -65,7 +65,8 @@ base > "$work/m/base.toml"
 "$BERTH" --state-dir "$work/state" apply "$work/m" >/dev/null
 
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-t() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>&1; e=$(date +%s.%N); echo "$e - $s" | bc; }
+# $EPOCHREALTIME (bash 5) rather than $(date): no helper process inside the timed span
+t() { local s e; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$e - $s" | bc; }
 
 : > "$work/berth.t"; : > "$work/podman.t"
 for i in $(seq "$RUNS"); do

@@ -140,6 +140,23 @@ impl ContainerCgroup {
         self.cg.exists()
     }
 
+    /// Whether the container's first process joins the cgroup itself ([`Self::join_self`])
+    /// rather than being added by the shim ([`Self::add`]): on v1.
+    pub fn joins_itself(&self) -> bool {
+        !self.loc.v2
+    }
+
+    /// Move the calling process, which must be single-threaded, into the cgroup (v1). Writing
+    /// 0 to `tasks` moves just the caller, which the kernel does without taking its global
+    /// threadgroup lock for writing; writing a pid to `cgroup.procs` takes it, and each such
+    /// write waits out an RCU grace period (5-15 ms here) — the largest single cost of a
+    /// container start.
+    pub fn join_self(&self) -> Result<(), CgroupError> {
+        self.cg
+            .add_task(CgroupPid::from(0))
+            .map_err(|e| err(&self.loc.path, "join", e))
+    }
+
     pub fn add(&self, pid: i32) -> Result<(), CgroupError> {
         self.cg
             .add_task_by_tgid(CgroupPid::from(pid as u64))

@@ -139,6 +139,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let cg = loc.create(&cfg.limits).map_err(|e| e.to_string())?;
     let child_cfg = cfg.clone();
     let child_dir = dir.to_path_buf();
+    let child_cg = &cg;
     let (cout, cerr, cgo, cfail) = (
         out_w.as_raw_fd(),
         err_w.as_raw_fd(),
@@ -157,11 +158,16 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
             }
             127
         };
-        // wait until the shim has put us in the cgroup
+        // wait until the shim has set up the network (and, on v2, put us in the cgroup)
         let mut b = [0u8; 1];
         match std::fs::File::open(format!("/proc/self/fd/{cgo}")).and_then(|mut f| f.read(&mut b)) {
             Ok(1) => {}
             _ => return die("setup: the shim went away".into()),
+        }
+        if child_cg.joins_itself()
+            && let Err(e) = child_cg.join_self()
+        {
+            return die(e.to_string());
         }
         if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
             return die(format!("cgroup namespace: {e}"));
@@ -194,11 +200,12 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     })?;
     drop((out_w, err_w, go_r, fail_w));
     let started_at = now_unix();
-    if let Err(e) = cg
-        .add(pid.as_raw())
-        .map_err(|e| e.to_string())
-        .and_then(|()| attach_network(&cfg.net, pid.as_raw()))
-    {
+    let added = if cg.joins_itself() {
+        Ok(())
+    } else {
+        cg.add(pid.as_raw()).map_err(|e| e.to_string())
+    };
+    if let Err(e) = added.and_then(|()| attach_network(&cfg.net, pid.as_raw())) {
         let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(pid, None);
         let _ = cg.destroy();
