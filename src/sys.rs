@@ -78,3 +78,127 @@ pub fn set_controlling_tty(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
     let r = unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSCTTY, 0) };
     nix::errno::Errno::result(r).map(drop)
 }
+
+/// One eBPF instruction (`struct bpf_insn`): opcode, dst/src registers (4 bits each), offset,
+/// immediate.
+#[repr(C)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BpfInsn {
+    pub code: u8,
+    pub regs: u8,
+    pub off: i16,
+    pub imm: i32,
+}
+
+/// `union bpf_attr` as BPF_PROG_LOAD reads it, up to `expected_attach_type`.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct BpfProgLoadAttr {
+    prog_type: u32,
+    insn_cnt: u32,
+    insns: u64,
+    license: u64,
+    log_level: u32,
+    log_size: u32,
+    log_buf: u64,
+    kern_version: u32,
+    prog_flags: u32,
+    prog_name: [u8; 16],
+    prog_ifindex: u32,
+    expected_attach_type: u32,
+}
+
+/// `union bpf_attr` as BPF_PROG_ATTACH reads it.
+#[repr(C, align(8))]
+#[derive(Default)]
+struct BpfProgAttachAttr {
+    target_fd: u32,
+    attach_bpf_fd: u32,
+    attach_type: u32,
+    attach_flags: u32,
+    replace_bpf_fd: u32,
+}
+
+const BPF_PROG_LOAD: libc::c_long = 5;
+const BPF_PROG_ATTACH: libc::c_long = 8;
+const BPF_PROG_TYPE_CGROUP_DEVICE: u32 = 15;
+const BPF_CGROUP_DEVICE: u32 = 6;
+const BPF_F_ALLOW_MULTI: u32 = 2;
+
+/// Load a BPF_PROG_TYPE_CGROUP_DEVICE program. On a verifier rejection the error carries the
+/// verifier's log.
+pub fn bpf_load_device_program(insns: &[BpfInsn]) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let license = c"Apache-2.0";
+    let load = |log: Option<&mut Vec<u8>>| -> std::io::Result<std::os::fd::OwnedFd> {
+        let mut attr = BpfProgLoadAttr {
+            prog_type: BPF_PROG_TYPE_CGROUP_DEVICE,
+            insn_cnt: insns.len() as u32,
+            insns: insns.as_ptr() as u64,
+            license: license.as_ptr() as u64,
+            ..Default::default()
+        };
+        attr.prog_name[..5].copy_from_slice(b"berth");
+        if let Some(buf) = log {
+            attr.log_level = 1;
+            attr.log_size = buf.len() as u32;
+            attr.log_buf = buf.as_mut_ptr() as u64;
+        }
+        // SAFETY: `attr` is a correctly laid out prefix of `union bpf_attr` and its size is
+        // passed; `insns`, `license` and the log buffer outlive the call, which reads the
+        // first two and writes at most `log_size` bytes into the third.
+        let fd = unsafe {
+            libc::syscall(
+                libc::SYS_bpf,
+                BPF_PROG_LOAD,
+                &mut attr as *mut BpfProgLoadAttr,
+                std::mem::size_of::<BpfProgLoadAttr>(),
+            )
+        };
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+        Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+    };
+    load(None).or_else(|e| {
+        if e.raw_os_error() != Some(libc::EINVAL) && e.raw_os_error() != Some(libc::EACCES) {
+            return Err(e);
+        }
+        let mut log = vec![0u8; 64 * 1024];
+        let again = load(Some(&mut log));
+        let text = String::from_utf8_lossy(&log);
+        let text = text.trim_end_matches('\0').trim();
+        again.map_err(|e2| std::io::Error::new(e2.kind(), format!("{e2}: {text}")))
+    })
+}
+
+/// Attach a device program to the cgroup open as `cgroup` (alongside any that its ancestors
+/// run: every program on the path must allow an access).
+pub fn bpf_attach_device_program(
+    cgroup: std::os::fd::BorrowedFd<'_>,
+    prog: std::os::fd::BorrowedFd<'_>,
+) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let mut attr = BpfProgAttachAttr {
+        target_fd: cgroup.as_raw_fd() as u32,
+        attach_bpf_fd: prog.as_raw_fd() as u32,
+        attach_type: BPF_CGROUP_DEVICE,
+        attach_flags: BPF_F_ALLOW_MULTI,
+        replace_bpf_fd: 0,
+    };
+    // SAFETY: `attr` is a correctly laid out prefix of `union bpf_attr` with its size passed;
+    // both descriptors are open for the duration of the call.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_PROG_ATTACH,
+            &mut attr as *mut BpfProgAttachAttr,
+            std::mem::size_of::<BpfProgAttachAttr>(),
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}

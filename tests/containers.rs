@@ -10,6 +10,7 @@ fn apply_run_exec_and_clean_up() {
     write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
     let state = tempfile::tempdir().unwrap();
     let s = state.path();
+    let _teardown = Teardown::new(s);
     ok(&berth(
         s,
         &[
@@ -76,6 +77,27 @@ fn apply_run_exec_and_clean_up() {
         ex.contains("ro") || ex.contains("Read-only"),
         "/sys is read-only: {ex}"
     );
+    // device nodes may be made (CAP_MKNOD) but only docker's few may be opened: not a block
+    // device such as loop0 (7:0), which root on this host can open
+    let ex = ok(&berth(
+        s,
+        &[
+            "exec",
+            &name,
+            "--",
+            "sh",
+            "-c",
+            "mknod /dev/loopx b 7 0 && echo made; (exec 3</dev/loopx) 2>&1 || true; echo x > /dev/null && echo null-ok",
+        ],
+    ));
+    let lines: Vec<&str> = ex.lines().collect();
+    assert_eq!(lines.len(), 3, "device access: {ex}");
+    assert_eq!(lines[0], "made");
+    assert!(
+        lines[1].contains("Operation not permitted"),
+        "a block device must not be usable: {ex}"
+    );
+    assert_eq!(lines[2], "null-ok");
     let code = berth(s, &["exec", &name, "--", "sh", "-c", "exit 7"])
         .status
         .code();

@@ -368,6 +368,7 @@ fn apply_pulls_from_a_registry_and_runs() {
     let reference = format!("{}/e2e/pulled:1", reg.addr);
     push_image(&reference, &[]);
     let state = tempfile::tempdir().unwrap();
+    let _teardown = Teardown::new(state.path());
     let dir = tempfile::tempdir().unwrap();
     let name = format!("pul{}", std::process::id());
     std::fs::write(

@@ -9,6 +9,7 @@ use super::config::Limits;
 use cgroups_rs::CgroupPid;
 use cgroups_rs::fs::cgroup::{Cgroup, get_cgroups_relative_paths};
 use cgroups_rs::fs::cpu::CpuController;
+use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{MaxValue, hierarchies};
@@ -117,6 +118,7 @@ impl CgroupLocation {
             cg,
             loc: self.clone(),
         };
+        c.restrict_devices()?;
         c.set_limits(limits)?;
         Ok(c)
     }
@@ -138,6 +140,42 @@ pub struct ContainerCgroup {
 impl ContainerCgroup {
     pub fn exists(&self) -> bool {
         self.cg.exists()
+    }
+
+    /// Docker's device rules (see `super::devices`): on v1 through the devices controller,
+    /// on v2 as an eBPF program attached to the cgroup. Fails closed.
+    fn restrict_devices(&self) -> Result<(), CgroupError> {
+        let p = &self.loc.path;
+        if self.loc.v2 {
+            let dir = std::path::Path::new(hierarchies::auto().root().as_path()).join(p);
+            return super::devices::restrict_v2(&dir)
+                .map_err(|e| err(p, "attach the device filter", e));
+        }
+        let dev = self.cg.controller_of::<DevicesController>().ok_or_else(|| {
+            err(
+                p,
+                "restrict devices",
+                "no devices controller is mounted: refusing to run a container with unrestricted device access",
+            )
+        })?;
+        let all = DevicePermissions::all();
+        dev.deny_device(DeviceType::All, -1, -1, &all)
+            .map_err(|e| err(p, "deny all devices", e))?;
+        for r in super::devices::ALLOWED {
+            let t = match r.kind {
+                super::devices::Kind::Char => DeviceType::Char,
+                super::devices::Kind::Block => DeviceType::Block,
+            };
+            let any = |n: Option<u32>| n.map(i64::from).unwrap_or(-1);
+            let perms: Vec<DevicePermissions> = r
+                .access
+                .chars()
+                .filter_map(DevicePermissions::from_char)
+                .collect();
+            dev.allow_device(t, any(r.major), any(r.minor), &perms)
+                .map_err(|e| err(p, "allow device", e))?;
+        }
+        Ok(())
     }
 
     /// Whether the container's first process joins the cgroup itself ([`Self::join_self`])

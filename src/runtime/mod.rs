@@ -7,6 +7,7 @@
 
 pub mod cgroup;
 pub mod config;
+pub mod devices;
 pub mod exec;
 pub mod init;
 pub mod logs;

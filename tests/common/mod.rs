@@ -191,7 +191,7 @@ pub fn busybox_layer() -> Vec<u8> {
     for a in [
         "sh", "ls", "cat", "echo", "httpd", "wget", "sleep", "true", "false", "id", "env", "ps",
         "grep", "head", "nc", "mkdir", "touch", "dd", "yes", "hostname", "stat", "test", "seq",
-        "tail",
+        "tail", "mknod",
     ] {
         l = l.symlink(&format!("bin/{a}"), "busybox");
     }
@@ -505,4 +505,35 @@ pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
     let mut found = Vec::new();
     walk(Path::new("/sys/fs/cgroup"), name, 5, &mut found);
     found
+}
+
+/// Removes every container of a state directory when dropped, so a failing test leaves nothing
+/// running. Declare it after the state directory's `TempDir` so it runs first.
+pub struct Teardown {
+    state: PathBuf,
+    empty: tempfile::TempDir,
+}
+
+impl Teardown {
+    pub fn new(state: &Path) -> Teardown {
+        Teardown {
+            state: state.to_path_buf(),
+            empty: tempfile::tempdir().unwrap(),
+        }
+    }
+}
+
+impl Drop for Teardown {
+    fn drop(&mut self) {
+        let _ = berth(
+            &self.state,
+            &[
+                "apply",
+                "--allow-empty",
+                "--max-deletions",
+                "1000",
+                self.empty.path().to_str().unwrap_or_default(),
+            ],
+        );
+    }
 }
