@@ -72,7 +72,9 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
         Ok(rt) => rt,
         Err(_) => std::process::exit(1),
     };
-    rt.block_on(async move {
+    // a LocalSet: the UDP forwarders share their client table without locks
+    let local = tokio::task::LocalSet::new();
+    local.block_on(&rt, async move {
         let mut tasks = vec![];
         for b in bound {
             match b {
@@ -81,7 +83,10 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
                         continue;
                     }
                     if let Ok(l) = tokio::net::TcpListener::from_std(l) {
-                        tasks.push(tokio::spawn(tcp(l, SocketAddr::from((target, port)))));
+                        tasks.push(tokio::task::spawn_local(tcp(
+                            l,
+                            SocketAddr::from((target, port)),
+                        )));
                     }
                 }
                 Bound::Udp(s, port) => {
@@ -89,7 +94,10 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
                         continue;
                     }
                     if let Ok(s) = tokio::net::UdpSocket::from_std(s) {
-                        tasks.push(tokio::spawn(udp(s, SocketAddr::from((target, port)))));
+                        tasks.push(tokio::task::spawn_local(udp(
+                            s,
+                            SocketAddr::from((target, port)),
+                        )));
                     }
                 }
             }
@@ -103,8 +111,13 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
 
 async fn tcp(l: tokio::net::TcpListener, to: SocketAddr) {
     loop {
-        let Ok((mut inbound, _)) = l.accept().await else {
-            continue;
+        let mut inbound = match l.accept().await {
+            Ok((c, _)) => c,
+            Err(_) => {
+                // out of descriptors or memory: back off rather than spin
+                tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+                continue;
+            }
         };
         tokio::spawn(async move {
             if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
@@ -114,18 +127,48 @@ async fn tcp(l: tokio::net::TcpListener, to: SocketAddr) {
     }
 }
 
+/// How long a UDP client may stay silent, both ways, before its socket towards the container
+/// is closed (the kernel's conntrack keeps a replied UDP flow for 120 s).
+const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// At most this many UDP clients at once; datagrams from further clients are dropped until
+/// some go idle.
+const UDP_MAX_PEERS: usize = 4096;
+
+/// The UDP clients being forwarded: for each, its socket towards the container and when it
+/// was last heard of, either way.
+type Peers = std::rc::Rc<
+    std::cell::RefCell<HashMap<SocketAddr, (Arc<tokio::net::UdpSocket>, std::time::Instant)>>,
+>;
+
 async fn udp(s: tokio::net::UdpSocket, to: SocketAddr) {
+    udp_with(s, to, UDP_IDLE, Peers::default()).await
+}
+
+/// Forward datagrams from clients of `s` to `to`, one socket towards the container per
+/// client so replies find their way back; a client idle for `idle` is forgotten.
+async fn udp_with(
+    s: tokio::net::UdpSocket,
+    to: SocketAddr,
+    idle: std::time::Duration,
+    peers: Peers,
+) {
     let s = Arc::new(s);
-    // one socket towards the container per client, so replies find their way back
-    let mut peers: HashMap<SocketAddr, Arc<tokio::net::UdpSocket>> = HashMap::new();
     let mut buf = vec![0u8; 65536];
     loop {
         let Ok((n, from)) = s.recv_from(&mut buf).await else {
             continue;
         };
-        let up = match peers.get(&from) {
-            Some(u) => u.clone(),
+        let known = peers.borrow_mut().get_mut(&from).map(|(u, seen)| {
+            *seen = std::time::Instant::now();
+            u.clone()
+        });
+        let up = match known {
+            Some(u) => u,
             None => {
+                if peers.borrow().len() >= UDP_MAX_PEERS {
+                    continue;
+                }
                 let Ok(u) = tokio::net::UdpSocket::bind("0.0.0.0:0").await else {
                     continue;
                 };
@@ -133,17 +176,90 @@ async fn udp(s: tokio::net::UdpSocket, to: SocketAddr) {
                     continue;
                 }
                 let u = Arc::new(u);
-                let (back, reply) = (s.clone(), u.clone());
-                tokio::spawn(async move {
-                    let mut b = vec![0u8; 65536];
-                    while let Ok(n) = reply.recv(&mut b).await {
-                        let _ = back.send_to(&b[..n], from).await;
-                    }
-                });
-                peers.insert(from, u.clone());
+                peers
+                    .borrow_mut()
+                    .insert(from, (u.clone(), std::time::Instant::now()));
+                tokio::task::spawn_local(replies(s.clone(), u.clone(), from, idle, peers.clone()));
                 u
             }
         };
         let _ = up.send(&buf[..n]).await;
+    }
+}
+
+/// Carry the container's replies back to `client` until the flow has been idle for `idle`.
+async fn replies(
+    back: Arc<tokio::net::UdpSocket>,
+    from_container: Arc<tokio::net::UdpSocket>,
+    client: SocketAddr,
+    idle: std::time::Duration,
+    peers: Peers,
+) {
+    let mut b = vec![0u8; 65536];
+    loop {
+        match tokio::time::timeout(idle, from_container.recv(&mut b)).await {
+            Ok(Ok(n)) => {
+                if let Some((_, seen)) = peers.borrow_mut().get_mut(&client) {
+                    *seen = std::time::Instant::now();
+                }
+                let _ = back.send_to(&b[..n], client).await;
+            }
+            Ok(Err(_)) => break,
+            Err(_) => {
+                let last = peers.borrow().get(&client).map(|(_, seen)| *seen);
+                if last.is_none_or(|t| t.elapsed() >= idle) {
+                    break;
+                }
+            }
+        }
+    }
+    peers.borrow_mut().remove(&client);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn udp_clients_are_forwarded_and_forgotten_when_idle() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            // the "container": an echo server
+            let echo = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let to = echo.local_addr().unwrap();
+            tokio::task::spawn_local(async move {
+                let mut b = [0u8; 64];
+                while let Ok((n, from)) = echo.recv_from(&mut b).await {
+                    let _ = echo.send_to(&b[..n], from).await;
+                }
+            });
+            let front = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            let front_addr = front.local_addr().unwrap();
+            let peers = Peers::default();
+            let idle = std::time::Duration::from_millis(50);
+            tokio::task::spawn_local(udp_with(front, to, idle, peers.clone()));
+            let client = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+            client.send_to(b"ping", front_addr).await.unwrap();
+            let mut b = [0u8; 64];
+            let (n, _) = client.recv_from(&mut b).await.unwrap();
+            assert_eq!(&b[..n], b"ping");
+            assert_eq!(peers.borrow().len(), 1);
+            // silent from now on: forgotten (waits for it, up to 10 s)
+            for _ in 0..1000 {
+                if peers.borrow().is_empty() {
+                    break;
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+            }
+            assert!(peers.borrow().is_empty(), "idle client still held");
+            // and a new datagram starts a new flow
+            client.send_to(b"again", front_addr).await.unwrap();
+            let (n, _) = client.recv_from(&mut b).await.unwrap();
+            assert_eq!(&b[..n], b"again");
+        });
     }
 }
