@@ -9,15 +9,15 @@
 #   bash benches/converge.sh          # RUNS=3, N=100 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 RUNS=${RUNS:-3}
 N=${N:-100}
 BERTH=${BERTH:-target/release/berth}
-PODMAN=(podman --cgroup-manager=cgroupfs --runtime runc)
 PODMAN_RUN=(run -d --ulimit nofile=1000:1000 --ulimit nproc=1000:1000)
 [ -x "$BERTH" ] || cargo build --release
 
 work=$(mktemp -d /var/tmp/berth-converge.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 ref="127.0.0.1:$port/bench/bb:1"
 net="berthbench$$"
 cleanup() {
@@ -32,21 +32,9 @@ cleanup() {
 trap cleanup EXIT
 export BERTH_CONFIG=/dev/null
 
-cat > "$work/reg.yml" <<YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/regdata}}
-http: {addr: 127.0.0.1:$port}
-YML
-docker-registry serve "$work/reg.yml" >/dev/null 2>&1 &
-regpid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+start_registry "$work" "$port"
 
-mkdir -p "$work/rootfs/bin"
-cp /bin/busybox "$work/rootfs/bin/busybox"
-for a in sh sleep; do ln -s busybox "$work/rootfs/bin/$a"; done
-python3 benches/mkimage.py "$work/layout" 1 "$work/rootfs" >/dev/null
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://$ref"
+push_busybox "$work" "$ref" sh sleep
 "$BERTH" --state-dir "$work/state" image pull -q "$ref"
 "${PODMAN[@]}" pull -q --tls-verify=false "$ref" >/dev/null
 "${PODMAN[@]}" network create "$net" >/dev/null
@@ -59,8 +47,6 @@ mkdir -p "$work/m" "$work/empty"
   done
 } > "$work/m/all.toml"
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-now() { echo "$EPOCHREALTIME"; }
 
 : > "$work/berth.t"; : > "$work/podman.t"
 for r in $(seq "$RUNS"); do

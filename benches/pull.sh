@@ -10,14 +10,14 @@
 #   RUNS=3 LAYER_MB=160 bash benches/pull.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 RUNS=${RUNS:-5}
 LAYER_MB=${LAYER_MB:-160}
 BERTH=${BERTH:-target/release/berth}
-PODMAN=(podman --cgroup-manager=cgroupfs --runtime runc)
 [ -x "$BERTH" ] || cargo build --release
 
 work=$(mktemp -d /var/tmp/berth-bench.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 cleanup() {
   [ -n "${regpid:-}" ] && kill "$regpid" 2>/dev/null || true
   "${PODMAN[@]}" rmi -f "127.0.0.1:$port/bench/big:1" >/dev/null 2>&1 || true
@@ -25,15 +25,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat > "$work/reg.yml" <<YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/regdata}}
-http: {addr: 127.0.0.1:$port}
-YML
-docker-registry serve "$work/reg.yml" >/dev/null 2>&1 &
-regpid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+start_registry "$work" "$port"
 
 echo "building a $((2 * LAYER_MB)) MB image (2 random-data layers over busybox)…"
 mkdir -p "$work/l0/bin" "$work/l1/data1" "$work/l2/data2"
@@ -51,9 +43,6 @@ ref="127.0.0.1:$port/bench/big:1"
 size=$(du -sm "$work/regdata" | cut -f1)
 echo "image pushed: $ref (${size} MB in the registry)"
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# $EPOCHREALTIME (bash 5) rather than $(date): no helper process inside the timed span
-t() { local s e; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$e - $s" | bc; }
 
 : > "$work/berth.t"; : > "$work/podman.t"; : > "$work/skopeo.t"
 for i in $(seq "$RUNS"); do

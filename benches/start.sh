@@ -8,14 +8,14 @@
 #   bash benches/start.sh           # RUNS=11 by default
 set -euo pipefail
 cd "$(dirname "$0")/.."
+source benches/lib.sh
 RUNS=${RUNS:-11}
 BERTH=${BERTH:-target/release/berth}
-PODMAN=(podman --cgroup-manager=cgroupfs --runtime runc)
 PODMAN_RUN=(run -d --network none --ulimit nofile=1000:1000 --ulimit nproc=1000:1000)
 [ -x "$BERTH" ] || cargo build --release
 
 work=$(mktemp -d /var/tmp/berth-start.XXXXXX)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+port=$(free_port)
 ref="127.0.0.1:$port/bench/bb:1"
 cleanup() {
   mkdir -p "$work/empty"
@@ -28,21 +28,9 @@ cleanup() {
 trap cleanup EXIT
 export BERTH_CONFIG=/dev/null
 
-cat > "$work/reg.yml" <<YML
-version: 0.1
-log: {level: error}
-storage: {filesystem: {rootdirectory: $work/regdata}}
-http: {addr: 127.0.0.1:$port}
-YML
-docker-registry serve "$work/reg.yml" >/dev/null 2>&1 &
-regpid=$!
-for _ in $(seq 100); do curl -sf "http://127.0.0.1:$port/v2/" >/dev/null && break; sleep 0.1; done
+start_registry "$work" "$port"
 
-mkdir -p "$work/rootfs/bin"
-cp /bin/busybox "$work/rootfs/bin/busybox"
-for a in sh true sleep; do ln -s busybox "$work/rootfs/bin/$a"; done
-python3 benches/mkimage.py "$work/layout" 1 "$work/rootfs" >/dev/null
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://$ref"
+push_busybox "$work" "$ref" sh true sleep
 "$BERTH" --state-dir "$work/state" image pull -q "$ref"
 "${PODMAN[@]}" pull -q --tls-verify=false "$ref" >/dev/null
 
@@ -64,9 +52,6 @@ TOML
 base > "$work/m/base.toml"
 "$BERTH" --state-dir "$work/state" apply "$work/m" >/dev/null
 
-median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
-# $EPOCHREALTIME (bash 5) rather than $(date): no helper process inside the timed span
-t() { local s e; s=$EPOCHREALTIME; "$@" >/dev/null 2>&1; e=$EPOCHREALTIME; echo "$e - $s" | bc; }
 
 : > "$work/berth.t"; : > "$work/podman.t"
 for i in $(seq "$RUNS"); do

@@ -55,17 +55,10 @@ fn apply_run_exec_and_clean_up() {
         status.contains("CapEff:\t00000000a80425fb"),
         "docker's 14 capabilities: {status}"
     );
-    let ex = ok(&berth(
-        s,
-        &[
-            "exec",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/kcore | wc -c; touch /sys/x 2>&1 || echo ro",
-        ],
-    ));
+    let sh = |script: &str| ok(&berth(s, &["exec", &name, "--", "sh", "-c", script]));
+    let ex = sh(
+        "hostname; ls /proc | grep -c '^[0-9]'; cat /proc/kcore | wc -c; touch /sys/x 2>&1 || echo ro",
+    );
     let lines: Vec<&str> = ex.lines().collect();
     assert_eq!(lines[0], "box");
     assert!(
@@ -79,17 +72,9 @@ fn apply_run_exec_and_clean_up() {
     );
     // device nodes may be made (CAP_MKNOD) but only docker's few may be opened: not a block
     // device such as loop0 (7:0), which root on this host can open
-    let ex = ok(&berth(
-        s,
-        &[
-            "exec",
-            &name,
-            "--",
-            "sh",
-            "-c",
-            "mknod /dev/loopx b 7 0 && echo made; (exec 3</dev/loopx) 2>&1 || true; echo x > /dev/null && echo null-ok",
-        ],
-    ));
+    let ex = sh(
+        "mknod /dev/loopx b 7 0 && echo made; (exec 3</dev/loopx) 2>&1 || true; echo x > /dev/null && echo null-ok",
+    );
     let lines: Vec<&str> = ex.lines().collect();
     assert_eq!(lines.len(), 3, "device access: {ex}");
     assert_eq!(lines[0], "made");
