@@ -158,6 +158,57 @@ fn oom_kill_is_recorded_and_shown() {
 }
 
 #[test]
+fn limits_changed_by_hand_are_drift_and_apply_restores_them() {
+    let h = Host::new("lim");
+    h.declare(&[(
+        "a",
+        "command = [\"sleep\", \"1000\"]\nmemory = \"64MiB\"\npids = 20",
+    )]);
+    h.apply();
+    let pid = h.ps("a")["pid"].as_i64().unwrap();
+    // someone lowers both limits behind berth's back
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
+    let dirs: Vec<std::path::PathBuf> = i["cgroup_dirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| Path::new(d.as_str().unwrap()).to_path_buf())
+        .collect();
+    let write = |file: &str, v: &str| {
+        let d = dirs
+            .iter()
+            .find(|d| d.join(file).exists())
+            .unwrap_or_else(|| panic!("no {file} in {dirs:?}"));
+        std::fs::write(d.join(file), v).unwrap();
+    };
+    let mem_file = if dirs.iter().any(|d| d.join("memory.max").exists()) {
+        "memory.max"
+    } else {
+        "memory.limit_in_bytes"
+    };
+    write(mem_file, &(32u64 << 20).to_string());
+    write("pids.max", "5");
+    let (code, plan) = h.plan();
+    assert_eq!(code, Some(2), "{plan}");
+    assert!(
+        plan.contains("memory: 32MiB on the host (changed outside berth) → 64MiB"),
+        "{plan}"
+    );
+    assert!(
+        plan.contains("pids: 5 on the host (changed outside berth) → 20"),
+        "{plan}"
+    );
+    h.apply();
+    assert_eq!(h.plan().0, Some(0), "converged again");
+    assert_eq!(h.cgroup_file("a", "pids.max").unwrap().trim(), "20");
+    assert_eq!(
+        h.cgroup_file("a", mem_file).unwrap().trim(),
+        (64u64 << 20).to_string()
+    );
+    assert_eq!(h.ps("a")["pid"].as_i64().unwrap(), pid, "repaired in place");
+}
+
+#[test]
 fn pids_limit_stops_a_fork_bomb() {
     let h = Host::new("pid");
     h.declare(&[("a", "command = [\"sleep\", \"1000\"]\npids = 12")]);

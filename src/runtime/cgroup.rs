@@ -12,7 +12,7 @@ use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{MaxValue, hierarchies};
+use cgroups_rs::fs::{Controller, MaxValue, hierarchies};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -61,6 +61,36 @@ fn own_v2_path() -> String {
         .unwrap_or_default()
 }
 
+/// The host's cgroup hierarchy, read once per process: `hierarchies::auto()` parses
+/// /proc/self/mountinfo every time, and `plan` loads every container's cgroup.
+fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
+    enum Cached {
+        V1(hierarchies::V1),
+        V2(hierarchies::V2),
+    }
+    static HIER: std::sync::OnceLock<Cached> = std::sync::OnceLock::new();
+    match HIER.get_or_init(|| {
+        if hierarchies::is_cgroup2_unified_mode() {
+            Cached::V2(hierarchies::V2::new())
+        } else {
+            Cached::V1(hierarchies::V1::new())
+        }
+    }) {
+        Cached::V1(h) => Box::new(h.clone()),
+        Cached::V2(h) => Box::new(h.clone()),
+    }
+}
+
+/// One number from a cgroup file of `controller` ("max" and unreadable files give `None`).
+/// cgroups-rs reads a dozen files to report one memory value; `plan` needs just the one.
+fn read_number(controller: &dyn Controller, file: &str) -> Option<i64> {
+    std::fs::read_to_string(controller.path().join(file))
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+}
+
 impl CgroupLocation {
     /// The location for a new container cgroup.
     pub fn for_container(name: &str, parent: Option<&std::path::Path>) -> CgroupLocation {
@@ -92,7 +122,7 @@ impl CgroupLocation {
     }
 
     fn load(&self) -> Cgroup {
-        let hier = hierarchies::auto();
+        let hier = hierarchy();
         if self.relative.is_empty() {
             Cgroup::load(hier, &self.path)
         } else {
@@ -147,7 +177,7 @@ impl ContainerCgroup {
     fn restrict_devices(&self) -> Result<(), CgroupError> {
         let p = &self.loc.path;
         if self.loc.v2 {
-            let dir = std::path::Path::new(hierarchies::auto().root().as_path()).join(p);
+            let dir = hierarchy().root().join(p);
             return super::devices::restrict_v2(&dir)
                 .map_err(|e| err(p, "attach the device filter", e));
         }
@@ -249,7 +279,12 @@ impl ContainerCgroup {
     pub fn read_limits(&self) -> Limits {
         let mut l = Limits::default();
         if let Some(mem) = self.cg.controller_of::<MemController>() {
-            let lim = mem.memory_stat().limit_in_bytes;
+            let file = if self.loc.v2 {
+                "memory.max"
+            } else {
+                "memory.limit_in_bytes"
+            };
+            let lim = read_number(mem, file).unwrap_or(-1);
             // "unlimited" on v1 is a huge page-rounded number
             if lim > 0 && lim < (1i64 << 50) {
                 l.memory = Some(lim as u64);
@@ -271,23 +306,21 @@ impl ContainerCgroup {
 
     /// How many times the OOM killer struck in this cgroup.
     pub fn oom_kills(&self) -> u64 {
-        if self.loc.v2 {
-            let events = PathBuf::from("/sys/fs/cgroup")
-                .join(&self.loc.path)
-                .join("memory.events");
-            return std::fs::read_to_string(events)
-                .ok()
-                .and_then(|s| {
-                    s.lines().find_map(|l| {
-                        l.strip_prefix("oom_kill ")
-                            .and_then(|v| v.trim().parse().ok())
-                    })
-                })
-                .unwrap_or(0);
-        }
+        // the count is the `oom_kill` line of memory.events (v2) or memory.oom_control (v1)
+        let file = if self.loc.v2 {
+            "memory.events"
+        } else {
+            "memory.oom_control"
+        };
         self.cg
             .controller_of::<MemController>()
-            .map(|m| m.memory_stat().oom_control.oom_kill)
+            .and_then(|m| std::fs::read_to_string(m.path().join(file)).ok())
+            .and_then(|s| {
+                s.lines().find_map(|l| {
+                    l.strip_prefix("oom_kill ")
+                        .and_then(|v| v.trim().parse().ok())
+                })
+            })
             .unwrap_or(0)
     }
 
@@ -295,7 +328,15 @@ impl ContainerCgroup {
     pub fn memory_usage(&self) -> u64 {
         self.cg
             .controller_of::<MemController>()
-            .map(|m| m.memory_stat().usage_in_bytes)
+            .and_then(|m| {
+                let file = if self.loc.v2 {
+                    "memory.current"
+                } else {
+                    "memory.usage_in_bytes"
+                };
+                read_number(m, file)
+            })
+            .map(|n| n.max(0) as u64)
             .unwrap_or(0)
     }
 
