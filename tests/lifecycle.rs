@@ -209,6 +209,28 @@ fn limits_changed_by_hand_are_drift_and_apply_restores_them() {
 }
 
 #[test]
+fn a_start_that_fails_inside_the_container_says_why_and_leaves_nothing() {
+    let h = Host::new("bad");
+    // a file bind-mounted over a directory of the image: the container's root cannot be made
+    h.declare(&[(
+        "a",
+        "command = [\"sleep\", \"1000\"]\nvolumes = [\"/etc/hostname:/bin\"]",
+    )]);
+    let o = h.run(&["apply", h.d()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("bind mount /bin") && err.contains(&h.name("a")),
+        "{err}"
+    );
+    let r = h.ps("a");
+    assert_eq!(r["state"], "exited", "{r}");
+    assert_eq!(r["detail"]["code"], 127, "{r}");
+    let left = cgroups_named(&h.name("a"));
+    assert!(left.is_empty(), "cgroup left behind: {left:?}");
+}
+
+#[test]
 fn pids_limit_stops_a_fork_bomb() {
     let h = Host::new("pid");
     h.declare(&[("a", "command = [\"sleep\", \"1000\"]\npids = 12")]);

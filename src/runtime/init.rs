@@ -193,8 +193,9 @@ fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Mount everything below the root filesystem at `rootfs`, then pivot into it.
-pub fn setup_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<()> {
+/// Mount the root filesystem and everything below it at `rootfs` (in the container's fresh
+/// mount namespace, still seeing the host's); the root, open, for [`enter_rootfs`].
+pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
     let cd = super::config::ContainerDir(dir.to_path_buf());
     mount(
         None::<&str>,
@@ -405,7 +406,11 @@ pub fn setup_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<()> {
         }
     }
 
-    // pivot_root into the new root and detach the old one
+    Ok(root)
+}
+
+/// Pivot into the root that [`mount_rootfs`] prepared and detach the host's.
+pub fn enter_rootfs(cfg: &RuntimeConfig, root: OwnedFd) -> R<()> {
     nix::unistd::fchdir(root.as_fd()).map_err(|e| fail("chdir rootfs", e))?;
     nix::unistd::pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the old root", e))?;

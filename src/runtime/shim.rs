@@ -134,18 +134,19 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     if cfg.net.own_namespace() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    // last fallible step before the clone: nothing above leaves anything on the host
     let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
-    let cg = loc.create(&cfg.limits).map_err(|e| e.to_string())?;
+    let child_loc = loc.clone();
     let child_cfg = cfg.clone();
     let child_dir = dir.to_path_buf();
-    let child_cg = &cg;
     let (cout, cerr, cgo, cfail) = (
         out_w.as_raw_fd(),
         err_w.as_raw_fd(),
         go_r.as_raw_fd(),
         fail_w.as_raw_fd(),
     );
+    // The container's first process mounts its root filesystem while the shim creates the
+    // cgroup and the network (one on each core); it joins the cgroup and pivots into the root
+    // only once the shim says go. Nothing of the image runs before that.
     let child = Box::new(move || -> isize {
         let fail_fd = cfail;
         let die = |msg: String| -> isize {
@@ -158,20 +159,6 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
             }
             127
         };
-        // wait until the shim has set up the network (and, on v2, put us in the cgroup)
-        let mut b = [0u8; 1];
-        match std::fs::File::open(format!("/proc/self/fd/{cgo}")).and_then(|mut f| f.read(&mut b)) {
-            Ok(1) => {}
-            _ => return die("setup: the shim went away".into()),
-        }
-        if child_cg.joins_itself()
-            && let Err(e) = child_cg.join_self()
-        {
-            return die(e.to_string());
-        }
-        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
-            return die(format!("cgroup namespace: {e}"));
-        }
         let stdio = (|| -> std::io::Result<()> {
             let null = std::fs::File::open("/dev/null")?;
             let o = std::fs::OpenOptions::new()
@@ -188,18 +175,57 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         if let Err(e) = stdio {
             return die(format!("stdio: {e}"));
         }
-        if let Err(e) = super::init::setup_rootfs(&child_cfg, &child_dir) {
+        let root = match super::init::mount_rootfs(&child_cfg, &child_dir) {
+            Ok(r) => r,
+            Err(e) => return die(e.to_string()),
+        };
+        // wait until the shim has made the cgroup and the network (and, on v2, put us in it)
+        let mut b = [0u8; 1];
+        match std::fs::File::open(format!("/proc/self/fd/{cgo}")).and_then(|mut f| f.read(&mut b)) {
+            Ok(1) => {}
+            _ => return die("setup: the shim went away".into()),
+        }
+        let cg = child_loc.open();
+        if cg.joins_itself()
+            && let Err(e) = cg.join_self()
+        {
+            return die(e.to_string());
+        }
+        if let Err(e) = nix::sched::unshare(CloneFlags::CLONE_NEWCGROUP) {
+            return die(format!("cgroup namespace: {e}"));
+        }
+        if let Err(e) = super::init::enter_rootfs(&child_cfg, root) {
             return die(e.to_string());
         }
         let e = super::init::exec_process(&child_cfg, fail_fd);
         die(e.to_string())
     });
-    let pid = crate::sys::clone_child(child, flags).map_err(|e| {
-        let _ = cg.destroy();
-        format!("clone: {e}")
-    })?;
+    let pid = crate::sys::clone_child(child, flags).map_err(|e| format!("clone: {e}"))?;
     drop((out_w, err_w, go_r, fail_w));
+    // a child that failed early has closed its end of the go pipe: writing "g" must then be
+    // an error, not a SIGPIPE that kills the shim (the child was cloned with the old mask)
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&nix::sys::signal::SigSet::from(
+            nix::sys::signal::Signal::SIGPIPE,
+        )),
+        None,
+    );
     let started_at = now_unix();
+    // the child's own account of a failure, once it has exited (empty if it did not fail)
+    let child_failure = |fail_r: OwnedFd| {
+        let mut failure = String::new();
+        let _ = std::fs::File::from(fail_r).read_to_string(&mut failure);
+        failure
+    };
+    let cg = match loc.create(&cfg.limits) {
+        Ok(cg) => cg,
+        Err(e) => {
+            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+            return Err(e.to_string());
+        }
+    };
     let added = if cg.joins_itself() {
         Ok(())
     } else {
@@ -210,24 +236,21 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         let _ = waitpid(pid, None);
         let _ = cg.destroy();
         detach_network(&cfg.net);
-        return Err(e);
+        // the network fails too when the child died mounting its root: say why it died
+        let failure = child_failure(fail_r);
+        if failure.is_empty() {
+            return Err(e);
+        }
+        record_start_failure(&cd, started_at, &failure);
+        return Err(failure);
     }
     let mut go = std::fs::File::from(go_w);
     let _ = go.write_all(b"g");
     drop(go);
-    let mut failure = String::new();
-    let _ = std::fs::File::from(fail_r).read_to_string(&mut failure);
+    let failure = child_failure(fail_r);
     if !failure.is_empty() {
         let _ = waitpid(pid, None);
-        let rec = ExitRecord {
-            code: Some(127),
-            signal: None,
-            oom: false,
-            started_at,
-            finished_at: now_unix(),
-            error: Some(failure.clone()),
-        };
-        let _ = fsutil::write_json(&cd.exit(), &rec);
+        record_start_failure(&cd, started_at, &failure);
         let _ = cg.destroy();
         detach_network(&cfg.net);
         return Err(failure);
@@ -293,6 +316,20 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         eprintln!("shim: {e}");
     }
     Ok(())
+}
+
+/// A start that failed inside the container (before its command ran) is an exit with
+/// code 127, as a shell reports a command it could not run.
+fn record_start_failure(cd: &ContainerDir, started_at: u64, failure: &str) {
+    let rec = ExitRecord {
+        code: Some(127),
+        signal: None,
+        oom: false,
+        started_at,
+        finished_at: now_unix(),
+        error: Some(failure.to_string()),
+    };
+    let _ = fsutil::write_json(&cd.exit(), &rec);
 }
 
 /// Host side of bridge networking: a veth per network, its peer moved into the container.
