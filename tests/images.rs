@@ -349,3 +349,85 @@ fn persistent_faults_fail_cleanly() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("500"));
     assert_store_clean(state.path());
 }
+
+/// A tmpfs of `size` for a test's state directory: a disk that fills up. Unmounted on drop.
+struct SmallDisk(tempfile::TempDir);
+
+impl SmallDisk {
+    fn new(size: &str) -> SmallDisk {
+        let d = tempfile::tempdir().unwrap();
+        let st = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(d.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount a tmpfs");
+        SmallDisk(d)
+    }
+
+    fn resize(&self, size: &str) {
+        let st = std::process::Command::new("mount")
+            .args(["-o", &format!("remount,size={size}")])
+            .arg(self.0.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "resize the tmpfs");
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(self.0.path())
+            .status();
+    }
+}
+
+/// `n` bytes that do not compress (xorshift).
+fn noise(n: usize) -> Vec<u8> {
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+#[test]
+fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
+    let reg = Registry::start();
+    let r = format!("{}/full/disk:1", reg.addr);
+    let big = LayerBuilder::new()
+        .dir("data", 0o755)
+        .file("data/noise", &noise(12 << 20), 0o644)
+        .build();
+    push_image(&r, &[big]);
+    let disk = SmallDisk::new("8m");
+    let state = disk.0.path().join("state");
+    let out = berth(&state, &["image", "pull", "-q", &r]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(
+        err.contains(&state.display().to_string()),
+        "names the path: {err}"
+    );
+    assert_store_clean(&state);
+    // room again: the same pull completes, nothing half-written got in its way
+    disk.resize("64m");
+    ok(&berth(&state, &["image", "pull", "-q", &r]));
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&berth(&state, &["image", "inspect", &r]))).unwrap();
+    assert!(
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|l| l["unpacked"] == true),
+        "{v}"
+    );
+}

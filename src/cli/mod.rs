@@ -165,10 +165,26 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", error_chain(&e));
             ExitCode::from(1)
         }
     }
+}
+
+/// The error and its causes, `: `-separated, leaving out a cause whose text the message
+/// before it already includes (library errors name their source in their own message).
+fn error_chain(e: &anyhow::Error) -> String {
+    let mut out = e.to_string();
+    let mut prev = out.clone();
+    for cause in e.chain().skip(1) {
+        let c = cause.to_string();
+        if !prev.contains(&c) {
+            out.push_str(": ");
+            out.push_str(&c);
+        }
+        prev = c;
+    }
+    out
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {
@@ -421,4 +437,20 @@ fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
     } else {
         ExitCode::SUCCESS
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::error_chain;
+
+    #[test]
+    fn causes_already_in_the_message_are_not_repeated() {
+        let io = std::io::Error::from_raw_os_error(28);
+        let e = crate::fsutil::PathError::new("write", std::path::Path::new("/s/x"), io);
+        let e = anyhow::Error::new(e).context("pull example.com/a:1");
+        assert_eq!(
+            error_chain(&e),
+            "pull example.com/a:1: write /s/x: No space left on device (os error 28)"
+        );
+    }
 }
