@@ -71,16 +71,7 @@ fn import_layouts_and_archives() {
         ]
     );
     for r in refs {
-        let v: serde_json::Value =
-            serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", r]))).unwrap();
-        assert!(
-            v["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|l| l["unpacked"] == true),
-            "{r} unpacked"
-        );
+        assert_unpacked(state.path(), r);
     }
     // garbage is refused and changes nothing
     let junk = work.path().join("junk.tar");

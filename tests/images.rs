@@ -303,15 +303,7 @@ fn transient_faults_are_retried() {
             0,
             "{fault:?}: faults were injected"
         );
-        let v: serde_json::Value =
-            serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r]))).unwrap();
-        assert!(
-            v["layers"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .all(|l| l["unpacked"] == true)
-        );
+        assert_unpacked(state.path(), &r);
     }
 }
 
@@ -420,14 +412,5 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     // room again: the same pull completes, nothing half-written got in its way
     disk.resize("64m");
     ok(&berth(&state, &["image", "pull", "-q", &r]));
-    let v: serde_json::Value =
-        serde_json::from_str(&ok(&berth(&state, &["image", "inspect", &r]))).unwrap();
-    assert!(
-        v["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .all(|l| l["unpacked"] == true),
-        "{v}"
-    );
+    assert_unpacked(&state, &r);
 }

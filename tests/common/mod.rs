@@ -537,3 +537,14 @@ impl Drop for Teardown {
         );
     }
 }
+
+/// `image inspect REF` shows every layer of the image unpacked.
+pub fn assert_unpacked(state: &Path, reference: &str) {
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state, &["image", "inspect", reference]))).unwrap();
+    let layers = v["layers"].as_array().expect("layers");
+    assert!(
+        !layers.is_empty() && layers.iter().all(|l| l["unpacked"] == true),
+        "{reference}: not every layer is unpacked: {v}"
+    );
+}
