@@ -117,6 +117,9 @@ struct BpfProgAttachAttr {
     attach_type: u32,
     attach_flags: u32,
     replace_bpf_fd: u32,
+    /// Explicit, so that it is zero: kernels 5.7-6.5 reject the call when any byte past
+    /// `replace_bpf_fd` (up to the size passed) is not zero.
+    _pad: u32,
 }
 
 const BPF_PROG_LOAD: libc::c_long = 5;
@@ -186,9 +189,11 @@ pub fn bpf_attach_device_program(
         attach_type: BPF_CGROUP_DEVICE,
         attach_flags: BPF_F_ALLOW_MULTI,
         replace_bpf_fd: 0,
+        _pad: 0,
     };
-    // SAFETY: `attr` is a correctly laid out prefix of `union bpf_attr` with its size passed;
-    // both descriptors are open for the duration of the call.
+    // SAFETY: `attr` is a correctly laid out prefix of `union bpf_attr` with its size passed,
+    // every byte of it initialised (no implicit padding); both descriptors are open for the
+    // duration of the call.
     let r = unsafe {
         libc::syscall(
             libc::SYS_bpf,

@@ -148,8 +148,12 @@ impl CgroupLocation {
             cg,
             loc: self.clone(),
         };
-        c.restrict_devices()?;
-        c.set_limits(limits)?;
+        // a cgroup that cannot be restricted is not left behind (nor reused later with a
+        // device program too many)
+        if let Err(e) = c.restrict_devices().and_then(|()| c.set_limits(limits)) {
+            let _ = c.destroy();
+            return Err(e);
+        }
         Ok(c)
     }
 

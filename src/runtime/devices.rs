@@ -46,7 +46,6 @@ pub const ALLOWED: &[Rule] = &[
     rule(Kind::Char, Some(1), Some(8), "rwm"),    // random
     rule(Kind::Char, Some(1), Some(9), "rwm"),    // urandom
     rule(Kind::Char, Some(5), Some(0), "rwm"),    // tty
-    rule(Kind::Char, Some(5), Some(1), "rwm"),    // console
     rule(Kind::Char, Some(5), Some(2), "rwm"),    // ptmx
     rule(Kind::Char, Some(136), None, "rwm"),     // pts/*
     rule(Kind::Char, Some(10), Some(200), "rwm"), // net/tun
@@ -69,9 +68,15 @@ const JNE_K: u8 = 0x55;
 const EXIT: u8 = 0x95;
 
 fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> BpfInsn {
+    // `dst_reg:4, src_reg:4` bitfields: dst in the low nibble on little-endian machines
+    let regs = if cfg!(target_endian = "little") {
+        (src << 4) | (dst & 0x0f)
+    } else {
+        (dst << 4) | (src & 0x0f)
+    };
     BpfInsn {
         code,
-        regs: (src << 4) | (dst & 0x0f),
+        regs,
         off,
         imm,
     }
@@ -190,6 +195,7 @@ mod tests {
         );
         assert_eq!(run(&p, DEV_CHAR, ACC_READ, 1, 1), 0, "/dev/mem");
         assert_eq!(run(&p, DEV_CHAR, rw, 10, 229), 0, "fuse");
+        assert_eq!(run(&p, DEV_CHAR, rw, 5, 1), 0, "the host's console");
         assert_eq!(run(&p, DEV_CHAR, ACC_READ | ACC_MKNOD, 4, 1), 0, "tty1");
         // a rule granting less than asked does not allow
         let only_read = [rule(Kind::Char, Some(1), Some(3), "r")];
