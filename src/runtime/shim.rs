@@ -135,19 +135,25 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         flags |= CloneFlags::CLONE_NEWNET;
     }
     let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
+    // read the cgroup mounts now, once: the child inherits them and needs them after go
+    let _ = loc.open();
     let child_loc = loc.clone();
     let child_cfg = cfg.clone();
     let child_dir = dir.to_path_buf();
-    let (cout, cerr, cgo, cfail) = (
+    let (cout, cerr, cgo, cfail, shim_go) = (
         out_w.as_raw_fd(),
         err_w.as_raw_fd(),
         go_r.as_raw_fd(),
         fail_w.as_raw_fd(),
+        go_w.as_raw_fd(),
     );
     // The container's first process mounts its root filesystem while the shim creates the
     // cgroup and the network (one on each core); it joins the cgroup and pivots into the root
     // only once the shim says go. Nothing of the image runs before that.
     let child = Box::new(move || -> isize {
+        // the shim's end of the go pipe: with our copy closed, a shim that dies before go
+        // reads as end of file below instead of leaving us waiting forever
+        let _ = nix::unistd::close(shim_go);
         let fail_fd = cfail;
         let die = |msg: String| -> isize {
             // SAFETY-free: write through /proc/self/fd to avoid owning the raw fd here
@@ -221,8 +227,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let cg = match loc.create(&cfg.limits) {
         Ok(cg) => cg,
         Err(e) => {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let _ = waitpid(pid, None);
+            abandon(pid, None, &NetMode::None);
             return Err(e.to_string());
         }
     };
@@ -232,10 +237,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         cg.add(pid.as_raw()).map_err(|e| e.to_string())
     };
     if let Err(e) = added.and_then(|()| attach_network(&cfg.net, pid.as_raw())) {
-        let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-        let _ = waitpid(pid, None);
-        let _ = cg.destroy();
-        detach_network(&cfg.net);
+        abandon(pid, Some(&cg), &cfg.net);
         // the network fails too when the child died mounting its root: say why it died
         let failure = child_failure(fail_r);
         if failure.is_empty() {
@@ -267,8 +269,21 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
             .map(|s| s.restarts)
             .unwrap_or(0),
     };
-    // a pid means nothing after a reboot: atomic, but not worth an fsync on the start path
-    fsutil::write_json_volatile(&cd.state(), &state).map_err(|e| e.to_string())?;
+    // a pid means nothing after a reboot: atomic, but not worth an fsync on the start path;
+    // without its state or its log the container could not be managed: it does not start
+    let opened = fsutil::write_json_volatile(&cd.state(), &state)
+        .map_err(|e| e.to_string())
+        .and_then(|()| {
+            LogWriter::open(&cd.log(), cfg.log_max_size, cfg.log_max_files)
+                .map_err(|e| e.to_string())
+        });
+    let mut log = match opened {
+        Ok(log) => log,
+        Err(e) => {
+            abandon(pid, Some(&cg), &cfg.net);
+            return Err(e);
+        }
+    };
     if let Some(mut r) = ready.take() {
         report(&mut r, &format!("ok {}\n", pid.as_raw()));
     }
@@ -282,8 +297,6 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     };
 
     // capture output until both pipes close
-    let mut log = LogWriter::open(&cd.log(), cfg.log_max_size, cfg.log_max_files)
-        .map_err(|e| e.to_string())?;
     pump(&mut log, out_r, err_r);
     let _ = log.flush_pending();
     let status = loop {
@@ -316,6 +329,16 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         eprintln!("shim: {e}");
     }
     Ok(())
+}
+
+/// Undo a start: kill and reap the container's first process, remove its cgroup and veths.
+fn abandon(pid: nix::unistd::Pid, cg: Option<&super::cgroup::ContainerCgroup>, net: &NetMode) {
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
+    let _ = waitpid(pid, None);
+    if let Some(cg) = cg {
+        let _ = cg.destroy();
+    }
+    detach_network(net);
 }
 
 /// A start that failed inside the container (before its command ran) is an exit with
