@@ -402,7 +402,9 @@ impl Executor<'_> {
             internal: n.spec.internal,
             leases: BTreeMap::new(),
             hostnames: BTreeMap::new(),
+            hostnames_complete: true,
         });
+        complete_hostnames(self.state, &mut ipam)?;
         ipam.subnet = subnet;
         ipam.internal = n.spec.internal;
         ipam.bridge = bridge.clone();
@@ -487,6 +489,7 @@ impl Executor<'_> {
             let mut ipam = net::ipam::Ipam::load(&path)?.ok_or_else(|| {
                 ApplyError::Invalid(format!("network {n:?} has not been created"))
             })?;
+            complete_hostnames(self.state, &mut ipam)?;
             let addr = ipam.lease(name)?;
             match spec.hostname.as_deref() {
                 Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
@@ -539,7 +542,10 @@ impl Executor<'_> {
 /// Rewrite, in place, the /etc/hosts of every container on a bridge network (or only of
 /// `only`) so it lists every container it shares a network with, by name and hostname.
 pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
-    let ipams = net::ipam::all(&state.root.join("net"))?;
+    let mut ipams = net::ipam::all(&state.root.join("net"))?;
+    for (_, ipam) in ipams.values_mut() {
+        complete_hostnames(state, ipam)?;
+    }
     let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
     for (_, ipam) in ipams.values() {
         for c in ipam.leases.keys() {
@@ -564,6 +570,26 @@ pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyEr
         net::hosts::write_in_place(&p, &net::hosts::render(&entries))
             .map_err(|e| StateError::Io(crate::fsutil::PathError::new("write", &p, e)))?;
     }
+    Ok(())
+}
+
+/// IPAM files written before berth kept hostnames in them: take the hostnames of their
+/// leases from the container records (in memory; the next save keeps them).
+fn complete_hostnames(state: &StateDir, ipam: &mut net::ipam::Ipam) -> Result<(), ApplyError> {
+    if ipam.hostnames_complete {
+        return Ok(());
+    }
+    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    for c in ipam.leases.keys() {
+        if let Some(h) = records
+            .get(c)
+            .and_then(|r| r.spec.hostname.clone())
+            .filter(|h| h != c)
+        {
+            ipam.hostnames.insert(c.clone(), h);
+        }
+    }
+    ipam.hostnames_complete = true;
     Ok(())
 }
 

@@ -188,6 +188,12 @@ fn names_resolve_on_a_network_and_networks_are_isolated() {
     assert!(!o.status.success(), "resolved across networks: {}", out(&o));
     let o = h.exec("stranger", &format!("wget -T 3 -qO- http://{web_ip}/"));
     assert!(!o.status.success(), "reached across networks: {}", out(&o));
+    // an IPAM file as berth wrote it before it kept hostnames there: they are not lost
+    let ipam = h.s().join("net/app.json");
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(&ipam).unwrap()).unwrap();
+    let m = v.as_object_mut().unwrap();
+    assert!(m.remove("hostnames").is_some() && m.remove("hostnames_complete").is_some());
+    std::fs::write(&ipam, serde_json::to_string(&v).unwrap()).unwrap();
     // a container that comes later is known to the others without restarting them
     let client_pid = h.pid("client");
     let body = std::fs::read_to_string(h.dir.path().join("c.toml")).unwrap();
@@ -203,6 +209,10 @@ fn names_resolve_on_a_network_and_networks_are_isolated() {
     assert_eq!(h.pid("client"), client_pid);
     let got = ok(&h.exec("client", "cat /etc/hosts"));
     assert!(got.contains(&h.name("late")), "{got}");
+    assert!(
+        got.contains(" www") || got.contains("\twww"),
+        "hostname kept: {got}"
+    );
     std::fs::write(h.dir.path().join("c.toml"), body).unwrap();
     h.apply();
     let got = ok(&h.exec("client", "cat /etc/hosts"));

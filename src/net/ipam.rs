@@ -22,6 +22,10 @@ pub struct Ipam {
     /// Container name → a hostname it also answers to (when it differs from the name).
     #[serde(default)]
     pub hostnames: BTreeMap<String, String>,
+    /// Whether `hostnames` covers every lease: false in files written before berth kept
+    /// hostnames here, whose hostnames are then taken from the container records once.
+    #[serde(default)]
+    pub hostnames_complete: bool,
 }
 
 impl Ipam {
@@ -29,10 +33,10 @@ impl Ipam {
         Ok(fsutil::read_json(path)?)
     }
 
-    /// Atomic (readers and a killed berth see the old or the new file), without fsync: the
-    /// leases only matter while their containers run, and those do not survive the host.
+    /// Atomic and durable: the file also holds the network's subnet and bridge, and a
+    /// half-written one after a power cut would stop every apply.
     pub fn save(&self, path: &Path) -> Result<(), NetError> {
-        fsutil::write_json_volatile(path, self)?;
+        fsutil::write_json(path, self)?;
         Ok(())
     }
 
@@ -104,6 +108,7 @@ mod tests {
             internal: false,
             leases: BTreeMap::new(),
             hostnames: BTreeMap::new(),
+            hostnames_complete: true,
         }
     }
 
