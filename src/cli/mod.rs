@@ -171,20 +171,9 @@ pub fn main() -> ExitCode {
     }
 }
 
-/// The error and its causes, `: `-separated, leaving out a cause whose text the message
-/// before it already includes (library errors name their source in their own message).
+/// The error and its causes, without repeating a cause the text already includes.
 fn error_chain(e: &anyhow::Error) -> String {
-    let mut out = e.to_string();
-    let mut prev = out.clone();
-    for cause in e.chain().skip(1) {
-        let c = cause.to_string();
-        if !prev.contains(&c) {
-            out.push_str(": ");
-            out.push_str(&c);
-        }
-        prev = c;
-    }
-    out
+    crate::apply::error_chain(e.as_ref())
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {

@@ -131,9 +131,9 @@ async fn tcp(l: tokio::net::TcpListener, to: SocketAddr) {
 /// is closed (the kernel's conntrack keeps a replied UDP flow for 120 s).
 const UDP_IDLE: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// At most this many UDP clients at once; datagrams from further clients are dropped until
-/// some go idle.
-const UDP_MAX_PEERS: usize = 4096;
+/// At most this many UDP clients at once (each holds a socket and a 64 KiB buffer);
+/// datagrams from further clients are dropped until some go idle.
+const UDP_MAX_PEERS: usize = 512;
 
 /// The UDP clients being forwarded: for each, its socket towards the container and when it
 /// was last heard of, either way.
