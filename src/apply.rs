@@ -495,7 +495,8 @@ impl Executor<'_> {
                 Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
                 _ => ipam.hostnames.remove(name),
             };
-            ipam.save(&path)?;
+            // durable after the wave (refresh_hosts): one fsync per network, not per container
+            ipam.save_volatile(&path)?;
             let host_veth = net::veth_name(&self.state.root, name, i);
             ifaces.push(rc::BridgeIface {
                 network: n.clone(),
@@ -543,8 +544,12 @@ impl Executor<'_> {
 /// `only`) so it lists every container it shares a network with, by name and hostname.
 pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
     let mut ipams = net::ipam::all(&state.root.join("net"))?;
-    for (_, ipam) in ipams.values_mut() {
+    for (path, ipam) in ipams.values_mut() {
         complete_hostnames(state, ipam)?;
+        // the wave's leases were saved without fsync
+        if only.is_none() {
+            crate::fsutil::sync_file(path).map_err(StateError::Io)?;
+        }
     }
     let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
     for (_, ipam) in ipams.values() {

@@ -77,6 +77,17 @@ pub fn sync_dir(dir: &Path) -> Result<(), PathError> {
         .map_err(at("fsync directory", dir))
 }
 
+/// fsync a file and its directory: makes earlier volatile writes of it durable.
+pub fn sync_file(path: &Path) -> Result<(), PathError> {
+    File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(at("fsync", path))?;
+    match path.parent() {
+        Some(dir) => sync_dir(dir),
+        None => Ok(()),
+    }
+}
+
 /// Serialize to pretty JSON and write atomically.
 fn json_bytes<T: serde::Serialize>(path: &Path, v: &T) -> Result<Vec<u8>, PathError> {
     let mut bytes = serde_json::to_vec_pretty(v)

@@ -40,6 +40,13 @@ impl Ipam {
         Ok(())
     }
 
+    /// Atomic only: for the leases of a wave of containers, one after the other; the caller
+    /// makes the file durable with [`fsutil::sync_file`] once the wave is through.
+    pub fn save_volatile(&self, path: &Path) -> Result<(), NetError> {
+        fsutil::write_json_volatile(path, self)?;
+        Ok(())
+    }
+
     /// Names a container answers to on this network.
     pub fn names(&self, container: &str) -> Vec<String> {
         let mut v = vec![container.to_string()];
