@@ -81,6 +81,15 @@ fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
     }
 }
 
+/// The number on the `key value` line of a cgroup file such as memory.events or cpu.stat.
+fn read_keyed(path: &std::path::Path, key: &str) -> Option<u64> {
+    std::fs::read_to_string(path).ok()?.lines().find_map(|l| {
+        l.strip_prefix(key)
+            .and_then(|v| v.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    })
+}
+
 /// One number from a cgroup file of `controller` ("max" and unreadable files give `None`).
 /// cgroups-rs reads a dozen files to report one memory value; `plan` needs just the one.
 fn read_number(controller: &dyn Controller, file: &str) -> Option<i64> {
@@ -181,8 +190,7 @@ impl ContainerCgroup {
     fn restrict_devices(&self) -> Result<(), CgroupError> {
         let p = &self.loc.path;
         if self.loc.v2 {
-            let dir = hierarchy().root().join(p);
-            return super::devices::restrict_v2(&dir)
+            return super::devices::restrict_v2(&self.v2_dir())
                 .map_err(|e| err(p, "attach the device filter", e));
         }
         let dev = self.cg.controller_of::<DevicesController>().ok_or_else(|| {
@@ -210,6 +218,11 @@ impl ContainerCgroup {
                 .map_err(|e| err(p, "allow device", e))?;
         }
         Ok(())
+    }
+
+    /// The cgroup's directory on the unified hierarchy (v2).
+    fn v2_dir(&self) -> PathBuf {
+        hierarchy().root().join(&self.loc.path)
     }
 
     /// Whether the container's first process joins the cgroup itself ([`Self::join_self`])
@@ -318,13 +331,7 @@ impl ContainerCgroup {
         };
         self.cg
             .controller_of::<MemController>()
-            .and_then(|m| std::fs::read_to_string(m.path().join(file)).ok())
-            .and_then(|s| {
-                s.lines().find_map(|l| {
-                    l.strip_prefix("oom_kill ")
-                        .and_then(|v| v.trim().parse().ok())
-                })
-            })
+            .and_then(|m| read_keyed(&m.path().join(file), "oom_kill"))
             .unwrap_or(0)
     }
 
@@ -354,17 +361,7 @@ impl ContainerCgroup {
     /// CPU time used, nanoseconds.
     pub fn cpu_usage_ns(&self) -> u64 {
         if self.loc.v2 {
-            let stat = PathBuf::from("/sys/fs/cgroup")
-                .join(&self.loc.path)
-                .join("cpu.stat");
-            return std::fs::read_to_string(stat)
-                .ok()
-                .and_then(|s| {
-                    s.lines().find_map(|l| {
-                        l.strip_prefix("usage_usec ")
-                            .and_then(|v| v.trim().parse::<u64>().ok())
-                    })
-                })
+            return read_keyed(&self.v2_dir().join("cpu.stat"), "usage_usec")
                 .map(|us| us * 1000)
                 .unwrap_or(0);
         }
@@ -413,7 +410,7 @@ impl ContainerCgroup {
     /// Directories of this cgroup on the host (one per controller on v1).
     pub fn dirs(&self) -> Vec<PathBuf> {
         if self.loc.v2 {
-            return vec![PathBuf::from("/sys/fs/cgroup").join(&self.loc.path)];
+            return vec![self.v2_dir()];
         }
         let mut out = vec![];
         if let Ok(rd) = std::fs::read_dir("/sys/fs/cgroup") {
