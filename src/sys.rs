@@ -147,9 +147,9 @@ pub fn bpf_load_device_program(insns: &[BpfInsn]) -> std::io::Result<std::os::fd
             attr.log_size = buf.len() as u32;
             attr.log_buf = buf.as_mut_ptr() as u64;
         }
-        // `insns`, `license` and the log buffer outlive the call, which reads the first two
-        // and writes at most `log_size` bytes into the third
-        let fd = bpf(BPF_PROG_LOAD, &mut attr)?;
+        // SAFETY: `insns`, `license` and the log buffer outlive the call, which reads the
+        // first two and writes at most `log_size` bytes into the third.
+        let fd = unsafe { bpf(BPF_PROG_LOAD, &mut attr) }?;
         // SAFETY: the kernel returned a new file descriptor that nothing else owns.
         Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
     };
@@ -180,8 +180,8 @@ pub fn bpf_attach_device_program(
         replace_bpf_fd: 0,
         _pad: 0,
     };
-    // both descriptors are open for the duration of the call
-    bpf(BPF_PROG_ATTACH, &mut attr).map(|_| ())
+    // SAFETY: the attr carries no pointers; both descriptors are open for the call.
+    unsafe { bpf(BPF_PROG_ATTACH, &mut attr) }.map(|_| ())
 }
 
 /// Marks the `#[repr(C)]` structs laid out as a prefix of the kernel's `union bpf_attr` for
@@ -191,10 +191,13 @@ impl BpfAttr for BpfProgLoadAttr {}
 impl BpfAttr for BpfProgAttachAttr {}
 
 /// bpf(2) with `attr` and its size; the non-negative result.
-fn bpf<A: BpfAttr>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
+///
+/// # Safety
+/// Every pointer `attr` carries must be valid, for the length it gives, for the call.
+unsafe fn bpf<A: BpfAttr>(cmd: libc::c_long, attr: &mut A) -> std::io::Result<libc::c_long> {
     // SAFETY: `attr` is a correctly laid out, fully initialised prefix of `union bpf_attr`
     // for `cmd` (the `BpfAttr` types) and its size is passed, so the kernel reads and writes
-    // within it; pointers it carries are the caller's to keep valid for the call.
+    // within it; the pointers inside are valid by this function's contract.
     let r = unsafe { libc::syscall(libc::SYS_bpf, cmd, attr as *mut A, std::mem::size_of::<A>()) };
     if r < 0 {
         return Err(std::io::Error::last_os_error());
