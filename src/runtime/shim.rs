@@ -227,7 +227,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let cg = match loc.create(&cfg.limits) {
         Ok(cg) => cg,
         Err(e) => {
-            abandon(pid, None, &NetMode::None);
+            abandon(pid, None, &cfg.net);
             return Err(e.to_string());
         }
     };
@@ -251,10 +251,8 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     drop(go);
     let failure = child_failure(fail_r);
     if !failure.is_empty() {
-        let _ = waitpid(pid, None);
+        abandon(pid, Some(&cg), &cfg.net);
         record_start_failure(&cd, started_at, &failure);
-        let _ = cg.destroy();
-        detach_network(&cfg.net);
         return Err(failure);
     }
     let state = ContainerState {
@@ -331,7 +329,8 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     Ok(())
 }
 
-/// Undo a start: kill and reap the container's first process, remove its cgroup and veths.
+/// Undo a start: kill (if it has not exited) and reap the container's first process, remove
+/// its cgroup and any veths.
 fn abandon(pid: nix::unistd::Pid, cg: Option<&super::cgroup::ContainerCgroup>, net: &NetMode) {
     let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
     let _ = waitpid(pid, None);
