@@ -55,8 +55,9 @@ pub struct Executor<'a> {
     pub config: &'a Config,
     /// Container steps run at once.
     pub parallel: usize,
-    /// Serialises IPAM and hosts-file updates between parallel container steps.
-    pub net_lock: std::sync::Mutex<()>,
+    /// Serialises IPAM and hosts-file updates between parallel container steps, and holds
+    /// the IPAM files written without fsync since the wave began (made durable after it).
+    pub net_lock: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>>,
 }
 
 impl Executor<'_> {
@@ -94,9 +95,11 @@ impl Executor<'_> {
                 };
             let failed = results.iter().find(|o| !o.ok).cloned();
             outcomes.extend(results);
-            // names of containers that came or went in this wave, everywhere
+            // the wave's leases durable; names of containers that came or went, everywhere
             if touches_containers
-                && let Err(e) = refresh_hosts(self.state, None)
+                && let Err(e) = self
+                    .sync_leases()
+                    .and_then(|()| refresh_hosts(self.state, None))
                 && failed.is_none()
             {
                 return Err(e);
@@ -482,7 +485,7 @@ impl Executor<'_> {
             [n] if n == NET_NONE => return Ok((NetMode::None, vec![])),
             _ => {}
         }
-        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
         let mut ifaces = vec![];
         for (i, n) in spec.networks.iter().enumerate() {
             let path = net::ipam_path(&self.state.root, n);
@@ -495,8 +498,9 @@ impl Executor<'_> {
                 Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
                 _ => ipam.hostnames.remove(name),
             };
-            // durable after the wave (refresh_hosts): one fsync per network, not per container
+            // durable after the wave (sync_leases): one fsync per network, not per container
             ipam.save_volatile(&path)?;
+            unsynced.insert(path.clone());
             let host_veth = net::veth_name(&self.state.root, name, i);
             ifaces.push(rc::BridgeIface {
                 network: n.clone(),
@@ -528,6 +532,15 @@ impl Executor<'_> {
         Ok((NetMode::Bridge { ifaces, gateway }, ports))
     }
 
+    /// fsync the IPAM files this wave wrote without it.
+    fn sync_leases(&self) -> Result<(), ApplyError> {
+        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for path in std::mem::take(&mut *unsynced) {
+            crate::fsutil::sync_file(&path).map_err(StateError::Io)?;
+        }
+        Ok(())
+    }
+
     /// Free the container's addresses (its peers' hosts files follow after the wave).
     fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
         let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -544,12 +557,8 @@ impl Executor<'_> {
 /// `only`) so it lists every container it shares a network with, by name and hostname.
 pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
     let mut ipams = net::ipam::all(&state.root.join("net"))?;
-    for (path, ipam) in ipams.values_mut() {
+    for (_, ipam) in ipams.values_mut() {
         complete_hostnames(state, ipam)?;
-        // the wave's leases were saved without fsync
-        if only.is_none() {
-            crate::fsutil::sync_file(path).map_err(StateError::Io)?;
-        }
     }
     let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
     for (_, ipam) in ipams.values() {

@@ -79,7 +79,7 @@ pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> 
         desired: &desired,
         config: &c.config,
         parallel,
-        net_lock: std::sync::Mutex::new(()),
+        net_lock: Default::default(),
     };
     let json = args.json;
     let report = |o: &StepOutcome| {
