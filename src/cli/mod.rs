@@ -165,15 +165,10 @@ pub fn main() -> ExitCode {
     match run(cli) {
         Ok(code) => code,
         Err(e) => {
-            eprintln!("error: {}", error_chain(&e));
+            eprintln!("error: {}", crate::apply::error_chain(e.as_ref()));
             ExitCode::from(1)
         }
     }
-}
-
-/// The error and its causes, without repeating a cause the text already includes.
-fn error_chain(e: &anyhow::Error) -> String {
-    crate::apply::error_chain(e.as_ref())
 }
 
 fn init_logging(verbose: u8, format: LogFormat) {
@@ -430,7 +425,7 @@ fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
 
 #[cfg(test)]
 mod tests {
-    use super::error_chain;
+    use crate::apply::error_chain;
 
     #[test]
     fn causes_already_in_the_message_are_not_repeated() {
@@ -438,7 +433,7 @@ mod tests {
         let e = crate::fsutil::PathError::new("write", std::path::Path::new("/s/x"), io);
         let e = anyhow::Error::new(e).context("pull example.com/a:1");
         assert_eq!(
-            error_chain(&e),
+            error_chain(e.as_ref()),
             "pull example.com/a:1: write /s/x: No space left on device (os error 28)"
         );
     }
