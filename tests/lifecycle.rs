@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 const IMAGE: &str = "example.com/e2e/bb:1";
 
 struct Host {
+    // first, so it runs before the state directory goes
+    _teardown: Teardown,
     state: tempfile::TempDir,
     dir: tempfile::TempDir,
     tag: &'static str,
@@ -35,6 +37,7 @@ impl Host {
             ],
         ));
         Host {
+            _teardown: Teardown::new(state.path()),
             state,
             dir: tempfile::tempdir().unwrap(),
             tag,
@@ -107,22 +110,17 @@ impl Host {
         }
     }
 
-    fn cgroup_file(&self, n: &str, file: &str) -> Option<String> {
+    /// `file` in the container's cgroup (in whichever controller's directory has it).
+    fn cgroup_path(&self, n: &str, file: &str) -> Option<std::path::PathBuf> {
         let i: Value = serde_json::from_str(&ok(&self.run(&["inspect", &self.name(n)]))).unwrap();
         let dirs = i["cgroup_dirs"].as_array()?.clone();
         dirs.iter()
-            .filter_map(|d| std::fs::read_to_string(Path::new(d.as_str()?).join(file)).ok())
-            .next()
+            .filter_map(|d| Some(Path::new(d.as_str()?).join(file)))
+            .find(|p| p.exists())
     }
-}
 
-impl Drop for Host {
-    fn drop(&mut self) {
-        let empty = self.dir.path().join("nothing");
-        let _ = berth(
-            self.s(),
-            &["apply", "--allow-empty", empty.to_str().unwrap()],
-        );
+    fn cgroup_file(&self, n: &str, file: &str) -> Option<String> {
+        std::fs::read_to_string(self.cgroup_path(n, file)?).ok()
     }
 }
 
@@ -167,21 +165,13 @@ fn limits_changed_by_hand_are_drift_and_apply_restores_them() {
     h.apply();
     let pid = h.ps("a")["pid"].as_i64().unwrap();
     // someone lowers both limits behind berth's back
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
-    let dirs: Vec<std::path::PathBuf> = i["cgroup_dirs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| Path::new(d.as_str().unwrap()).to_path_buf())
-        .collect();
     let write = |file: &str, v: &str| {
-        let d = dirs
-            .iter()
-            .find(|d| d.join(file).exists())
-            .unwrap_or_else(|| panic!("no {file} in {dirs:?}"));
-        std::fs::write(d.join(file), v).unwrap();
+        let p = h
+            .cgroup_path("a", file)
+            .unwrap_or_else(|| panic!("no {file} in the cgroup"));
+        std::fs::write(p, v).unwrap();
     };
-    let mem_file = if dirs.iter().any(|d| d.join("memory.max").exists()) {
+    let mem_file = if h.cgroup_path("a", "memory.max").is_some() {
         "memory.max"
     } else {
         "memory.limit_in_bytes"

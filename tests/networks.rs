@@ -15,6 +15,8 @@ const IMAGE: &str = "example.com/net/bb:1";
 /// A state directory with the busybox image (plus a static UDP echo server) imported, and a
 /// manifests directory. Applies an empty set on drop.
 struct Host {
+    // first, so it runs before the state directory goes
+    _teardown: Teardown,
     state: tempfile::TempDir,
     dir: tempfile::TempDir,
     tag: &'static str,
@@ -76,6 +78,7 @@ impl Host {
             ],
         ));
         Host {
+            _teardown: Teardown::new(state.path()),
             state,
             dir: tempfile::tempdir().unwrap(),
             tag,
@@ -130,16 +133,6 @@ impl Host {
             bridges.push(v["bridge"].as_str().unwrap().to_string());
         }
         bridges
-    }
-}
-
-impl Drop for Host {
-    fn drop(&mut self) {
-        let empty = self.dir.path().join("nothing");
-        let _ = berth(
-            self.s(),
-            &["apply", "--allow-empty", empty.to_str().unwrap()],
-        );
     }
 }
 
