@@ -34,6 +34,21 @@ push_busybox() {
   skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://$ref"
 }
 
+# cleanup_bench: remove what a benchmark made, on exit: berth's containers (state in
+# $work/state), podman's (label berth-bench=1), the network $net if set, the image $ref, the
+# registry, and $work.
+cleanup_bench() {
+  if [ -d "$work/state" ]; then
+    mkdir -p "$work/empty"
+    "$BERTH" --state-dir "$work/state" apply --allow-empty --max-deletions 100000 "$work/empty" >/dev/null 2>&1 || true
+  fi
+  "${PODMAN[@]}" rm -f -t 0 $("${PODMAN[@]}" ps -aq --filter label=berth-bench=1 2>/dev/null) >/dev/null 2>&1 || true
+  [ -n "${net:-}" ] && "${PODMAN[@]}" network rm -f "$net" >/dev/null 2>&1 || true
+  "${PODMAN[@]}" rmi -f "$ref" >/dev/null 2>&1 || true
+  [ -n "${regpid:-}" ] && kill "$regpid" 2>/dev/null || true
+  rm -rf "$work"
+}
+
 median() { sort -n | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 # $EPOCHREALTIME (bash 5) rather than $(date): no helper process inside the timed span
 now() { echo "$EPOCHREALTIME"; }

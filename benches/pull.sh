@@ -18,12 +18,8 @@ BERTH=${BERTH:-target/release/berth}
 
 work=$(mktemp -d /var/tmp/berth-bench.XXXXXX)
 port=$(free_port)
-cleanup() {
-  [ -n "${regpid:-}" ] && kill "$regpid" 2>/dev/null || true
-  "${PODMAN[@]}" rmi -f "127.0.0.1:$port/bench/big:1" >/dev/null 2>&1 || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+ref="127.0.0.1:$port/bench/big:1"
+trap cleanup_bench EXIT
 
 start_registry "$work" "$port"
 
@@ -38,8 +34,7 @@ for n in 1 2; do
   for i in $(seq 1 $((LAYER_MB * 4))); do head -c 131072 /dev/urandom > "$d/small/f$i"; done
 done
 python3 benches/mkimage.py "$work/layout" 1 "$work/l0" "$work/l1" "$work/l2" >/dev/null
-skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://127.0.0.1:$port/bench/big:1"
-ref="127.0.0.1:$port/bench/big:1"
+skopeo copy --quiet --dest-tls-verify=false "oci:$work/layout:1" "docker://$ref"
 size=$(du -sm "$work/regdata" | cut -f1)
 echo "image pushed: $ref (${size} MB in the registry)"
 

@@ -17,15 +17,7 @@ PODMAN_RUN=(run -d --network none --ulimit nofile=1000:1000 --ulimit nproc=1000:
 work=$(mktemp -d /var/tmp/berth-start.XXXXXX)
 port=$(free_port)
 ref="127.0.0.1:$port/bench/bb:1"
-cleanup() {
-  mkdir -p "$work/empty"
-  "$BERTH" --state-dir "$work/state" apply --allow-empty --max-deletions 100000 "$work/empty" >/dev/null 2>&1 || true
-  "${PODMAN[@]}" rm -f $("${PODMAN[@]}" ps -aq --filter label=berth-bench=1 2>/dev/null) >/dev/null 2>&1 || true
-  "${PODMAN[@]}" rmi -f "$ref" >/dev/null 2>&1 || true
-  [ -n "${regpid:-}" ] && kill "$regpid" 2>/dev/null || true
-  rm -rf "$work"
-}
-trap cleanup EXIT
+trap cleanup_bench EXIT
 export BERTH_CONFIG=/dev/null
 
 start_registry "$work" "$port"
