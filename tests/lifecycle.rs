@@ -482,3 +482,73 @@ fn same_name_in_two_state_dirs_does_not_share_a_cgroup() {
     );
     assert_eq!(state(&a.ps("a")), "running");
 }
+
+/// Removes an empty directory and then its parent, if empty, on drop (a test's hand-made
+/// cgroup, should the test fail first).
+struct RmDirOnDrop(std::path::PathBuf);
+
+impl Drop for RmDirOnDrop {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+        if let Some(p) = self.0.parent() {
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
+#[test]
+fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        eprintln!("skipped: cgroup v2 has one hierarchy");
+        return;
+    }
+    let h = Host::new("v1h");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    let pid = r["pid"].as_i64().unwrap();
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
+    let dirs: Vec<String> = i["cgroup_dirs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d.as_str().unwrap().to_string())
+        .collect();
+    for c in ["memory", "cpu", "cpuacct", "pids", "devices"] {
+        let mount = format!("/sys/fs/cgroup/{c}");
+        if Path::new(&mount).is_dir() {
+            assert!(
+                dirs.iter().any(|d| d.starts_with(&format!("{mount}/"))),
+                "no {c} cgroup: {dirs:?}"
+            );
+        }
+    }
+    assert!(
+        !dirs
+            .iter()
+            .any(|d| d.starts_with("/sys/fs/cgroup/freezer/")),
+        "a freezer cgroup berth does not use: {dirs:?}"
+    );
+    // an older berth made the cgroup in every hierarchy: put the container in a freezer one
+    // too, as it did, and removal must take that one as well
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    let Some(base) = own.lines().find_map(|l| {
+        let f: Vec<&str> = l.splitn(3, ':').collect();
+        (f.len() == 3 && f[1] == "freezer").then(|| f[2].trim_start_matches('/').to_string())
+    }) else {
+        eprintln!("skipped the older-berth half: no freezer hierarchy");
+        return;
+    };
+    let old = Path::new("/sys/fs/cgroup/freezer")
+        .join(base)
+        .join("berth")
+        .join(h.name("a"));
+    std::fs::create_dir_all(&old).unwrap();
+    let _rm = RmDirOnDrop(old.clone());
+    std::fs::write(old.join("cgroup.procs"), pid.to_string()).unwrap();
+    h.declare(&[]);
+    ok(&h.run(&["apply", "--allow-empty", h.d()]));
+    assert!(!old.exists(), "{} left behind", old.display());
+    let left = cgroups_named(&h.name("a"));
+    assert!(left.is_empty(), "cgroup left behind: {left:?}");
+}

@@ -12,7 +12,7 @@ use cgroups_rs::fs::cpu::CpuController;
 use cgroups_rs::fs::devices::{DevicePermissions, DeviceType, DevicesController};
 use cgroups_rs::fs::memory::MemController;
 use cgroups_rs::fs::pid::PidController;
-use cgroups_rs::fs::{Controller, MaxValue, hierarchies};
+use cgroups_rs::fs::{Controller, Hierarchy, MaxValue, Subsystem, hierarchies};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -61,11 +61,48 @@ fn own_v2_path() -> String {
         .unwrap_or_default()
 }
 
+/// The v1 controllers a container gets a cgroup in: those berth limits (memory, cpu, pids,
+/// devices) or reads (cpuacct). runc makes one in every mounted hierarchy; each further one
+/// here (blkio, cpuset — whose cpus and mems must be copied down first —, freezer, net_cls,
+/// perf_event, hugetlb, name=systemd) would cost a mkdir on every start and an rmdir on every
+/// removal for nothing berth uses, and leaves the container where berth itself is.
+const V1_CONTROLLERS: &[&str] = &["memory", "cpu", "cpuacct", "pids", "devices"];
+
+/// A v1 hierarchy narrowed to [`V1_CONTROLLERS`].
+#[derive(Debug, Clone)]
+struct V1Subset(hierarchies::V1);
+
+impl Hierarchy for V1Subset {
+    fn subsystems(&self) -> Vec<Subsystem> {
+        self.0
+            .subsystems()
+            .into_iter()
+            .filter(|s| V1_CONTROLLERS.contains(&s.controller_name().as_str()))
+            .collect()
+    }
+    fn root(&self) -> PathBuf {
+        self.0.root()
+    }
+    fn root_control_group(&self) -> Cgroup {
+        Cgroup::load(Box::new(self.clone()), "")
+    }
+    fn parent_control_group(&self, path: &str) -> Cgroup {
+        let parent = std::path::Path::new(path)
+            .parent()
+            .map(|p| p.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        Cgroup::load(Box::new(self.clone()), parent)
+    }
+    fn v2(&self) -> bool {
+        false
+    }
+}
+
 /// The host's cgroup hierarchy, read once per process: `hierarchies::auto()` parses
 /// /proc/self/mountinfo every time, and `plan` loads every container's cgroup.
-fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
+fn hierarchy() -> Box<dyn Hierarchy> {
     enum Cached {
-        V1(hierarchies::V1),
+        V1(V1Subset),
         V2(hierarchies::V2),
     }
     static HIER: std::sync::OnceLock<Cached> = std::sync::OnceLock::new();
@@ -73,7 +110,7 @@ fn hierarchy() -> Box<dyn cgroups_rs::fs::Hierarchy> {
         if hierarchies::is_cgroup2_unified_mode() {
             Cached::V2(hierarchies::V2::new())
         } else {
-            Cached::V1(hierarchies::V1::new())
+            Cached::V1(V1Subset(hierarchies::V1::new()))
         }
     }) {
         Cached::V1(h) => Box::new(h.clone()),
@@ -398,6 +435,11 @@ impl ContainerCgroup {
         self.cg
             .delete()
             .map_err(|e| err(&self.loc.path, "remove", e))?;
+        // a container made before berth narrowed its v1 controllers has directories in more
+        // hierarchies than the handle knows; its processes are gone, so they are empty
+        for d in &dirs {
+            let _ = std::fs::remove_dir(d);
+        }
         // the shared `berth` parent goes when its last container does (fails while not empty)
         for d in dirs {
             if let Some(p) = d.parent().filter(|p| p.ends_with("berth")) {
