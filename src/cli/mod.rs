@@ -160,6 +160,14 @@ pub struct PlanArgs {
 
 pub fn main() -> ExitCode {
     crate::sys::reset_sigpipe();
+    // `berth shim DIR` runs on every container start, started by berth itself: it needs
+    // neither the argument parser (building it is a fifth of a start-up) nor the config
+    let mut args = std::env::args_os().skip(1);
+    if args.next().as_deref() == Some(std::ffi::OsStr::new("shim"))
+        && let (Some(dir), None) = (args.next(), args.next())
+    {
+        crate::runtime::shim::main(Path::new(&dir))
+    }
     let cli = Cli::parse();
     init_logging(cli.verbose, cli.log_format);
     match run(cli) {
