@@ -415,6 +415,13 @@ pub fn enter_rootfs(cfg: &RuntimeConfig, root: OwnedFd) -> R<()> {
     nix::unistd::pivot_root(".", ".").map_err(|e| fail("pivot_root", e))?;
     umount2(".", MntFlags::MNT_DETACH).map_err(|e| fail("detach the old root", e))?;
     nix::unistd::chdir("/").map_err(|e| fail("chdir /", e))?;
+    // a missing working directory is made now, while / can still be written (as docker
+    // makes it in the container's layer even with --read-only)
+    let cwd = &cfg.process.cwd;
+    if std::fs::symlink_metadata(cwd).is_err() {
+        std::fs::create_dir_all(cwd)
+            .map_err(|e| fail(format!("create working directory {cwd}"), e))?;
+    }
     if cfg.read_only {
         mount(
             None::<&str>,
