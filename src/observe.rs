@@ -5,7 +5,7 @@ use crate::manifest::spec::Kind;
 use crate::state::{ContainerRecord, NetworkRecord, StateDir, StateError, VolumeRecord};
 use crate::store::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 /// What the host has, as far as berth is concerned.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -18,6 +18,9 @@ pub struct Observed {
     pub containers: BTreeMap<String, ObservedContainer>,
     /// Networks whose bridge or rules are missing on the host, with the reason.
     pub network_drift: BTreeMap<String, String>,
+    /// Containers on the host (a directory in the state directory) without a record: the
+    /// record was removed outside berth. They are replaced when declared, removed when not.
+    pub unrecorded: BTreeSet<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -104,6 +107,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
         volumes: state.read_records(Kind::Volume)?,
         networks: state.read_records(Kind::Network)?,
         network_drift: BTreeMap::new(),
+        unrecorded: BTreeSet::new(),
         containers: containers
             .into_iter()
             .map(|(n, record)| {
@@ -154,6 +158,11 @@ pub fn observe(
             oc.live_limits = runtime.live_limits(name);
         }
     }
+    o.unrecorded = runtime
+        .names()
+        .into_iter()
+        .filter(|n| !o.containers.contains_key(n))
+        .collect();
     for name in o.networks.keys() {
         let bridge = crate::net::bridge_name(&state.root, name);
         let why = if !crate::net::link::exists(&bridge) {

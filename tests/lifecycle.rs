@@ -23,8 +23,15 @@ struct Host {
 impl Host {
     /// A fresh state directory with the busybox image imported under `IMAGE`.
     fn new(tag: &'static str) -> Host {
+        Host::with_layers(tag, vec![])
+    }
+
+    /// [`Host::new`] with more layers over busybox in the image.
+    fn with_layers(tag: &'static str, extra: Vec<Vec<u8>>) -> Host {
         let layout = tempfile::tempdir().unwrap();
-        write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
+        let mut layers = vec![busybox_layer()];
+        layers.extend(extra);
+        write_layout(layout.path(), "t", &layers, &["/bin/sh"]);
         let state = tempfile::tempdir().unwrap();
         ok(&berth(
             state.path(),
@@ -67,6 +74,11 @@ impl Host {
             ));
         }
         std::fs::write(self.dir.path().join("c.toml"), t).unwrap();
+    }
+
+    /// `sh -c script` in container `n` through `berth exec`: its output (asserting success).
+    fn sh(&self, n: &str, script: &str) -> String {
+        ok(&self.run(&["exec", &self.name(n), "--", "sh", "-c", script]))
     }
 
     fn run(&self, args: &[&str]) -> std::process::Output {
@@ -551,4 +563,228 @@ fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
     assert!(!old.exists(), "{} left behind", old.display());
     let left = cgroups_named(&h.name("a"));
     assert!(left.is_empty(), "cgroup left behind: {left:?}");
+}
+
+/// Move a container's process out of its cgroup (to the root of each hierarchy) and remove
+/// the cgroup, as a person might by hand.
+fn remove_cgroup_by_hand(dirs: &[String], pid: i64) {
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    for d in dirs {
+        let root = if v2 {
+            "/sys/fs/cgroup".to_string()
+        } else {
+            let rest = d.strip_prefix("/sys/fs/cgroup/").unwrap();
+            format!("/sys/fs/cgroup/{}", rest.split('/').next().unwrap())
+        };
+        std::fs::write(format!("{root}/cgroup.procs"), pid.to_string()).unwrap();
+    }
+    for d in dirs {
+        std::fs::remove_dir(d).unwrap_or_else(|e| panic!("rmdir {d}: {e}"));
+    }
+}
+
+#[test]
+fn parts_removed_outside_berth_are_drift_and_apply_repairs_them() {
+    let h = Host::new("oob");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    let dir = h.s().join("containers").join(h.name("a"));
+    let record = h
+        .s()
+        .join("records/containers")
+        .join(format!("{}.json", h.name("a")));
+    for (what, reason) in [
+        ("record", "its record was removed outside berth"),
+        ("directory", "its directory was removed"),
+        ("rootfs", "its root filesystem was removed"),
+        ("cgroup", "its cgroup was removed"),
+    ] {
+        let r = h.wait_for("a", "running", |r| state(r) == "running");
+        let pid = r["pid"].as_i64().unwrap();
+        match what {
+            "record" => std::fs::remove_file(&record).unwrap(),
+            "directory" => std::fs::remove_dir_all(&dir).unwrap(),
+            "rootfs" => std::fs::remove_dir_all(dir.join("upper")).unwrap(),
+            _ => {
+                let i: Value =
+                    serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
+                let dirs: Vec<String> = i["cgroup_dirs"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .map(|d| d.as_str().unwrap().to_string())
+                    .collect();
+                remove_cgroup_by_hand(&dirs, pid);
+            }
+        }
+        let (code, out) = h.plan();
+        assert_eq!(code, Some(2), "{what} removed: {out}");
+        assert!(
+            out.contains("drift: ") && out.contains(reason),
+            "{what}: {out}"
+        );
+        h.apply();
+        let r = h.wait_for("a", "running again", |r| state(r) == "running");
+        assert_ne!(r["pid"].as_i64().unwrap(), pid, "{what}: not replaced");
+        assert!(!pid_alive(pid), "{what}: the old process {pid} still runs");
+        assert_eq!(h.plan().0, Some(0), "{what}: not converged");
+        assert_eq!(cgroups_named(&h.name("a")).len(), r_cgroups(&h), "{what}");
+    }
+    // removed outside berth and no longer declared: the process goes with it, and the shim
+    // does not bring the directory back when it records the exit
+    let pid = h.ps("a")["pid"].as_i64().unwrap();
+    std::fs::remove_dir_all(&dir).unwrap();
+    h.declare(&[]);
+    ok(&h.run(&["apply", "--allow-empty", h.d()]));
+    let end = Instant::now() + Duration::from_secs(30);
+    while pid_alive(pid) {
+        assert!(Instant::now() < end, "the container's process survived");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert!(!dir.exists(), "the container's directory came back");
+    assert!(cgroups_named(&h.name("a")).is_empty());
+    assert_eq!(h.plan().0, Some(0));
+}
+
+/// How many cgroup directories a running container has (one per controller on v1).
+fn r_cgroups(h: &Host) -> usize {
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
+    i["cgroup_dirs"].as_array().unwrap().len()
+}
+
+#[test]
+fn volumes_binds_and_tmpfs() {
+    let seed = LayerBuilder::new()
+        .dir("srv", 0o755)
+        .file("srv/seed.txt", b"seed\n", 0o644)
+        .build();
+    let h = Host::with_layers("vol", vec![seed]);
+    let ro = tempfile::tempdir().unwrap();
+    std::fs::write(ro.path().join("in.txt"), "from host\n").unwrap();
+    let rw = tempfile::tempdir().unwrap();
+    let volumes = format!(
+        "volumes = [\"data:/srv\", \"{}:/in:ro\", \"{}:/out\"]\ntmpfs = [\"/scratch:size=1m\"]",
+        ro.path().display(),
+        rw.path().display()
+    );
+    let vol_toml = h.dir.path().join("v.toml");
+    std::fs::write(&vol_toml, "[volume.data]\n").unwrap();
+    h.declare(&[("a", &format!("command = [\"sleep\", \"1000\"]\n{volumes}"))]);
+    h.apply();
+    let pid = h.wait_for("a", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    let out = h.sh(
+        "a",
+        "cat /srv/seed.txt; echo new > /srv/new; cat /in/in.txt; \
+         touch /in/x 2>/dev/null && echo writable || echo read-only; echo out > /out/o; \
+         grep ' /scratch ' /proc/mounts",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "seed",
+        "a new volume is populated from the image: {out}"
+    );
+    assert_eq!(lines[1], "from host", "{out}");
+    assert_eq!(lines[2], "read-only", ":ro is honoured: {out}");
+    assert!(
+        lines[3].starts_with("tmpfs /scratch tmpfs") && lines[3].contains("size=1024k"),
+        "{out}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(rw.path().join("o")).unwrap(),
+        "out\n"
+    );
+    assert!(!ro.path().join("x").exists());
+
+    // a field that forces replacement: a new container, the same volume
+    h.declare(&[(
+        "a",
+        &format!("command = [\"sh\", \"-c\", \"sleep 1000\"]\n{volumes}"),
+    )]);
+    let (code, plan) = h.plan();
+    assert_eq!(code, Some(2));
+    assert!(
+        plan.contains(&format!("-/+ container.{}", h.name("a")))
+            && plan.contains("forces replacement"),
+        "{plan}"
+    );
+    h.apply();
+    let r = h.wait_for("a", "replaced", |r| {
+        state(r) == "running" && r["pid"].as_i64() != Some(pid)
+    });
+    assert!(!pid_alive(pid), "the old container still runs");
+    assert_eq!(h.sh("a", "cat /srv/new /srv/seed.txt"), "new\nseed\n");
+
+    // neither the container nor the volume declared: the container goes, the data stays
+    std::fs::remove_file(&vol_toml).unwrap();
+    h.declare(&[]);
+    ok(&h.run(&["apply", "--allow-empty", h.d()]));
+    let pid = r["pid"].as_i64().unwrap();
+    assert!(!pid_alive(pid));
+    assert!(
+        tree(h.s()).keys().any(|k| k.ends_with("/new")),
+        "the volume's data was deleted"
+    );
+    std::fs::write(&vol_toml, "[volume.data]\n").unwrap();
+    h.declare(&[("a", &format!("command = [\"sleep\", \"1000\"]\n{volumes}"))]);
+    h.apply();
+    h.wait_for("a", "running", |r| state(r) == "running");
+    assert_eq!(
+        h.sh("a", "cat /srv/new"),
+        "new\n",
+        "the volume came back with its data"
+    );
+
+    // a bind mount of a missing host path: an error that names it
+    h.declare(&[(
+        "b",
+        "command = [\"sleep\", \"1000\"]\nvolumes = [\"/nonexistent-berth-test:/x\"]",
+    )]);
+    let o = h.run(&["apply", "--allow-empty", h.d()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("/nonexistent-berth-test"), "{err}");
+}
+
+#[test]
+fn user_working_dir_read_only_and_capabilities() {
+    let h = Host::new("prc");
+    h.declare(&[
+        (
+            "u",
+            "command = [\"sleep\", \"1000\"]\nuser = \"app\"\nworking_dir = \"/work/sub\"\nread_only = true",
+        ),
+        (
+            "c",
+            "command = [\"sleep\", \"1000\"]\ncap_add = [\"SYS_TIME\"]\ncap_drop = [\"net_raw\"]",
+        ),
+    ]);
+    h.apply();
+    h.wait_for("u", "running", |r| state(r) == "running");
+    let out = h.sh(
+        "u",
+        "id; pwd; touch /x 2>/dev/null && echo writable || echo read-only",
+    );
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines[0], "uid=1000(app) gid=1000(app) groups=2000(extra)",
+        "the user from the image's /etc/passwd, supplementary groups (those listing it) from \
+         its /etc/group, as runc sets them: {out}"
+    );
+    assert_eq!(
+        lines[1], "/work/sub",
+        "the working directory is made: {out}"
+    );
+    assert_eq!(lines[2], "read-only", "{out}");
+    let pid = h.ps("u")["pid"].as_i64().unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    let pid = h.wait_for("c", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    // docker's 14 (a80425fb) + SYS_TIME (bit 25) - NET_RAW (bit 13)
+    assert!(status.contains("CapEff:\t00000000aa0405fb"), "{status}");
 }

@@ -21,7 +21,11 @@ pub fn runtime(c: &Ctx) -> Result<Runtime> {
         Some(p) => p.into(),
         None => std::env::current_exe().context("finding berth's own executable")?,
     };
-    Ok(Runtime::new(c.state.containers_dir(), exe))
+    Ok(Runtime::new(
+        c.state.containers_dir(),
+        exe,
+        c.config.cgroup_parent.clone(),
+    ))
 }
 
 /// Take the state lock, waiting (with a word) if another berth process holds it.

@@ -277,6 +277,10 @@ pub fn restart_wanted(restart: Restart, code: Option<i32>, restarts: u32) -> boo
 }
 
 /// Compare desired with observed. Pure: no I/O.
+/// Why a container without a record is in the plan.
+const UNRECORDED: &str =
+    "a container of this name is on the host but its record was removed outside berth";
+
 pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
 
@@ -308,6 +312,20 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
                 oc.record.source
             ))],
             src(&oc.record.source),
+        ));
+    }
+    for n in observed
+        .unrecorded
+        .iter()
+        .filter(|n| !desired.containers.contains_key(*n))
+    {
+        plan.steps.push(step(
+            Kind::Container,
+            n,
+            Action::Destroy,
+            vec![Op::StopContainer, Op::RemoveContainer],
+            vec![Reason::note(format!("not declared; drift: {UNRECORDED}"))],
+            None,
         ));
     }
 
@@ -522,6 +540,21 @@ fn container_step(
     let name = &c.name;
     let source = src(&c.source);
     let Some(oc) = observed.containers.get(name) else {
+        if observed.unrecorded.contains(name) {
+            return Some(step(
+                Kind::Container,
+                name,
+                Action::Replace,
+                vec![
+                    Op::StopContainer,
+                    Op::RemoveContainer,
+                    Op::CreateContainer,
+                    Op::StartContainer,
+                ],
+                vec![Reason::forcing(format!("drift: {UNRECORDED}"))],
+                source,
+            ));
+        }
         return Some(step(
             Kind::Container,
             name,

@@ -15,7 +15,8 @@ use cgroups_rs::fs::pid::PidController;
 use cgroups_rs::fs::{Controller, Hierarchy, MaxValue, Subsystem, hierarchies};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::os::unix::ffi::{OsStrExt, OsStringExt};
+use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -39,6 +40,24 @@ pub struct CgroupLocation {
 }
 
 const CPU_PERIOD_US: u64 = 100_000;
+
+/// The xattr naming, on a container's cgroup directories, the container directory it is for.
+const OWNER_XATTR: &str = "trusted.berth.container";
+
+/// How a container directory is named in [`OWNER_XATTR`]: absolute, through no symlink (the
+/// state directory may be given relative or through a link). A directory that no longer
+/// exists is resolved through its parent.
+pub fn owner_path(container_dir: &Path) -> PathBuf {
+    if let Ok(p) = std::fs::canonicalize(container_dir) {
+        return p;
+    }
+    match (container_dir.parent(), container_dir.file_name()) {
+        (Some(parent), Some(name)) => std::fs::canonicalize(parent)
+            .map(|p| p.join(name))
+            .unwrap_or_else(|_| container_dir.to_path_buf()),
+        _ => container_dir.to_path_buf(),
+    }
+}
 
 fn err(path: &str, step: &'static str, e: impl std::fmt::Display) -> CgroupError {
     CgroupError::Failed {
@@ -176,24 +195,41 @@ impl CgroupLocation {
         }
     }
 
-    /// Create the cgroup with its limits.
-    pub fn create(&self, limits: &Limits) -> Result<ContainerCgroup, CgroupError> {
-        let cg = self.load();
-        // Two state directories may declare a container of the same name: never share (and
-        // later kill) a cgroup that another container's processes are in.
-        if cg.exists() && !cg.procs().is_empty() {
-            return Err(err(
-                &self.path,
-                "create",
-                "the cgroup already holds processes of another container \
-                 (a container of this name from another berth state directory?)",
-            ));
+    /// Create the cgroup with its limits, for the container whose directory is `owner`.
+    pub fn create(&self, limits: &Limits, owner: &Path) -> Result<ContainerCgroup, CgroupError> {
+        let existing = self.open();
+        if existing.exists() && !existing.procs().is_empty() {
+            match existing.owner() {
+                // processes of this very container that berth lost track of (its directory
+                // was removed outside berth): they go, as their container is being replaced
+                Some(o) if o == owner_path(owner) => existing.destroy()?,
+                // Two state directories may declare a container of the same name: never
+                // share (and later kill) a cgroup that another container's processes are in.
+                o => {
+                    return Err(err(
+                        &self.path,
+                        "create",
+                        match o {
+                            Some(o) => format!(
+                                "the cgroup holds the processes of the container in {}",
+                                o.display()
+                            ),
+                            None => "the cgroup already holds processes of another container \
+                                     (a container of this name from another berth state \
+                                     directory?)"
+                                .to_string(),
+                        },
+                    ));
+                }
+            }
         }
+        let cg = self.load();
         cg.create().map_err(|e| err(&self.path, "create", e))?;
         let c = ContainerCgroup {
             cg,
             loc: self.clone(),
         };
+        c.set_owner(&owner_path(owner));
         // a cgroup that cannot be restricted is not left behind (nor reused later with a
         // device program too many)
         if let Err(e) = c.restrict_devices().and_then(|()| c.set_limits(limits)) {
@@ -220,6 +256,24 @@ pub struct ContainerCgroup {
 impl ContainerCgroup {
     pub fn exists(&self) -> bool {
         self.cg.exists()
+    }
+
+    /// Mark the cgroup as the one of the container in directory `owner` (an xattr on each of
+    /// its directories), so that berth can tell its own processes from another state
+    /// directory's when the container's directory is gone. Best effort: an unmarked cgroup
+    /// is simply never claimed.
+    fn set_owner(&self, owner: &Path) {
+        for d in self.dirs() {
+            let _ = xattr::set(&d, OWNER_XATTR, owner.as_os_str().as_bytes());
+        }
+    }
+
+    /// The directory of the container this cgroup was made for, if it is marked.
+    pub fn owner(&self) -> Option<PathBuf> {
+        self.dirs().iter().find_map(|d| {
+            let v = xattr::get(d, OWNER_XATTR).ok()??;
+            Some(PathBuf::from(std::ffi::OsString::from_vec(v)))
+        })
     }
 
     /// Docker's device rules (see `super::devices`): on v1 through the devices controller,

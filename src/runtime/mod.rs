@@ -50,13 +50,20 @@ pub struct Runtime {
     pub containers: PathBuf,
     /// The berth executable to run as the shim (`/proc/self/exe` is not always berth).
     pub berth_exe: PathBuf,
+    /// The host config's `cgroup_parent`: where a container's cgroup is when its state is lost.
+    pub cgroup_parent: Option<PathBuf>,
 }
 
 impl Runtime {
-    pub fn new(containers: impl Into<PathBuf>, berth_exe: impl Into<PathBuf>) -> Self {
+    pub fn new(
+        containers: impl Into<PathBuf>,
+        berth_exe: impl Into<PathBuf>,
+        cgroup_parent: Option<PathBuf>,
+    ) -> Self {
         Runtime {
             containers: containers.into(),
             berth_exe: berth_exe.into(),
+            cgroup_parent,
         }
     }
 
@@ -291,6 +298,13 @@ impl Runtime {
     pub fn remove(&self, name: &str, signal: &str, timeout: Duration) -> Result<(), RuntimeError> {
         let d = self.dir(name);
         if !d.0.exists() {
+            // removed outside berth, perhaps with the container running: its processes are
+            // found by their cgroup, where berth puts it, if the cgroup says it is this one's
+            let cg =
+                cgroup::CgroupLocation::for_container(name, self.cgroup_parent.as_deref()).open();
+            if cg.exists() && cg.owner().is_some_and(|o| o == cgroup::owner_path(&d.0)) {
+                cg.destroy()?;
+            }
             return Ok(());
         }
         self.stop(name, signal, timeout)?;
@@ -318,6 +332,20 @@ impl Runtime {
 
     pub fn log_path(&self, name: &str) -> PathBuf {
         self.dir(name).log()
+    }
+
+    /// Names of the containers with a directory here (whatever their records say).
+    pub fn names(&self) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.containers) else {
+            return vec![];
+        };
+        let mut names: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .collect();
+        names.sort();
+        names
     }
 
     pub fn exists(&self, name: &str) -> bool {

@@ -224,7 +224,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         let _ = std::fs::File::from(fail_r).read_to_string(&mut failure);
         failure
     };
-    let cg = match loc.create(&cfg.limits) {
+    let cg = match loc.create(&cfg.limits, dir) {
         Ok(cg) => cg,
         Err(e) => {
             abandon(pid, None, &cfg.net);
@@ -322,7 +322,11 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         let _ = waitpid(p, None);
     }
     detach_network(&cfg.net);
-    let _ = fsutil::write_json(&cd.exit(), &rec);
+    // a container whose directory is gone was removed (perhaps outside berth, then by apply
+    // through its cgroup): writing the record would make the directory again
+    if cd.0.is_dir() {
+        let _ = fsutil::write_json(&cd.exit(), &rec);
+    }
     if let Err(e) = cg.destroy() {
         eprintln!("shim: {e}");
     }
