@@ -788,3 +788,99 @@ fn user_working_dir_read_only_and_capabilities() {
     // docker's 14 (a80425fb) + SYS_TIME (bit 25) - NET_RAW (bit 13)
     assert!(status.contains("CapEff:\t00000000aa0405fb"), "{status}");
 }
+
+#[test]
+fn debugging_commands_and_stop_settings() {
+    let h = Host::new("dbg");
+    h.declare(&[
+        (
+            "d",
+            "command = [\"sh\", \"-c\", \"trap 'echo got usr1; exit 3' USR1; sleep 1000 & wait\"]\n\
+             stop_signal = \"SIGUSR1\"\ncpus = 0.5\nmemory = \"64MiB\"\npids = 50",
+        ),
+        // pid 1 of a pid namespace ignores SIGTERM it has no handler for: only SIGKILL, after
+        // stop_timeout, ends it
+        ("k", "command = [\"sleep\", \"1000\"]"),
+    ]);
+    let out = ok(&h.run(&["apply", "--json", h.d()]));
+    let v: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["ok"], true, "{out}");
+    assert_eq!(v["outcomes"].as_array().unwrap().len(), 2, "{out}");
+    assert_eq!(v["plan"]["summary"]["add"], 2, "{out}");
+    let pid = h.wait_for("d", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    h.wait_for("k", "running", |r| state(r) == "running");
+
+    let top = ok(&h.run(&["top", &h.name("d")]));
+    assert!(
+        top.contains("PID") && top.contains(&pid.to_string()) && top.contains("sleep 1000"),
+        "{top}"
+    );
+    let stats: Value = serde_json::from_str(&ok(&h.run(&[
+        "stats",
+        "--no-stream",
+        "--json",
+        &h.name("d"),
+    ])))
+    .unwrap();
+    let s = &stats[0];
+    assert_eq!(s["name"], h.name("d").as_str(), "{stats}");
+    assert_eq!(s["memory_limit"], 64 << 20, "{stats}");
+    assert_eq!(s["pids_limit"], 50, "{stats}");
+    assert!(s["pids"].as_u64().unwrap() >= 2, "sh and sleep: {stats}");
+    assert!(s["memory"].as_u64().unwrap() > 0, "{stats}");
+    let quota = h
+        .cgroup_file("d", "cpu.cfs_quota_us")
+        .or_else(|| h.cgroup_file("d", "cpu.max"))
+        .unwrap();
+    assert!(
+        quota.trim() == "50000" || quota.trim() == "50000 100000",
+        "cpus = 0.5 is half of each period: {quota}"
+    );
+
+    // exec: stdin only with -i, a terminal only with -t
+    let run_with_stdin = |args: &[&str], input: &str| -> String {
+        let mut c = Command::new(berth_bin())
+            .env("BERTH_STATE_DIR", h.s())
+            .env("BERTH_CONFIG", "/dev/null")
+            .args(args)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        use std::io::Write as _;
+        c.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+        ok(&c.wait_with_output().unwrap())
+    };
+    let n = h.name("d");
+    assert_eq!(
+        run_with_stdin(&["exec", "-i", &n, "--", "cat"], "hello\n"),
+        "hello\n"
+    );
+    assert_eq!(run_with_stdin(&["exec", &n, "--", "cat"], "hello\n"), "");
+    let t = h.sh("d", "test -t 1 && echo tty || echo no-tty");
+    assert_eq!(t.trim(), "no-tty");
+    let t = ok(&h.run(&[
+        "exec",
+        "-t",
+        &n,
+        "--",
+        "sh",
+        "-c",
+        "test -t 0 && test -t 1 && echo tty",
+    ]));
+    assert_eq!(t.trim(), "tty", "{t:?}");
+
+    // stop: the container's stop signal, then SIGKILL after stop_timeout
+    ok(&h.run(&["stop", &n]));
+    assert!(!pid_alive(pid));
+    let logs = ok(&h.run(&["logs", &n]));
+    assert!(logs.contains("got usr1"), "stopped with SIGUSR1: {logs}");
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &n]))).unwrap();
+    assert_eq!(i["exit"]["code"], 3, "{i}");
+    ok(&h.run(&["stop", &h.name("k")]));
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("k")]))).unwrap();
+    assert_eq!(i["exit"]["signal"], 9, "killed after stop_timeout: {i}");
+}
