@@ -420,7 +420,8 @@ pub fn stats_cmd(c: &Ctx, names: &[String], no_stream: bool, json: bool) -> Resu
                     r["name"].as_str().unwrap_or(""),
                     r["cpu_percent"].as_f64().unwrap_or(0.0),
                     format!("{} / {lim}", human_bytes(r["memory"].as_u64().unwrap_or(0))),
-                    r["pids"]
+                    // a number, not the JSON value, whose Display ignores the width
+                    r["pids"].as_u64().unwrap_or(0)
                 );
             }
         }

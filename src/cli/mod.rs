@@ -111,30 +111,49 @@ pub enum Command {
         /// Allocate a pseudo-terminal.
         #[arg(short, long)]
         tty: bool,
+        /// The container.
         name: String,
         /// The command and its arguments (after --).
         #[arg(last = true, required = true)]
         command: Vec<String>,
     },
     /// Stop a container; it stays stopped (not drift) until start, restart or a new config.
-    Stop { name: String },
+    Stop {
+        /// The container.
+        name: String,
+    },
     /// Start a stopped or exited container.
-    Start { name: String },
+    Start {
+        /// The container.
+        name: String,
+    },
     /// Stop, then start a container.
-    Restart { name: String },
+    Restart {
+        /// The container.
+        name: String,
+    },
     /// Processes inside a container, as seen from the host.
-    Top { name: String },
+    Top {
+        /// The container.
+        name: String,
+    },
     /// CPU %, memory usage/limit and pids of containers (all when none named).
     Stats {
+        /// The containers (all when none is named).
         names: Vec<String>,
         /// One sample, then exit.
         #[arg(long)]
         no_stream: bool,
+        /// One JSON array per sample: name, cpu_percent, memory, memory_limit, pids,
+        /// pids_limit (limits null when unlimited).
         #[arg(long)]
         json: bool,
     },
     /// A container as JSON: config, state, mounts, pid, cgroup path.
-    Inspect { name: String },
+    Inspect {
+        /// The container.
+        name: String,
+    },
     /// Internal: the per-container supervisor started by berth.
     #[command(hide = true)]
     Shim { dir: PathBuf },
@@ -150,7 +169,8 @@ pub struct PlanArgs {
     /// Refuse a plan that destroys more than N resources.
     #[arg(long, default_value_t = 10, value_name = "N")]
     pub max_deletions: usize,
-    /// Print the plan as JSON (format_version 1, documented in the README).
+    /// Print JSON instead of text: the plan (format_version 1, documented in the README); apply
+    /// adds `ok` and each step's outcome.
     #[arg(long)]
     pub json: bool,
     /// Exit 0 when there are no changes, 2 when there are, 1 on error.
