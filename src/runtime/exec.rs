@@ -83,6 +83,13 @@ pub fn exec(
             eprintln!("berth exec: {m}");
             std::process::exit(126)
         };
+        // Non-dumpable before joining anything: the process forked below appears in the
+        // container's pid namespace while it is still berth, and a dumpable berth there could
+        // be opened through /proc/<pid>/exe by the container's root (CVE-2019-5736). exec of
+        // the command resets it.
+        if let Err(e) = nix::sys::prctl::set_dumpable(false) {
+            die(format!("set non-dumpable: {e}"));
+        }
         if let Err(e) = cg.add(std::process::id() as i32) {
             die(e.to_string());
         }
