@@ -781,6 +781,22 @@ fn user_working_dir_read_only_and_capabilities() {
     let pid = h.ps("u")["pid"].as_i64().unwrap();
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert_eq!(h.sh("u", "cat /etc/hostname"), format!("{}\n", h.name("u")));
+    // open files: docker's 1048576, never above the host's hard limit
+    let nofile = |limits: &str| -> (u64, u64) {
+        let l = limits
+            .lines()
+            .find(|l| l.starts_with("Max open files"))
+            .unwrap();
+        let f: Vec<&str> = l.split_whitespace().collect();
+        (f[3].parse().unwrap(), f[4].parse().unwrap())
+    };
+    let (_, host_hard) = nofile(&std::fs::read_to_string("/proc/self/limits").unwrap());
+    let want = host_hard.min(1 << 20);
+    assert_eq!(
+        nofile(&std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap()),
+        (want, want)
+    );
     let pid = h.wait_for("c", "running", |r| state(r) == "running")["pid"]
         .as_i64()
         .unwrap();
