@@ -900,3 +900,84 @@ fn debugging_commands_and_stop_settings() {
     let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("k")]))).unwrap();
     assert_eq!(i["exit"]["signal"], 9, "killed after stop_timeout: {i}");
 }
+
+/// This process's cgroup path in hierarchy `controller` (v1) or the unified one (v2: "").
+fn own_cgroup(controller: &str) -> String {
+    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
+    own.lines()
+        .find_map(|l| {
+            let f: Vec<&str> = l.splitn(3, ':').collect();
+            (f.len() == 3 && f[1].split(',').any(|c| c == controller)).then(|| f[2].to_string())
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
+    let h = Host::new("cgp");
+    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let expect = |dir: &str, parent: Option<&str>, name: &str| {
+        let (mount, ctl) = if v2 {
+            ("/sys/fs/cgroup".to_string(), "")
+        } else {
+            let c = dir
+                .strip_prefix("/sys/fs/cgroup/")
+                .unwrap()
+                .split('/')
+                .next()
+                .unwrap();
+            (format!("/sys/fs/cgroup/{c}"), c)
+        };
+        let base = match parent {
+            Some(p) => p.to_string(),
+            None => format!("{}/berth", own_cgroup(ctl).trim_end_matches('/')),
+        };
+        let want = format!("{mount}/{}/{name}", base.trim_start_matches('/'));
+        assert_eq!(dir, want.replace("//", "/"));
+    };
+    let dirs_of = |n: &str, cfg: &[&str]| -> Vec<String> {
+        let mut args = cfg.to_vec();
+        args.extend(["inspect", n]);
+        let i: Value = serde_json::from_str(&ok(&h.run(&args))).unwrap();
+        i["cgroup_dirs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    };
+    // by default beneath the cgroup berth runs in (per hierarchy on v1): never moved out
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    h.wait_for("a", "running", |r| state(r) == "running");
+    let dirs = dirs_of(&h.name("a"), &[]);
+    assert!(!dirs.is_empty());
+    for d in &dirs {
+        expect(d, None, &h.name("a"));
+    }
+    // an absolute cgroup_parent from the host config
+    let parent = format!("/berthtest{}", std::process::id());
+    let etc = tempfile::tempdir().unwrap();
+    let cfg = etc.path().join("config.toml");
+    std::fs::write(&cfg, format!("cgroup_parent = \"{parent}\"\n")).unwrap();
+    let cfg = ["--config", cfg.to_str().unwrap()];
+    let mut made = Vec::new();
+    h.declare(&[("b", "command = [\"sleep\", \"1000\"]")]);
+    let mut args = cfg.to_vec();
+    args.extend(["apply", "--allow-empty", h.d()]);
+    ok(&h.run(&args));
+    let dirs = dirs_of(&h.name("b"), &cfg);
+    for d in &dirs {
+        expect(d, Some(&parent), &h.name("b"));
+        // the container's directory (gone by then) and the parent berth made for it
+        made.push(RmDirOnDrop(Path::new(d).to_path_buf()));
+    }
+    h.declare(&[]);
+    let mut args = cfg.to_vec();
+    args.extend(["apply", "--allow-empty", h.d()]);
+    ok(&h.run(&args));
+    assert!(cgroups_named(&h.name("b")).is_empty());
+    for d in &dirs {
+        assert!(!Path::new(d).exists(), "{d} left behind");
+    }
+}
