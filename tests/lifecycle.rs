@@ -486,7 +486,11 @@ fn same_name_in_two_state_dirs_does_not_share_a_cgroup() {
     let out = b.run(&["apply", b.d()]);
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another container"), "{err}");
+    let other = std::fs::canonicalize(a.s().join("containers").join(a.name("a"))).unwrap();
+    assert!(
+        err.contains(&format!("the container in {}", other.display())),
+        "the error names the container the cgroup belongs to: {err}"
+    );
     drop(b);
     assert!(
         pid_alive(pid),
