@@ -312,7 +312,14 @@ impl Executor<'_> {
             Some(r) => r.spec,
             None => match self.desired.containers.get(name) {
                 Some(c) => c.spec.clone(),
-                None => return Ok(("SIGTERM".into(), Duration::from_secs(10))),
+                // neither record nor declaration (its record was removed outside berth): the
+                // settings the container was started with, else docker's defaults
+                None => {
+                    return Ok(match self.runtime.config(name) {
+                        Ok(c) => (c.stop_signal, Duration::from_millis(c.stop_timeout_ms)),
+                        Err(_) => ("SIGTERM".into(), Duration::from_secs(10)),
+                    });
+                }
             },
         };
         Ok((spec.stop_signal.clone(), spec.stop_timeout.as_std()))

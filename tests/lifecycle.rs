@@ -649,6 +649,27 @@ fn parts_removed_outside_berth_are_drift_and_apply_repairs_them() {
     assert!(!dir.exists(), "the container's directory came back");
     assert!(cgroups_named(&h.name("a")).is_empty());
     assert_eq!(h.plan().0, Some(0));
+    // its record removed and no longer declared: destroyed all the same
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    let pid = h.wait_for("a", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    std::fs::remove_file(&record).unwrap();
+    h.declare(&[]);
+    let o = h.run(&["plan", "--allow-empty", h.d()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!(
+            "- container.{} (not declared; drift:",
+            h.name("a")
+        )),
+        "{out}"
+    );
+    ok(&h.run(&["apply", "--allow-empty", h.d()]));
+    assert!(!pid_alive(pid));
+    assert!(!dir.exists());
+    assert!(cgroups_named(&h.name("a")).is_empty());
 }
 
 /// How many cgroup directories a running container has (one per controller on v1).

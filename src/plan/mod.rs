@@ -529,6 +529,23 @@ fn network_changes(before: &NetworkSpec, after: &NetworkSpec) -> Vec<Reason> {
     out
 }
 
+/// A container replaced: stopped, removed, created and started again.
+fn replacement(name: &str, reasons: Vec<Reason>, source: Option<String>) -> Step {
+    step(
+        Kind::Container,
+        name,
+        Action::Replace,
+        vec![
+            Op::StopContainer,
+            Op::RemoveContainer,
+            Op::CreateContainer,
+            Op::StartContainer,
+        ],
+        reasons,
+        source,
+    )
+}
+
 fn container_step(
     desired: &Desired,
     observed: &Observed,
@@ -541,16 +558,8 @@ fn container_step(
     let source = src(&c.source);
     let Some(oc) = observed.containers.get(name) else {
         if observed.unrecorded.contains(name) {
-            return Some(step(
-                Kind::Container,
+            return Some(replacement(
                 name,
-                Action::Replace,
-                vec![
-                    Op::StopContainer,
-                    Op::RemoveContainer,
-                    Op::CreateContainer,
-                    Op::StartContainer,
-                ],
                 vec![Reason::forcing(format!("drift: {UNRECORDED}"))],
                 source,
             ));
@@ -626,34 +635,10 @@ fn container_step(
     match &oc.status {
         ContainerStatus::Lost { reason } => {
             reasons.push(Reason::forcing(format!("drift: {reason}")));
-            return Some(step(
-                Kind::Container,
-                name,
-                Action::Replace,
-                vec![
-                    Op::StopContainer,
-                    Op::RemoveContainer,
-                    Op::CreateContainer,
-                    Op::StartContainer,
-                ],
-                reasons,
-                source,
-            ));
+            return Some(replacement(name, reasons, source));
         }
         _ if forces => {
-            return Some(step(
-                Kind::Container,
-                name,
-                Action::Replace,
-                vec![
-                    Op::StopContainer,
-                    Op::RemoveContainer,
-                    Op::CreateContainer,
-                    Op::StartContainer,
-                ],
-                reasons,
-                source,
-            ));
+            return Some(replacement(name, reasons, source));
         }
         ContainerStatus::Exited {
             code,
