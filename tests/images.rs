@@ -414,3 +414,52 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     ok(&berth(&state, &["image", "pull", "-q", &r]));
     assert_unpacked(&state, &r);
 }
+
+#[test]
+fn credentials_from_docker_config_with_basic_and_bearer_auth() {
+    let reg = Registry::start();
+    let repo = "private/bb";
+    push_image(&format!("{}/{repo}:1", reg.addr), &[]);
+    for mode in [Fault::BasicAuth, Fault::BearerAuth] {
+        let proxy = FaultProxy::start(&reg.addr, mode, usize::MAX);
+        let state = tempfile::tempdir().unwrap();
+        let r = format!("{}/{repo}:1", proxy.addr);
+        // berth() points DOCKER_CONFIG here
+        let cfg_dir = state.path().join("no-docker-config");
+        let pull = || berth(state.path(), &["image", "pull", "-q", &r]);
+        // no credentials, then wrong ones: refused, saying so, with the registry and
+        // repository named
+        for creds in [None, Some("wrong")] {
+            if let Some(p) = creds {
+                docker_config(&cfg_dir, &proxy.addr, AUTH_USER, p);
+            }
+            let out = pull();
+            assert_eq!(out.status.code(), Some(1), "{mode:?} {creds:?}");
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                err.contains(&proxy.addr)
+                    && err.contains(repo)
+                    && err.contains("authentication required"),
+                "{mode:?} {creds:?}: {err}"
+            );
+            assert_store_clean(state.path());
+        }
+        docker_config(&cfg_dir, &proxy.addr, AUTH_USER, AUTH_PASS);
+        ok(&pull());
+        assert_unpacked(state.path(), &r);
+    }
+    // credentials accepted but no permission: 403, said as such
+    let proxy = FaultProxy::start(&reg.addr, Fault::Forbidden, usize::MAX);
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(
+        state.path(),
+        &["image", "pull", "-q", &format!("{}/{repo}:1", proxy.addr)],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("{}: access to {repo} denied (403)", proxy.addr)),
+        "{err}"
+    );
+    assert_store_clean(state.path());
+}

@@ -293,6 +293,108 @@ pub enum Fault {
     Error500,
     /// Flip one byte in every blob body.
     CorruptBlobs,
+    /// A registry with Basic auth: every request needs `AUTH_USER:AUTH_PASS`, else 401 with
+    /// `WWW-Authenticate: Basic`.
+    BasicAuth,
+    /// A registry with Docker Hub's token flow: requests need `Bearer AUTH_TOKEN`, else 401
+    /// with `WWW-Authenticate: Bearer realm=<this proxy>/token,…`; `/token` hands out the
+    /// token for Basic `AUTH_USER:AUTH_PASS` and a pull scope of the repository asked for.
+    BearerAuth,
+    /// Every repository request is refused with 403 (credentials fine, no permission).
+    Forbidden,
+}
+
+pub const AUTH_USER: &str = "berth";
+pub const AUTH_PASS: &str = "s3cret";
+pub const AUTH_TOKEN: &str = "tok-3f9a";
+
+/// The `Authorization` header's value in a request head, if any.
+fn authorization(head: &str) -> Option<String> {
+    head.lines().find_map(|l| {
+        let (k, v) = l.split_once(':')?;
+        k.eq_ignore_ascii_case("authorization")
+            .then(|| v.trim().to_string())
+    })
+}
+
+fn basic(user: &str, pass: &str) -> String {
+    use base64::Engine as _;
+    format!(
+        "Basic {}",
+        base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"))
+    )
+}
+
+/// Write a docker `config.json` with credentials for `registry` in `dir`.
+pub fn docker_config(dir: &Path, registry: &str, user: &str, pass: &str) {
+    use base64::Engine as _;
+    std::fs::create_dir_all(dir).unwrap();
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{pass}"));
+    std::fs::write(
+        dir.join("config.json"),
+        format!("{{\"auths\": {{\"{registry}\": {{\"auth\": \"{auth}\"}}}}}}"),
+    )
+    .unwrap();
+}
+
+/// The auth modes' answer to a request, when it is not forwarded: (status line, headers,
+/// body).
+fn auth_answer(fault: Fault, head: &str, me: &str) -> Option<(String, String, String)> {
+    let line = head.lines().next().unwrap_or("");
+    let path = line.split(' ').nth(1).unwrap_or("");
+    let auth = authorization(head);
+    let unauthorized = |challenge: String| {
+        Some((
+            "401 Unauthorized".to_string(),
+            format!("WWW-Authenticate: {challenge}\r\nContent-Type: application/json\r\n"),
+            r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#
+                .to_string(),
+        ))
+    };
+    match fault {
+        Fault::BasicAuth if auth.as_deref() != Some(basic(AUTH_USER, AUTH_PASS).as_str()) => {
+            unauthorized("Basic realm=\"berth-test\"".into())
+        }
+        Fault::BearerAuth if path.starts_with("/token") => {
+            let scope_ok =
+                path.contains("scope=repository%3A") || path.contains("scope=repository:");
+            if auth.as_deref() == Some(basic(AUTH_USER, AUTH_PASS).as_str()) && scope_ok {
+                Some((
+                    "200 OK".into(),
+                    "Content-Type: application/json\r\n".into(),
+                    format!("{{\"token\": \"{AUTH_TOKEN}\"}}"),
+                ))
+            } else {
+                Some(("401 Unauthorized".into(), String::new(), String::new()))
+            }
+        }
+        Fault::BearerAuth if auth.as_deref() != Some(format!("Bearer {AUTH_TOKEN}").as_str()) => {
+            // the repository from /v2/<repo>/(manifests|blobs)/…
+            let repo = path
+                .strip_prefix("/v2/")
+                .and_then(|r| {
+                    ["/manifests/", "/blobs/"]
+                        .iter()
+                        .find_map(|k| r.find(k).map(|i| &r[..i]))
+                })
+                .unwrap_or("");
+            let scope = if repo.is_empty() {
+                String::new()
+            } else {
+                format!(",scope=\"repository:{repo}:pull\"")
+            };
+            unauthorized(format!(
+                "Bearer realm=\"http://{me}/token\",service=\"berth-test\"{scope}"
+            ))
+        }
+        Fault::Forbidden if path.starts_with("/v2/") && path != "/v2/" => Some((
+            "403 Forbidden".into(),
+            "Content-Type: application/json\r\n".into(),
+            r#"{"errors":[{"code":"DENIED","message":"requested access to the resource is denied"}]}"#
+                .into(),
+        )),
+        _ => None,
+    }
 }
 
 /// An HTTP proxy in front of the registry that injects faults into the first `count`
@@ -318,13 +420,14 @@ impl FaultProxy {
             requests.clone(),
             upstream.to_string(),
         );
+        let me = addr.clone();
         std::thread::spawn(move || {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (f, r, up) = (f.clone(), r.clone(), up.clone());
+                        let (f, r, up, me) = (f.clone(), r.clone(), up.clone(), me.clone());
                         std::thread::spawn(move || {
-                            let _ = proxy_one(conn, &up, fault, &f, &r);
+                            let _ = proxy_one(conn, &up, &me, fault, &f, &r);
                         });
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
@@ -372,6 +475,7 @@ fn content_length(head: &str) -> usize {
 fn proxy_one(
     mut client: TcpStream,
     upstream: &str,
+    me: &str,
     fault: Fault,
     left: &AtomicUsize,
     reqs: &AtomicUsize,
@@ -382,13 +486,23 @@ fn proxy_one(
     let mut body = vec![0u8; content_length(&head_s)];
     client.read_exact(&mut body)?;
     reqs.fetch_add(1, Ordering::SeqCst);
+    if let Some((status, headers, body)) = auth_answer(fault, &head_s, me) {
+        client.write_all(
+            format!(
+                "HTTP/1.1 {status}\r\n{headers}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            )
+            .as_bytes(),
+        )?;
+        return Ok(());
+    }
     let is_blob_get = head_s.starts_with("GET ")
         && head_s
             .lines()
             .next()
             .is_some_and(|l| l.contains("/blobs/sha256:"));
     let applies = match fault {
-        Fault::None => false,
+        Fault::None | Fault::BasicAuth | Fault::BearerAuth | Fault::Forbidden => false,
         Fault::Error500 => true,
         Fault::ResetBlobs | Fault::CorruptBlobs => is_blob_get,
     };
