@@ -3,8 +3,9 @@
 
 mod common;
 use common::*;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::Ordering;
 
 /// A layer over busybox: a file, a whiteout of /www/index.html, an opaque /etc/app.d,
 /// a hardlink, ownership and modes.
@@ -462,4 +463,151 @@ fn credentials_from_docker_config_with_basic_and_bearer_auth() {
         "{err}"
     );
     assert_store_clean(state.path());
+}
+
+/// A non-loopback address of this host for the test's lifetime: one from 198.18.0.0/15
+/// (benchmarking space) on `lo`, removed on drop.
+struct DummyAddr {
+    ip: String,
+}
+
+impl DummyAddr {
+    fn add() -> DummyAddr {
+        let pid = std::process::id();
+        let ip = format!("198.18.{}.{}", (pid >> 8) & 0xff, (pid & 0xff).max(1));
+        let st = Command::new("ip")
+            .args(["addr", "add", &format!("{ip}/32"), "dev", "lo"])
+            .status()
+            .unwrap();
+        assert!(st.success(), "ip addr add {ip}/32 dev lo");
+        DummyAddr { ip }
+    }
+}
+
+impl Drop for DummyAddr {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["addr", "del", &format!("{}/32", self.ip), "dev", "lo"])
+            .status();
+    }
+}
+
+/// A CA and a server certificate for `ip` signed by it, made with openssl: (ca.pem,
+/// cert.pem, key.pem).
+fn certificates(dir: &Path, ip: &str) -> (PathBuf, PathBuf, PathBuf) {
+    let script = format!(
+        "set -e
+openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj /CN=berth-test-ca 2>/dev/null
+openssl req -newkey rsa:2048 -nodes -keyout key.pem -out req.csr -subj /CN={ip} 2>/dev/null
+printf 'subjectAltName=IP:{ip}\\nbasicConstraints=CA:FALSE\\nkeyUsage=digitalSignature,keyEncipherment\\nextendedKeyUsage=serverAuth\\n' > ext.cnf
+openssl x509 -req -in req.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out cert.pem -days 2 -extfile ext.cnf 2>/dev/null"
+    );
+    let st = Command::new("sh")
+        .args(["-c", &script])
+        .current_dir(dir)
+        .status()
+        .unwrap();
+    assert!(st.success(), "openssl");
+    (
+        dir.join("ca.pem"),
+        dir.join("cert.pem"),
+        dir.join("key.pem"),
+    )
+}
+
+#[test]
+fn https_with_a_configured_ca_and_plain_http_only_when_insecure() {
+    let reg = Registry::start();
+    push_image(&format!("{}/tls/bb:1", reg.addr), &[]);
+    let dummy = DummyAddr::add();
+    let certs = tempfile::tempdir().unwrap();
+    let (ca, cert, key) = certificates(certs.path(), &dummy.ip);
+    // two more registries over the same images, on an address that is not loopback
+    let tls = Registry::start_at(&dummy.ip, Some((&cert, &key)), Some(&reg.data_dir()));
+    let plain = Registry::start_at(&dummy.ip, None, Some(&reg.data_dir()));
+    let cfg = certs.path().join("config.toml");
+    let pull = |r: &str, config: Option<&str>| {
+        let state = tempfile::tempdir().unwrap();
+        let cfg_arg = match config {
+            Some(c) => {
+                std::fs::write(&cfg, c).unwrap();
+                cfg.to_str().unwrap().to_string()
+            }
+            None => "/dev/null".into(),
+        };
+        let out = berth(
+            state.path(),
+            &["--config", &cfg_arg, "image", "pull", "-q", r],
+        );
+        if out.status.success() {
+            assert_unpacked(state.path(), r);
+        } else {
+            assert_store_clean(state.path());
+        }
+        out
+    };
+    // HTTPS by default: a certificate from an unknown CA is refused, naming the registry
+    let r = format!("{}/tls/bb:1", tls.addr);
+    let out = pull(&r, None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&tls.addr) && err.contains("TLS handshake failed") && err.contains("ca_file"),
+        "{err}"
+    );
+    // ... and trusted with the registry's ca_file
+    let c = format!(
+        "[registry.\"{}\"]\nca_file = \"{}\"\n",
+        tls.addr,
+        ca.display()
+    );
+    ok(&pull(&r, Some(&c)));
+    // a plain-HTTP registry off loopback: not without insecure = true
+    let r = format!("{}/tls/bb:1", plain.addr);
+    let out = pull(&r, None);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&plain.addr) && err.contains("insecure = true"),
+        "{err}"
+    );
+    let c = format!("[registry.\"{}\"]\ninsecure = true\n", plain.addr);
+    ok(&pull(&r, Some(&c)));
+}
+
+#[test]
+fn mirrors_are_tried_in_order_then_the_registry() {
+    let reg = Registry::start();
+    push_image(&format!("{}/mir/bb:1", reg.addr), &[]);
+    let origin = FaultProxy::start(&reg.addr, Fault::None, 0);
+    let mirror = FaultProxy::start(&reg.addr, Fault::None, 0);
+    let dead = format!("127.0.0.1:{}", free_port());
+    let r = format!("{}/mir/bb:1", origin.addr);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let cfg = cfg_dir.path().join("config.toml");
+    let pull = |mirrors: &[&str]| {
+        let list: Vec<String> = mirrors.iter().map(|m| format!("\"{m}\"")).collect();
+        std::fs::write(
+            &cfg,
+            format!(
+                "[registry.\"{}\"]\nmirrors = [{}]\n",
+                origin.addr,
+                list.join(", ")
+            ),
+        )
+        .unwrap();
+        let state = tempfile::tempdir().unwrap();
+        ok(&berth(
+            state.path(),
+            &["--config", cfg.to_str().unwrap(), "image", "pull", "-q", &r],
+        ));
+        assert_unpacked(state.path(), &r);
+    };
+    // a dead mirror, then a live one: the live mirror serves, the registry is not asked
+    pull(&[&dead, &mirror.addr]);
+    assert!(mirror.requests.load(Ordering::SeqCst) > 0);
+    assert_eq!(origin.requests.load(Ordering::SeqCst), 0);
+    // only dead mirrors: the registry itself
+    pull(&[&dead]);
+    assert!(origin.requests.load(Ordering::SeqCst) > 0);
 }

@@ -5,7 +5,7 @@ use super::reference::{Reference, registry_is_loopback};
 use super::types::{self, MANIFEST_ACCEPT};
 use crate::config::Config;
 use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
 use std::time::Duration;
@@ -48,6 +48,18 @@ pub enum RegistryError {
         #[source]
         source: reqwest::Error,
     },
+    // the cause (certificate or protocol) follows in the error chain
+    #[error(
+        "{registry}: {what}: TLS handshake failed (a registry with a private CA needs `ca_file`, \
+         one that speaks plain HTTP `insecure = true`, under [registry.\"{registry}\"] in the \
+         host config)"
+    )]
+    Tls {
+        registry: String,
+        what: String,
+        #[source]
+        source: reqwest::Error,
+    },
     #[error("{registry}: {repository}: {source}")]
     Document {
         registry: String,
@@ -80,6 +92,27 @@ pub enum RegistryError {
     CaFile { path: PathBuf, message: String },
     #[error("{registry}: blob upload: {message}")]
     Upload { registry: String, message: String },
+}
+
+/// Whether a request failed in the TLS handshake (a certificate not trusted, or a server
+/// that is not speaking TLS): rustls reports those as an I/O error of kind InvalidData,
+/// which no network fault produces. Not worth retrying.
+fn tls_failure(e: &reqwest::Error) -> bool {
+    if !e.is_connect() {
+        return false;
+    }
+    let mut cause: Option<&(dyn std::error::Error + 'static)> = std::error::Error::source(e);
+    while let Some(c) = cause {
+        cause = match c.downcast_ref::<std::io::Error>() {
+            Some(io) if io.kind() == std::io::ErrorKind::InvalidData => return true,
+            // an io::Error's source() skips the error it wraps: look at that one itself
+            Some(io) => io
+                .get_ref()
+                .map(|inner| inner as &(dyn std::error::Error + 'static)),
+            None => c.source(),
+        };
+    }
+    false
 }
 
 impl RegistryError {
@@ -248,6 +281,8 @@ pub struct RegistryClient {
     tokens: Mutex<HashMap<String, String>>,
     /// Registries (host) that answered over plain HTTP.
     plain_http: Mutex<HashMap<String, bool>>,
+    /// Mirrors that could not be reached: skipped for the rest of this client's life (a pull).
+    mirrors_down: Mutex<HashSet<String>>,
     pub retry: RetryPolicy,
 }
 
@@ -291,6 +326,7 @@ impl RegistryClient {
             creds: Credentials::load(),
             tokens: Mutex::new(HashMap::new()),
             plain_http: Mutex::new(HashMap::new()),
+            mirrors_down: Mutex::new(HashSet::new()),
             retry: RetryPolicy::default(),
         })
     }
@@ -300,9 +336,22 @@ impl RegistryClient {
         self
     }
 
-    /// Hosts to try for a reference, in order: configured mirrors, then the registry itself.
+    /// Hosts to try for a reference, in order: configured mirrors (but those found down),
+    /// then the registry itself.
     fn hosts(&self, r: &Reference) -> Vec<String> {
-        let mut v: Vec<String> = self.config.registry(&r.registry).mirrors.clone();
+        let down = self
+            .mirrors_down
+            .lock()
+            .map(|d| d.clone())
+            .unwrap_or_default();
+        let mut v: Vec<String> = self
+            .config
+            .registry(&r.registry)
+            .mirrors
+            .iter()
+            .filter(|m| !down.contains(*m))
+            .cloned()
+            .collect();
         v.push(r.api_host().to_string());
         v
     }
@@ -348,6 +397,7 @@ impl RegistryClient {
             "pull,push"
         };
         let scope = format!("repository:{}:{actions}", r.repository);
+        let mirror = host != r.api_host();
         let mut attempt = 0;
         let mut authed_once = false;
         loop {
@@ -374,11 +424,31 @@ impl RegistryClient {
             let resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
-                    let err = RegistryError::Transport {
-                        registry: host.to_string(),
-                        what: what.to_string(),
-                        source: e,
+                    let (registry, what) = (host.to_string(), what.to_string());
+                    let err = if tls_failure(&e) {
+                        RegistryError::Tls {
+                            registry,
+                            what,
+                            source: e,
+                        }
+                    } else {
+                        RegistryError::Transport {
+                            registry,
+                            what,
+                            source: e,
+                        }
                     };
+                    if mirror {
+                        // a mirror is a shortcut, not the source: no retries; one that cannot
+                        // be reached is not asked again
+                        if let RegistryError::Transport { source, .. } = &err
+                            && (source.is_connect() || source.is_timeout())
+                            && let Ok(mut d) = self.mirrors_down.lock()
+                        {
+                            d.insert(host.to_string());
+                        }
+                        return Err(err);
+                    }
                     if self.backoff(&err, attempt, None).await {
                         continue;
                     }
@@ -447,7 +517,7 @@ impl RegistryClient {
                     }
                 }
             };
-            if self.backoff(&err, attempt, retry_after).await {
+            if !mirror && self.backoff(&err, attempt, retry_after).await {
                 continue;
             }
             return Err(err);

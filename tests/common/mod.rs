@@ -45,9 +45,13 @@ pub fn free_port() -> u16 {
         .port()
 }
 
-fn wait_http(addr: &str) -> bool {
+/// Wait until the registry at `addr` answers (a TLS one: until it accepts connections).
+fn wait_http(addr: &str, tls: bool) -> bool {
     for _ in 0..200 {
         if let Ok(mut s) = TcpStream::connect(addr) {
+            if tls {
+                return true;
+            }
             let _ = s.write_all(b"GET /v2/ HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
             let mut buf = String::new();
             let _ = s.read_to_string(&mut buf);
@@ -69,20 +73,43 @@ pub struct Registry {
 
 impl Registry {
     pub fn start() -> Registry {
+        Registry::start_at("127.0.0.1", None, None)
+    }
+
+    /// Where this registry keeps its images (another one may serve them too).
+    pub fn data_dir(&self) -> PathBuf {
+        self._dir.path().join("data")
+    }
+
+    /// A registry on `ip` (a free port), serving TLS with `(certificate, key)` if given, over
+    /// the images in `data` (another registry's [`Registry::data_dir`]) if given.
+    pub fn start_at(ip: &str, tls: Option<(&Path, &Path)>, data: Option<&Path>) -> Registry {
         let bin = ["/usr/bin/docker-registry", "/usr/local/bin/docker-registry"]
             .into_iter()
             .find(|p| Path::new(p).exists())
             .expect("docker-registry is not installed (apt-get install docker-registry; .ci/run does this)");
         let dir = tempfile::tempdir().unwrap();
+        let data = data
+            .map(Path::to_path_buf)
+            .unwrap_or_else(|| dir.path().join("data"));
+        let tls_cfg = tls
+            .map(|(c, k)| {
+                format!(
+                    "  tls:\n    certificate: {}\n    key: {}\n",
+                    c.display(),
+                    k.display()
+                )
+            })
+            .unwrap_or_default();
         for _ in 0..5 {
             let port = free_port();
-            let addr = format!("127.0.0.1:{port}");
+            let addr = format!("{ip}:{port}");
             let cfg = dir.path().join("config.yml");
             std::fs::write(
                 &cfg,
                 format!(
-                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n",
-                    dir.path().join("data").display()
+                    "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {addr}\n{tls_cfg}",
+                    data.display()
                 ),
             )
             .unwrap();
@@ -98,7 +125,7 @@ impl Registry {
                 addr: addr.clone(),
                 _dir: tempfile::tempdir().unwrap(),
             };
-            if wait_http(&addr) {
+            if wait_http(&addr, tls.is_some()) {
                 reg._dir = dir;
                 return reg;
             }
