@@ -611,3 +611,63 @@ fn mirrors_are_tried_in_order_then_the_registry() {
     pull(&[&dead]);
     assert!(origin.requests.load(Ordering::SeqCst) > 0);
 }
+
+#[test]
+fn progress_is_lines_off_a_terminal_bars_on_one_and_nothing_when_quiet() {
+    let reg = Registry::start();
+    let r = format!("{}/prog/bb:1", reg.addr);
+    push_image(&r, &[second_layer()]);
+    let layers: Vec<String> = {
+        let state = tempfile::tempdir().unwrap();
+        ok(&berth(state.path(), &["image", "pull", "-q", &r]));
+        let v: serde_json::Value =
+            serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r]))).unwrap();
+        v["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| {
+                let d = l["digest"].as_str().unwrap_or_else(|| l.as_str().unwrap());
+                d.trim_start_matches("sha256:")[..12].to_string()
+            })
+            .collect()
+    };
+    assert_eq!(layers.len(), 2);
+    // not a terminal: a line per layer when it is done
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(state.path(), &["image", "pull", &r]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    for l in &layers {
+        assert!(
+            err.lines()
+                .any(|x| x.starts_with(&format!("{l}: done (")) && x.ends_with("/s)")),
+            "{err}"
+        );
+    }
+    // --quiet: nothing at all
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(state.path(), &["image", "pull", "--quiet", &r]);
+    assert!(out.status.success() && out.stderr.is_empty() && out.stdout.is_empty());
+    // a terminal (script(1) gives one): a bar per layer with bytes and rate
+    let state = tempfile::tempdir().unwrap();
+    let cmd = format!(
+        "{} --state-dir {} --config /dev/null image pull {r}",
+        berth_bin(),
+        state.path().display()
+    );
+    let out = Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("DOCKER_CONFIG", state.path().join("none"))
+        .env("TERM", "xterm")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let tty = String::from_utf8_lossy(&out.stdout);
+    for l in &layers {
+        assert!(
+            tty.lines()
+                .any(|x| x.contains(l) && x.contains("[===") && x.contains("/s done")),
+            "{tty:?}"
+        );
+    }
+}
