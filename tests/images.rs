@@ -671,3 +671,68 @@ fn progress_is_lines_off_a_terminal_bars_on_one_and_nothing_when_quiet() {
         );
     }
 }
+
+#[test]
+fn zstd_and_uncompressed_layers_unpack_like_gzip_ones() {
+    let reg = Registry::start();
+    let layers = [busybox_layer(), first_extra_layer(), second_layer()];
+    let packed =
+        |p: [Packing; 3]| -> Vec<(Vec<u8>, Packing)> { layers.iter().cloned().zip(p).collect() };
+    let push = |name: &str, p: [Packing; 3]| -> String {
+        let dir = tempfile::tempdir().unwrap();
+        write_layout_packed(dir.path(), "t", &packed(p), &["/bin/sh"]);
+        let r = format!("{}/packing/{name}:1", reg.addr);
+        skopeo_push(dir.path(), "t", &r);
+        r
+    };
+    let gz = push("gz", [Packing::Gzip; 3]);
+    let mixed = push(
+        "mixed",
+        [Packing::Gzip, Packing::Zstd, Packing::Uncompressed],
+    );
+    let pulled = |r: &str| {
+        let state = tempfile::tempdir().unwrap();
+        ok(&berth(state.path(), &["image", "pull", "-q", r]));
+        assert_unpacked(state.path(), r);
+        state
+    };
+    let a = pulled(&gz);
+    let b = pulled(&mixed);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&berth(b.path(), &["image", "inspect", &mixed]))).unwrap();
+    let types: Vec<&str> = v["layers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["media_type"].as_str().unwrap_or(""))
+        .collect();
+    assert_eq!(
+        types,
+        [
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            "application/vnd.oci.image.layer.v1.tar+zstd",
+            "application/vnd.oci.image.layer.v1.tar"
+        ],
+        "{v}"
+    );
+    let (ma, mb) = (
+        Merged::mount(a.path(), &gz),
+        Merged::mount(b.path(), &mixed),
+    );
+    assert_eq!(tree(ma.dir.path()), tree(mb.dir.path()));
+    drop((ma, mb));
+    // both in one store: the same diffIDs, so the same snapshots, and both blobs kept
+    ok(&berth(a.path(), &["image", "pull", "-q", &mixed]));
+    assert_unpacked(a.path(), &mixed);
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(a.path(), &["image", "ls", "--json"]))).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 2, "{ls}");
+    let snapshots = std::fs::read_dir(a.path().join("snapshots"))
+        .unwrap()
+        .filter(|e| {
+            e.as_ref()
+                .is_ok_and(|e| !e.file_name().to_string_lossy().starts_with('.'))
+        })
+        .count();
+    assert_eq!(snapshots, 3, "one snapshot per chain ID");
+}

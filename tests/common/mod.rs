@@ -237,6 +237,25 @@ pub fn gzip(b: &[u8]) -> Vec<u8> {
 /// Write an OCI image layout at `dir` with one image tagged `tag`, layers gzip-compressed.
 /// Returns the manifest digest.
 pub fn write_layout(dir: &Path, tag: &str, layers: &[Vec<u8>], cmd: &[&str]) -> String {
+    let gz: Vec<(Vec<u8>, Packing)> = layers.iter().map(|l| (l.clone(), Packing::Gzip)).collect();
+    write_layout_packed(dir, tag, &gz, cmd)
+}
+
+/// How a test layer is stored in an image.
+#[derive(Clone, Copy, Debug)]
+pub enum Packing {
+    Gzip,
+    Zstd,
+    Uncompressed,
+}
+
+/// [`write_layout`] with each layer compressed as given.
+pub fn write_layout_packed(
+    dir: &Path,
+    tag: &str,
+    layers: &[(Vec<u8>, Packing)],
+    cmd: &[&str],
+) -> String {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
     let put = |b: &[u8]| {
@@ -246,11 +265,18 @@ pub fn write_layout(dir: &Path, tag: &str, layers: &[Vec<u8>], cmd: &[&str]) -> 
     };
     let mut diff_ids = vec![];
     let mut descs = vec![];
-    for l in layers {
+    for (l, packing) in layers {
         diff_ids.push(sha256(l));
-        let gz = gzip(l);
-        let d = put(&gz);
-        descs.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": d, "size": gz.len()}));
+        let (blob, media_type) = match packing {
+            Packing::Gzip => (gzip(l), "application/vnd.oci.image.layer.v1.tar+gzip"),
+            Packing::Zstd => (
+                zstd::encode_all(&l[..], 3).unwrap(),
+                "application/vnd.oci.image.layer.v1.tar+zstd",
+            ),
+            Packing::Uncompressed => (l.clone(), "application/vnd.oci.image.layer.v1.tar"),
+        };
+        let d = put(&blob);
+        descs.push(serde_json::json!({"mediaType": media_type, "digest": d, "size": blob.len()}));
     }
     let config = serde_json::json!({
         "architecture": arch(), "os": "linux", "created": "2026-01-01T00:00:00Z",
@@ -287,7 +313,13 @@ pub fn arch() -> &'static str {
 /// Push an OCI layout image to a registry with skopeo (an independent peer).
 pub fn skopeo_push(layout: &Path, tag: &str, dest: &str) {
     let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--dest-tls-verify=false"])
+        // --preserve-digests: layers go up as they are (skopeo would gzip uncompressed ones)
+        .args([
+            "copy",
+            "--quiet",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ])
         .arg(format!("oci:{}:{tag}", layout.display()))
         .arg(format!("docker://{dest}"))
         .output()
