@@ -736,3 +736,41 @@ fn zstd_and_uncompressed_layers_unpack_like_gzip_ones() {
         .count();
     assert_eq!(snapshots, 3, "one snapshot per chain ID");
 }
+
+#[test]
+fn layers_download_in_parallel_up_to_the_configured_bound() {
+    let reg = Registry::start();
+    let extra: Vec<Vec<u8>> = (0..3)
+        .map(|i| {
+            LayerBuilder::new()
+                .file(
+                    &format!("l{i}.txt"),
+                    format!("layer {i}\n").as_bytes(),
+                    0o644,
+                )
+                .build()
+        })
+        .collect();
+    let r0 = format!("{}/par/bb:1", reg.addr);
+    push_image(&r0, &extra);
+    let cfg_dir = tempfile::tempdir().unwrap();
+    let pull_max = |concurrency: usize| -> usize {
+        let proxy = FaultProxy::start(&reg.addr, Fault::SlowBlobs, usize::MAX);
+        let cfg = cfg_dir.path().join("config.toml");
+        std::fs::write(&cfg, format!("[pull]\nconcurrency = {concurrency}\n")).unwrap();
+        let state = tempfile::tempdir().unwrap();
+        let r = format!("{}/par/bb:1", proxy.addr);
+        ok(&berth(
+            state.path(),
+            &["--config", cfg.to_str().unwrap(), "image", "pull", "-q", &r],
+        ));
+        assert_unpacked(state.path(), &r);
+        proxy.blobs_in_flight.1.load(Ordering::SeqCst)
+    };
+    assert_eq!(pull_max(1), 1, "concurrency = 1: one layer at a time");
+    let most = pull_max(4);
+    assert!(
+        (2..=4).contains(&most),
+        "concurrency = 4: the four layers overlap: {most} at once"
+    );
+}

@@ -361,6 +361,8 @@ pub enum Fault {
     BearerAuth,
     /// Every repository request is refused with 403 (credentials fine, no permission).
     Forbidden,
+    /// Blob requests are answered after 300 ms (so that parallel downloads overlap).
+    SlowBlobs,
 }
 
 pub const AUTH_USER: &str = "berth";
@@ -463,6 +465,25 @@ pub struct FaultProxy {
     stop: Arc<AtomicBool>,
     pub faults_left: Arc<AtomicUsize>,
     pub requests: Arc<AtomicUsize>,
+    /// Blob downloads in progress now, and the most there ever were at once.
+    pub blobs_in_flight: Arc<(AtomicUsize, AtomicUsize)>,
+}
+
+/// Counts a blob download in progress for as long as it lives.
+struct InFlight<'a>(&'a (AtomicUsize, AtomicUsize));
+
+impl<'a> InFlight<'a> {
+    fn new(c: &'a (AtomicUsize, AtomicUsize)) -> Self {
+        let now = c.0.fetch_add(1, Ordering::SeqCst) + 1;
+        c.1.fetch_max(now, Ordering::SeqCst);
+        InFlight(c)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        self.0.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 impl FaultProxy {
@@ -473,10 +494,12 @@ impl FaultProxy {
         let stop = Arc::new(AtomicBool::new(false));
         let faults_left = Arc::new(AtomicUsize::new(count));
         let requests = Arc::new(AtomicUsize::new(0));
-        let (s, f, r, up) = (
+        let blobs_in_flight = Arc::new((AtomicUsize::new(0), AtomicUsize::new(0)));
+        let (s, f, r, b, up) = (
             stop.clone(),
             faults_left.clone(),
             requests.clone(),
+            blobs_in_flight.clone(),
             upstream.to_string(),
         );
         let me = addr.clone();
@@ -484,9 +507,10 @@ impl FaultProxy {
             while !s.load(Ordering::Relaxed) {
                 match listener.accept() {
                     Ok((conn, _)) => {
-                        let (f, r, up, me) = (f.clone(), r.clone(), up.clone(), me.clone());
+                        let (f, r, b, up, me) =
+                            (f.clone(), r.clone(), b.clone(), up.clone(), me.clone());
                         std::thread::spawn(move || {
-                            let _ = proxy_one(conn, &up, &me, fault, &f, &r);
+                            let _ = proxy_one(conn, &up, &me, fault, &f, &r, &b);
                         });
                     }
                     Err(_) => std::thread::sleep(std::time::Duration::from_millis(5)),
@@ -498,6 +522,7 @@ impl FaultProxy {
             stop,
             faults_left,
             requests,
+            blobs_in_flight,
         }
     }
 }
@@ -538,6 +563,7 @@ fn proxy_one(
     fault: Fault,
     left: &AtomicUsize,
     reqs: &AtomicUsize,
+    blobs: &(AtomicUsize, AtomicUsize),
 ) -> std::io::Result<()> {
     client.set_nonblocking(false)?;
     let head = read_head(&mut client)?;
@@ -560,8 +586,16 @@ fn proxy_one(
             .lines()
             .next()
             .is_some_and(|l| l.contains("/blobs/sha256:"));
+    let _in_flight = is_blob_get.then(|| InFlight::new(blobs));
+    if fault == Fault::SlowBlobs && is_blob_get {
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    }
     let applies = match fault {
-        Fault::None | Fault::BasicAuth | Fault::BearerAuth | Fault::Forbidden => false,
+        Fault::None
+        | Fault::BasicAuth
+        | Fault::BearerAuth
+        | Fault::Forbidden
+        | Fault::SlowBlobs => false,
         Fault::Error500 => true,
         Fault::ResetBlobs | Fault::CorruptBlobs => is_blob_get,
     };
