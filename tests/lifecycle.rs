@@ -1006,3 +1006,111 @@ fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
         assert!(!Path::new(d).exists(), "{d} left behind");
     }
 }
+
+#[test]
+fn cgroup_v2_on_the_unified_hierarchy() {
+    // On a v2 host every other test runs on v2 already. On a hybrid (v1) host such as CI's,
+    // berth is run in a mount namespace of its own where /sys/fs/cgroup is the unified
+    // hierarchy, so it takes its v2 paths: cgroup creation, joining, the eBPF device filter,
+    // exec, plan's reading of limits, removal. (No limits: here the memory, cpu and pids
+    // controllers belong to v1 hierarchies.)
+    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+        eprintln!("skipped: this host is cgroup v2 throughout");
+        return;
+    }
+    let unified = Path::new("/sys/fs/cgroup/unified");
+    if !unified.join("cgroup.controllers").exists() {
+        eprintln!("skipped: no unified hierarchy at {}", unified.display());
+        return;
+    }
+    let _subtree = SubtreeControl::save(&unified.join("cgroup.subtree_control"));
+    let h = Host::new("v2u");
+    let v2 = |args: &[&str]| -> std::process::Output {
+        Command::new("unshare")
+            .args([
+                "-m",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                "mount -t cgroup2 none /sys/fs/cgroup && exec \"$0\" \"$@\"",
+                berth_bin(),
+                "--state-dir",
+                h.s().to_str().unwrap(),
+            ])
+            .args(args)
+            .env("BERTH_CONFIG", "/dev/null")
+            .output()
+            .unwrap()
+    };
+    let name = h.name("a");
+    let dir = unified.join("berth").join(&name);
+    let _rm = RmDirOnDrop(dir.clone());
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    ok(&v2(&["apply", h.d()]));
+    let ps: Value = serde_json::from_str(&ok(&v2(&["ps", "--json"]))).unwrap();
+    assert_eq!(ps[0]["state"], "running", "{ps}");
+    let pid = ps[0]["pid"].as_i64().unwrap();
+    let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
+    assert_eq!(
+        procs.trim(),
+        pid.to_string(),
+        "the container is in its v2 cgroup"
+    );
+    let i: Value = serde_json::from_str(&ok(&v2(&["inspect", &name]))).unwrap();
+    assert_eq!(i["state"]["cgroup"]["v2"], true, "{i}");
+    // exec joins the cgroup; the device filter is the eBPF program
+    let out = ok(&v2(&[
+        "exec",
+        &name,
+        "--",
+        "sh",
+        "-c",
+        "cat /proc/self/cgroup; mknod /dev/loopx b 7 0 && (exec 3</dev/loopx) 2>&1 || true",
+    ]));
+    assert!(
+        out.lines().any(|l| l == "0::/"),
+        "in its v2 cgroup, the root of its cgroup namespace: {out}"
+    );
+    assert!(
+        out.lines()
+            .last()
+            .is_some_and(|l| l.contains("Operation not permitted")),
+        "a block device must not be usable: {out}"
+    );
+    assert_eq!(
+        v2(&["plan", "--detailed-exitcode", h.d()]).status.code(),
+        Some(0)
+    );
+    h.declare(&[]);
+    ok(&v2(&["apply", "--allow-empty", h.d()]));
+    assert!(!pid_alive(pid));
+    assert!(!dir.exists(), "{} left behind", dir.display());
+}
+
+/// A cgroup.subtree_control file as it was, restored on drop: berth enables the unified
+/// root's controllers for its subtree, as it must on a v2 host.
+struct SubtreeControl {
+    path: std::path::PathBuf,
+    before: String,
+}
+
+impl SubtreeControl {
+    fn save(path: &Path) -> SubtreeControl {
+        SubtreeControl {
+            path: path.to_path_buf(),
+            before: std::fs::read_to_string(path).unwrap(),
+        }
+    }
+}
+
+impl Drop for SubtreeControl {
+    fn drop(&mut self) {
+        let now = std::fs::read_to_string(&self.path).unwrap_or_default();
+        for c in now.split_whitespace() {
+            if !self.before.split_whitespace().any(|o| o == c) {
+                let _ = std::fs::write(&self.path, format!("-{c}"));
+            }
+        }
+    }
+}
