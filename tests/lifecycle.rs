@@ -435,6 +435,37 @@ fn logs_tail_since_and_timestamps() {
         time.len() >= 20 && time.as_bytes()[4] == b'-' && time.contains('T'),
         "RFC 3339 time: {ts}"
     );
+    // -f: what is there, then each line as it comes, until the container exits
+    h.declare(&[(
+        "f",
+        "command = [\"sh\", \"-c\", \"echo one; sleep 1; echo two; echo three >&2; sleep 1; echo four\"]",
+    )]);
+    h.apply();
+    let mut follow = Command::new(berth_bin())
+        .args([
+            "--state-dir",
+            h.s().to_str().unwrap(),
+            "logs",
+            "-f",
+            &h.name("f"),
+        ])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(30);
+    while follow.try_wait().unwrap().is_none() {
+        if Instant::now() > end {
+            let _ = follow.kill();
+            panic!("logs -f did not end with its container");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = follow.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "one\ntwo\nfour\n");
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "three\n");
 }
 
 #[test]

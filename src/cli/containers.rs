@@ -259,8 +259,24 @@ pub fn logs_cmd(c: &Ctx, a: &LogsArgs) -> Result<ExitCode> {
             .as_nanos() as i128;
         now - d.0 as i128 * 1_000_000
     });
-    let mut recs = logs::read_all(&path, cfg.log_max_files)
-        .with_context(|| format!("reading {}", path.display()))?;
+    // following: the current file is held open from before anything is read
+    let mut follower = if a.follow {
+        Some(
+            logs::Follower::open(&path, cfg.log_max_files)
+                .with_context(|| format!("opening {}", path.display()))?,
+        )
+    } else {
+        None
+    };
+    let mut recs = match follower.as_mut() {
+        Some(f) => {
+            let mut r = f.older()?;
+            r.extend(f.poll()?);
+            r
+        }
+        None => logs::read_all(&path, cfg.log_max_files)
+            .with_context(|| format!("reading {}", path.display()))?,
+    };
     if let Some(t) = min_time {
         recs.retain(|r| logs::parse_rfc3339(&r.time).is_some_and(|x| x >= t));
     }
@@ -272,38 +288,26 @@ pub fn logs_cmd(c: &Ctx, a: &LogsArgs) -> Result<ExitCode> {
         print_record(r, a.timestamps)?;
     }
     std::io::stdout().flush()?;
-    if !a.follow {
+    let Some(mut follower) = follower else {
         return Ok(ExitCode::SUCCESS);
-    }
-    // follow: read new lines from the current file as it grows; reopen after rotation
-    use std::io::{BufRead, Seek};
-    let mut file =
-        std::fs::File::open(&path).with_context(|| format!("opening {}", path.display()))?;
-    file.seek(std::io::SeekFrom::End(0))?;
-    let mut reader = std::io::BufReader::new(file);
-    let mut line = String::new();
+    };
+    // then each line as it is written, until the container is no longer running (and what
+    // it wrote last has been read)
     loop {
-        line.clear();
-        let n = reader.read_line(&mut line)?;
-        if n > 0 && line.ends_with('\n') {
-            if let Some(r) = logs::parse_line(line.trim_end_matches('\n')) {
-                print_record(&r, a.timestamps)?;
-                std::io::stdout().flush()?;
-            }
-            continue;
-        }
         let running = matches!(rt.status(&a.name)?, ContainerStatus::Running { .. });
-        let rotated = std::fs::metadata(&path)
-            .map(|m| m.len() < reader.stream_position().unwrap_or(0))
-            .unwrap_or(false);
-        if rotated {
-            reader = std::io::BufReader::new(std::fs::File::open(&path)?);
-            continue;
+        let recs = follower
+            .poll()
+            .with_context(|| format!("reading {}", path.display()))?;
+        for r in &recs {
+            print_record(r, a.timestamps)?;
         }
+        std::io::stdout().flush()?;
         if !running {
             return Ok(ExitCode::SUCCESS);
         }
-        std::thread::sleep(Duration::from_millis(100));
+        if recs.is_empty() {
+            std::thread::sleep(Duration::from_millis(100));
+        }
     }
 }
 
