@@ -911,6 +911,15 @@ fn debugging_commands_and_stop_settings() {
         "cpus = 0.5 is half of each period: {quota}"
     );
 
+    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("d")]))).unwrap();
+    assert_eq!(i["pid"], pid, "{i}");
+    assert!(
+        i["cgroup_path"]
+            .as_str()
+            .is_some_and(|p| p.ends_with(&format!("berth/{}", h.name("d")))),
+        "{i}"
+    );
+    assert!(i["mounts"].is_array(), "{i}");
     // exec: stdin only with -i, a terminal only with -t
     let run_with_stdin = |args: &[&str], input: &str| -> String {
         let mut c = Command::new(berth_bin())

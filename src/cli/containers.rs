@@ -451,14 +451,22 @@ pub fn inspect_cmd(c: &Ctx, name: &str) -> Result<ExitCode> {
                 .collect()
         })
         .unwrap_or_default();
+    let config = rt.config(name).ok();
+    let pid = match status {
+        ContainerStatus::Running { pid, .. } => Some(pid),
+        _ => None,
+    };
     let v = serde_json::json!({
         "name": name,
+        "pid": pid,
+        "mounts": config.as_ref().map(|c| &c.mounts),
+        "cgroup_path": st.as_ref().map(|s| &s.cgroup.path),
+        "cgroup_dirs": dirs,
         "record": rec,
         "status": status,
         "state": st,
         "exit": rt.exit(name),
-        "config": rt.config(name).ok(),
-        "cgroup_dirs": dirs,
+        "config": config,
         "directory": rt.dir(name).0,
         "log": rt.log_path(name),
     });
