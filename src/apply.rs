@@ -68,6 +68,7 @@ impl Executor<'_> {
         plan: &Plan,
         report: &(dyn Fn(&StepOutcome) + Sync),
     ) -> Result<Vec<StepOutcome>, ApplyError> {
+        self.preflight(plan)?;
         let mut outcomes = vec![];
         for wave in waves(plan, self.desired) {
             let touches_containers = wave.iter().any(|s| s.kind == Kind::Container);
@@ -165,6 +166,33 @@ impl Executor<'_> {
             }
         }
         out
+    }
+
+    /// What can be known to fail before anything is changed: a bind mount whose host path is
+    /// missing, for any container the plan creates.
+    fn preflight(&self, plan: &Plan) -> Result<(), ApplyError> {
+        for st in plan
+            .steps
+            .iter()
+            .filter(|s| s.ops.contains(&Op::CreateContainer))
+        {
+            let Some(c) = self.desired.containers.get(&st.name) else {
+                continue;
+            };
+            for v in &c.spec.volumes {
+                if let MountSource::Bind(p) = &v.source
+                    && !p.exists()
+                {
+                    return Err(ApplyError::Invalid(format!(
+                        "{}: bind mount source {} does not exist (declared in {}); nothing was changed",
+                        st.address,
+                        p.display(),
+                        c.source
+                    )));
+                }
+            }
+        }
+        Ok(())
     }
 
     fn pull_all(&self, wave: &[&Step], report: &(dyn Fn(&StepOutcome) + Sync)) -> Vec<StepOutcome> {

@@ -793,7 +793,9 @@ fn volumes_binds_and_tmpfs() {
         "the volume came back with its data"
     );
 
-    // a bind mount of a missing host path: an error that names it
+    // a bind mount of a missing host path: an error that names it, before anything changes
+    // (a, no longer declared, is not removed)
+    let pid = h.ps("a")["pid"].as_i64().unwrap();
     h.declare(&[(
         "b",
         "command = [\"sleep\", \"1000\"]\nvolumes = [\"/nonexistent-berth-test:/x\"]",
@@ -801,7 +803,18 @@ fn volumes_binds_and_tmpfs() {
     let o = h.run(&["apply", "--allow-empty", h.d()]);
     assert_eq!(o.status.code(), Some(1));
     let err = String::from_utf8_lossy(&o.stderr);
-    assert!(err.contains("/nonexistent-berth-test"), "{err}");
+    assert!(
+        err.contains(&format!(
+            "container.{}: bind mount source /nonexistent-berth-test does not exist",
+            h.name("b")
+        )) && err.contains("nothing was changed"),
+        "{err}"
+    );
+    assert!(
+        pid_alive(pid),
+        "a was removed by an apply that could not succeed"
+    );
+    assert_eq!(state(&h.ps("a")), "running");
 }
 
 #[test]
