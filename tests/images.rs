@@ -774,3 +774,62 @@ fn layers_download_in_parallel_up_to_the_configured_bound() {
         "concurrency = 4: the four layers overlap: {most} at once"
     );
 }
+
+#[test]
+fn an_image_index_resolves_to_this_hosts_platform() {
+    let reg = Registry::start();
+    let dir = tempfile::tempdir().unwrap();
+    let other = if arch() == "amd64" { "arm64" } else { "amd64" };
+    let mine = put_image(
+        dir.path(),
+        &[(busybox_layer(), Packing::Gzip)],
+        &["/bin/sh"],
+        arch(),
+    );
+    let theirs = put_image(
+        dir.path(),
+        &[(
+            LayerBuilder::new().file("other.txt", b"x", 0o644).build(),
+            Packing::Gzip,
+        )],
+        &["/bin/sh"],
+        other,
+    );
+    let desc = |(d, size): &(String, usize), a: &str| {
+        serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": d, "size": size, "platform": {"architecture": a, "os": "linux"}})
+    };
+    // the other platform first: berth must choose, not take the first entry
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2, "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [desc(&theirs, other), desc(&mine, arch())],
+    }))
+    .unwrap();
+    let id = put_blob(dir.path(), &index);
+    tag_in_layout(
+        dir.path(),
+        "multi",
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.index.v1+json",
+            "digest": id, "size": index.len()}),
+    );
+    let r = format!("{}/multi/bb:1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--preserve-digests"])
+        .args(["--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", dir.path().display()))
+        .arg(format!("docker://{r}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let state = tempfile::tempdir().unwrap();
+    ok(&berth(state.path(), &["image", "pull", "-q", &r]));
+    assert_unpacked(state.path(), &r);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r]))).unwrap();
+    assert_eq!(v["digest"], mine.0, "the linux/{} manifest: {v}", arch());
+    assert_eq!(v["config"]["architecture"], arch());
+}

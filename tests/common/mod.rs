@@ -256,13 +256,42 @@ pub fn write_layout_packed(
     layers: &[(Vec<u8>, Packing)],
     cmd: &[&str],
 ) -> String {
+    let (md, size) = put_image(dir, layers, cmd, arch());
+    tag_in_layout(
+        dir,
+        tag,
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": size}),
+    );
+    md
+}
+
+/// Put a blob into an OCI layout; returns its digest.
+pub fn put_blob(dir: &Path, b: &[u8]) -> String {
     let blobs = dir.join("blobs/sha256");
     std::fs::create_dir_all(&blobs).unwrap();
-    let put = |b: &[u8]| {
-        let d = sha256(b);
-        std::fs::write(blobs.join(&d[7..]), b).unwrap();
-        d
-    };
+    let d = sha256(b);
+    std::fs::write(blobs.join(&d[7..]), b).unwrap();
+    d
+}
+
+/// Make `desc` the layout's only image, named `tag`.
+pub fn tag_in_layout(dir: &Path, tag: &str, desc: &serde_json::Value) {
+    let mut desc = desc.clone();
+    desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    let index = serde_json::json!({"schemaVersion": 2, "manifests": [desc]});
+    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Put an image's layers, config (for `architecture`) and manifest into an OCI layout, without
+/// naming it; returns the manifest's digest and size.
+pub fn put_image(
+    dir: &Path,
+    layers: &[(Vec<u8>, Packing)],
+    cmd: &[&str],
+    architecture: &str,
+) -> (String, usize) {
+    let put = |b: &[u8]| put_blob(dir, b);
     let mut diff_ids = vec![];
     let mut descs = vec![];
     for (l, packing) in layers {
@@ -279,7 +308,7 @@ pub fn write_layout_packed(
         descs.push(serde_json::json!({"mediaType": media_type, "digest": d, "size": blob.len()}));
     }
     let config = serde_json::json!({
-        "architecture": arch(), "os": "linux", "created": "2026-01-01T00:00:00Z",
+        "architecture": architecture, "os": "linux", "created": "2026-01-01T00:00:00Z",
         "config": {"Cmd": cmd, "Env": ["PATH=/bin"], "WorkingDir": "/"},
         "rootfs": {"type": "layers", "diff_ids": diff_ids},
     });
@@ -291,15 +320,7 @@ pub fn write_layout_packed(
         "layers": descs,
     });
     let mb = serde_json::to_vec(&manifest).unwrap();
-    let md = put(&mb);
-    std::fs::write(dir.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
-    let index = serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": md, "size": mb.len(),
-                        "annotations": {"org.opencontainers.image.ref.name": tag}}],
-    });
-    std::fs::write(dir.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
-    md
+    (put(&mb), mb.len())
 }
 
 pub fn arch() -> &'static str {
