@@ -832,4 +832,27 @@ fn an_image_index_resolves_to_this_hosts_platform() {
         serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r]))).unwrap();
     assert_eq!(v["digest"], mine.0, "the linux/{} manifest: {v}", arch());
     assert_eq!(v["config"]["architecture"], arch());
+    // the same as a Docker manifest list of schema2 manifests (skopeo converts; digests change)
+    let r2 = format!("{}/multi/bb-docker:1", reg.addr);
+    let out = Command::new("skopeo")
+        .args(["copy", "--quiet", "--all", "--format", "v2s2"])
+        .args(["--dest-tls-verify=false"])
+        .arg(format!("oci:{}:multi", dir.path().display()))
+        .arg(format!("docker://{r2}"))
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    ok(&berth(state.path(), &["image", "pull", "-q", &r2]));
+    assert_unpacked(state.path(), &r2);
+    let v: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &r2]))).unwrap();
+    assert_eq!(
+        v["media_type"], "application/vnd.docker.distribution.manifest.v2+json",
+        "{v}"
+    );
+    assert_eq!(v["config"]["architecture"], arch(), "{v}");
 }
