@@ -288,6 +288,7 @@ fn transient_faults_are_retried() {
     for (fault, count) in [
         (Fault::ResetBlobs, 2),
         (Fault::Error500, 3),
+        (Fault::TooManyRequests, 2),
         (Fault::CorruptBlobs, 1),
     ] {
         let proxy = FaultProxy::start(&reg.addr, fault, count);

@@ -384,6 +384,8 @@ pub enum Fault {
     Forbidden,
     /// Blob requests are answered after 300 ms (so that parallel downloads overlap).
     SlowBlobs,
+    /// Answer with 429 Too Many Requests and `Retry-After: 1`.
+    TooManyRequests,
 }
 
 pub const AUTH_USER: &str = "berth";
@@ -617,13 +619,19 @@ fn proxy_one(
         | Fault::BearerAuth
         | Fault::Forbidden
         | Fault::SlowBlobs => false,
-        Fault::Error500 => true,
+        Fault::Error500 | Fault::TooManyRequests => true,
         Fault::ResetBlobs | Fault::CorruptBlobs => is_blob_get,
     };
     let take = applies
         && left
             .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
             .is_ok();
+    if take && fault == Fault::TooManyRequests {
+        client.write_all(
+            b"HTTP/1.1 429 Too Many Requests\r\nRetry-After: 1\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
+        )?;
+        return Ok(());
+    }
     if take && fault == Fault::Error500 {
         client.write_all(
             b"HTTP/1.1 500 Internal Server Error\r\nContent-Length: 0\r\nConnection: close\r\n\r\n",
