@@ -246,9 +246,7 @@ fn registry_errors_name_registry_and_repository() {
     let reg = Registry::start();
     let state = tempfile::tempdir().unwrap();
     let missing = format!("{}/nothing/here:1", reg.addr);
-    let out = berth(state.path(), &["image", "pull", "-q", &missing]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = pull_error(state.path(), &missing);
     assert!(
         err.contains(&reg.addr) && err.contains("nothing/here") && err.contains("not found"),
         "{err}"
@@ -262,6 +260,13 @@ fn registry_errors_name_registry_and_repository() {
     let ls: serde_json::Value =
         serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
     assert!(ls.as_array().unwrap().is_empty());
+}
+
+/// `image pull -q REF` that must fail with exit 1: its stderr.
+fn pull_error(state: &Path, reference: &str) -> String {
+    let out = berth(state, &["image", "pull", "-q", reference]);
+    assert_eq!(out.status.code(), Some(1), "pull {reference} did not fail");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 fn assert_store_clean(state: &Path) {
@@ -317,12 +322,7 @@ fn persistent_faults_fail_cleanly() {
     // a registry that always corrupts blobs: the digest error names the blob, nothing stays
     let proxy = FaultProxy::start(&reg.addr, Fault::CorruptBlobs, usize::MAX);
     let state = tempfile::tempdir().unwrap();
-    let out = berth(
-        state.path(),
-        &["image", "pull", "-q", &format!("{}/{name}", proxy.addr)],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = pull_error(state.path(), &format!("{}/{name}", proxy.addr));
     assert!(
         err.contains("sha256:") && err.contains("discarded"),
         "{err}"
@@ -402,9 +402,7 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     push_image(&r, &[big]);
     let disk = SmallDisk::new("8m");
     let state = disk.0.path().join("state");
-    let out = berth(&state, &["image", "pull", "-q", &r]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = pull_error(&state, &r);
     assert!(err.contains("No space left on device"), "{err}");
     assert!(
         err.contains(&state.display().to_string()),
@@ -453,12 +451,7 @@ fn credentials_from_docker_config_with_basic_and_bearer_auth() {
     // credentials accepted but no permission: 403, said as such
     let proxy = FaultProxy::start(&reg.addr, Fault::Forbidden, usize::MAX);
     let state = tempfile::tempdir().unwrap();
-    let out = berth(
-        state.path(),
-        &["image", "pull", "-q", &format!("{}/{repo}:1", proxy.addr)],
-    );
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
+    let err = pull_error(state.path(), &format!("{}/{repo}:1", proxy.addr));
     assert!(
         err.contains(&format!("{}: access to {repo} denied (403)", proxy.addr)),
         "{err}"
