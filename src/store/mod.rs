@@ -152,11 +152,40 @@ impl Store {
         let mut f = f;
         loop {
             match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusive) {
-                Ok(l) => return Ok(KeyLock { _lock: l }),
+                Ok(l) => {
+                    // gc removes lock files nobody holds: if ours went while we waited, the
+                    // next locker would make a new one, so lock that one instead
+                    if same_file(&l, &p) {
+                        return Ok(KeyLock { _lock: l });
+                    }
+                    drop(l);
+                    return self.lock_key(key);
+                }
                 Err((back, nix::errno::Errno::EINTR)) => f = back,
                 Err((_, e)) => return Err(PathError::new("lock", &p, e.into()).into()),
             }
         }
+    }
+
+    /// Remove the lock files no process holds (all but `keep`); each is removed while locked,
+    /// and [`Store::lock_key`] checks that the file it locked is still the one at the path.
+    fn prune_locks(&self, keep: &str) -> Result<(), StoreError> {
+        let dir = self.root.join("locks");
+        for name in read_dir_names(&dir)? {
+            if name == keep {
+                continue;
+            }
+            let p = dir.join(&name);
+            let Ok(f) = File::open(&p) else {
+                continue;
+            };
+            if let Ok(l) = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                && same_file(&l, &p)
+            {
+                std::fs::remove_file(&p).map_err(at("remove", &p))?;
+            }
+        }
+        Ok(())
     }
 
     /// Start writing a blob whose digest and size are known in advance.
@@ -376,6 +405,7 @@ impl Store {
                 remove_tree(&p)?;
             }
         }
+        self.prune_locks("index")?;
         Ok(freed)
     }
 }
@@ -463,6 +493,15 @@ impl Drop for Ingest {
     }
 }
 
+/// Whether the open file `f` is the one now at `path`.
+fn same_file(f: &File, path: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    match (f.metadata(), std::fs::metadata(path)) {
+        (Ok(a), Ok(b)) => a.dev() == b.dev() && a.ino() == b.ino(),
+        _ => false,
+    }
+}
+
 fn tempfile_in(dir: &Path, stem: &str) -> Result<PathBuf, StoreError> {
     use std::sync::atomic::{AtomicU64, Ordering};
     static N: AtomicU64 = AtomicU64::new(0);
@@ -539,6 +578,37 @@ mod tests {
         assert!(s.has_blob(&good));
         // nothing left behind in ingest/
         assert_eq!(std::fs::read_dir(s.root.join("ingest")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn gc_prunes_the_lock_files_nobody_holds() {
+        let d = tempfile::tempdir().unwrap();
+        let s = Store::new(d.path().join("store"), d.path().join("snap"));
+        s.init().unwrap();
+        let locks = d.path().join("store/locks");
+        drop(s.lock_key("sha256:aaaa").unwrap());
+        let held = s.lock_key("sha256:bbbb").unwrap();
+        s.gc(&BTreeSet::new()).unwrap();
+        let mut left = read_dir_names(&locks).unwrap();
+        left.sort();
+        assert_eq!(
+            left,
+            ["index", "sha256_bbbb"],
+            "only the held lock (and gc's own) stay"
+        );
+        // a locker that waited on a lock file gc then removed locks the new file instead
+        let s2 = s.clone();
+        let waiter = std::thread::spawn(move || {
+            let l = s2.lock_key("sha256:bbbb").unwrap();
+            same_file(&l._lock, &s2.root.join("locks/sha256_bbbb"))
+        });
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        std::fs::remove_file(locks.join("sha256_bbbb")).unwrap();
+        drop(held);
+        assert!(
+            waiter.join().unwrap(),
+            "the lock taken is the file now at the path"
+        );
     }
 
     #[test]
