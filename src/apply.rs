@@ -179,17 +179,13 @@ impl Executor<'_> {
             let Some(c) = self.desired.containers.get(&st.name) else {
                 continue;
             };
-            for v in &c.spec.volumes {
-                if let MountSource::Bind(p) = &v.source
-                    && !p.exists()
-                {
-                    return Err(ApplyError::Invalid(format!(
-                        "{}: bind mount source {} does not exist (declared in {}); nothing was changed",
-                        st.address,
-                        p.display(),
-                        c.source
-                    )));
-                }
+            if let Some(p) = missing_bind_source(&c.spec) {
+                return Err(ApplyError::Invalid(format!(
+                    "{}: bind mount source {} does not exist (declared in {}); nothing was changed",
+                    st.address,
+                    p.display(),
+                    c.source
+                )));
             }
         }
         Ok(())
@@ -679,6 +675,14 @@ pub fn limits(spec: &ContainerSpec) -> Limits {
     }
 }
 
+/// The first host path a container bind-mounts that does not exist.
+fn missing_bind_source(spec: &ContainerSpec) -> Option<&std::path::Path> {
+    spec.volumes.iter().find_map(|v| match &v.source {
+        MountSource::Bind(p) if !p.exists() => Some(p.as_path()),
+        _ => None,
+    })
+}
+
 /// Compute what the shim needs for a container.
 pub fn runtime_config(
     store: &Store,
@@ -703,21 +707,20 @@ pub fn runtime_config(
         .hostname
         .clone()
         .unwrap_or_else(|| name.chars().take(63).collect());
+    // checked before the apply began too (preflight); here for a path removed meanwhile
+    if let Some(p) = missing_bind_source(spec) {
+        return Err(ApplyError::Invalid(format!(
+            "bind mount source {} does not exist",
+            p.display()
+        )));
+    }
     let mut mounts = vec![];
     for v in &spec.volumes {
         let kind = match &v.source {
-            MountSource::Bind(p) => {
-                if !p.exists() {
-                    return Err(ApplyError::Invalid(format!(
-                        "bind mount source {} does not exist",
-                        p.display()
-                    )));
-                }
-                MountKind::Bind {
-                    source: p.clone(),
-                    read_only: v.read_only,
-                }
-            }
+            MountSource::Bind(p) => MountKind::Bind {
+                source: p.clone(),
+                read_only: v.read_only,
+            },
             MountSource::Volume(n) => MountKind::Volume {
                 source: rc::volume_data(&state.volumes_dir(), n),
                 read_only: v.read_only,

@@ -276,11 +276,11 @@ pub fn restart_wanted(restart: Restart, code: Option<i32>, restarts: u32) -> boo
     }
 }
 
-/// Compare desired with observed. Pure: no I/O.
 /// Why a container without a record is in the plan.
 const UNRECORDED: &str =
     "a container of this name is on the host but its record was removed outside berth";
 
+/// Compare desired with observed. Pure: no I/O.
 pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
     let mut plan = Plan::default();
 

@@ -197,12 +197,13 @@ impl CgroupLocation {
 
     /// Create the cgroup with its limits, for the container whose directory is `owner`.
     pub fn create(&self, limits: &Limits, owner: &Path) -> Result<ContainerCgroup, CgroupError> {
+        let owner = owner_path(owner);
         let existing = self.open();
         if existing.exists() && !existing.procs().is_empty() {
             match existing.owner() {
                 // processes of this very container that berth lost track of (its directory
                 // was removed outside berth): they go, as their container is being replaced
-                Some(o) if o == owner_path(owner) => existing.destroy()?,
+                Some(o) if o == owner => existing.destroy()?,
                 // Two state directories may declare a container of the same name: never
                 // share (and later kill) a cgroup that another container's processes are in.
                 o => {
@@ -229,7 +230,7 @@ impl CgroupLocation {
             cg,
             loc: self.clone(),
         };
-        c.set_owner(&owner_path(owner));
+        c.set_owner(&owner);
         // a cgroup that cannot be restricted is not left behind (nor reused later with a
         // device program too many)
         if let Err(e) = c.restrict_devices().and_then(|()| c.set_limits(limits)) {

@@ -195,14 +195,19 @@ pub fn files(log: &Path, max_files: u32) -> Vec<PathBuf> {
 pub fn read_all(log: &Path, max_files: u32) -> std::io::Result<Vec<Record>> {
     let mut out = vec![];
     for f in files(log, max_files) {
-        let r = BufReader::new(File::open(&f)?);
-        for line in r.lines() {
-            if let Some(rec) = parse_line(&line?) {
-                out.push(rec);
-            }
-        }
+        read_records(File::open(&f)?, &mut out)?;
     }
     Ok(out)
+}
+
+/// Append the records of one log file to `out`.
+fn read_records(file: File, out: &mut Vec<Record>) -> std::io::Result<()> {
+    for line in BufReader::new(file).lines() {
+        if let Some(rec) = parse_line(&line?) {
+            out.push(rec);
+        }
+    }
+    Ok(())
 }
 
 /// Follows a container's log as it grows, across rotations. It holds the current file open
@@ -265,11 +270,7 @@ impl Follower {
             if Some(file.metadata()?.ino()) == mine {
                 continue;
             }
-            for line in BufReader::new(file).lines() {
-                if let Some(rec) = parse_line(&line?) {
-                    out.push(rec);
-                }
-            }
+            read_records(file, &mut out)?;
         }
         Ok(out)
     }
