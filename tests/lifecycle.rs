@@ -122,12 +122,29 @@ impl Host {
         }
     }
 
+    /// `berth inspect` of container `n`, with `global` options before the command.
+    fn inspect(&self, global: &[&str], n: &str) -> Value {
+        let name = self.name(n);
+        let mut args = global.to_vec();
+        args.extend(["inspect", &name]);
+        serde_json::from_str(&ok(&self.run(&args))).unwrap()
+    }
+
+    /// The directories of container `n`'s cgroup (one per controller on v1), per inspect.
+    fn cgroup_dirs(&self, global: &[&str], n: &str) -> Vec<String> {
+        self.inspect(global, n)["cgroup_dirs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|d| d.as_str().unwrap().to_string())
+            .collect()
+    }
+
     /// `file` in the container's cgroup (in whichever controller's directory has it).
     fn cgroup_path(&self, n: &str, file: &str) -> Option<std::path::PathBuf> {
-        let i: Value = serde_json::from_str(&ok(&self.run(&["inspect", &self.name(n)]))).unwrap();
-        let dirs = i["cgroup_dirs"].as_array()?.clone();
-        dirs.iter()
-            .filter_map(|d| Some(Path::new(d.as_str()?).join(file)))
+        self.cgroup_dirs(&[], n)
+            .iter()
+            .map(|d| Path::new(d).join(file))
             .find(|p| p.exists())
     }
 
@@ -545,7 +562,7 @@ impl Drop for RmDirOnDrop {
 
 #[test]
 fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+    if v2_host() {
         eprintln!("skipped: cgroup v2 has one hierarchy");
         return;
     }
@@ -554,13 +571,7 @@ fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
     h.apply();
     let r = h.wait_for("a", "running", |r| state(r) == "running");
     let pid = r["pid"].as_i64().unwrap();
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
-    let dirs: Vec<String> = i["cgroup_dirs"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|d| d.as_str().unwrap().to_string())
-        .collect();
+    let dirs = h.cgroup_dirs(&[], "a");
     for c in ["memory", "cpu", "cpuacct", "pids", "devices"] {
         let mount = format!("/sys/fs/cgroup/{c}");
         if Path::new(&mount).is_dir() {
@@ -578,16 +589,12 @@ fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
     );
     // an older berth made the cgroup in every hierarchy: put the container in a freezer one
     // too, as it did, and removal must take that one as well
-    let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    let Some(base) = own.lines().find_map(|l| {
-        let f: Vec<&str> = l.splitn(3, ':').collect();
-        (f.len() == 3 && f[1] == "freezer").then(|| f[2].trim_start_matches('/').to_string())
-    }) else {
+    let Some(base) = own_cgroup("freezer") else {
         eprintln!("skipped the older-berth half: no freezer hierarchy");
         return;
     };
     let old = Path::new("/sys/fs/cgroup/freezer")
-        .join(base)
+        .join(base.trim_start_matches('/'))
         .join("berth")
         .join(h.name("a"));
     std::fs::create_dir_all(&old).unwrap();
@@ -603,7 +610,7 @@ fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
 /// Move a container's process out of its cgroup (to the root of each hierarchy) and remove
 /// the cgroup, as a person might by hand.
 fn remove_cgroup_by_hand(dirs: &[String], pid: i64) {
-    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let v2 = v2_host();
     for d in dirs {
         let root = if v2 {
             "/sys/fs/cgroup".to_string()
@@ -640,17 +647,7 @@ fn parts_removed_outside_berth_are_drift_and_apply_repairs_them() {
             "record" => std::fs::remove_file(&record).unwrap(),
             "directory" => std::fs::remove_dir_all(&dir).unwrap(),
             "rootfs" => std::fs::remove_dir_all(dir.join("upper")).unwrap(),
-            _ => {
-                let i: Value =
-                    serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
-                let dirs: Vec<String> = i["cgroup_dirs"]
-                    .as_array()
-                    .unwrap()
-                    .iter()
-                    .map(|d| d.as_str().unwrap().to_string())
-                    .collect();
-                remove_cgroup_by_hand(&dirs, pid);
-            }
+            _ => remove_cgroup_by_hand(&h.cgroup_dirs(&[], "a"), pid),
         }
         let (code, out) = h.plan();
         assert_eq!(code, Some(2), "{what} removed: {out}");
@@ -663,7 +660,11 @@ fn parts_removed_outside_berth_are_drift_and_apply_repairs_them() {
         assert_ne!(r["pid"].as_i64().unwrap(), pid, "{what}: not replaced");
         assert!(!pid_alive(pid), "{what}: the old process {pid} still runs");
         assert_eq!(h.plan().0, Some(0), "{what}: not converged");
-        assert_eq!(cgroups_named(&h.name("a")).len(), r_cgroups(&h), "{what}");
+        assert_eq!(
+            cgroups_named(&h.name("a")).len(),
+            h.cgroup_dirs(&[], "a").len(),
+            "{what}"
+        );
     }
     // removed outside berth and no longer declared: the process goes with it, and the shim
     // does not bring the directory back when it records the exit
@@ -701,12 +702,6 @@ fn parts_removed_outside_berth_are_drift_and_apply_repairs_them() {
     assert!(!pid_alive(pid));
     assert!(!dir.exists());
     assert!(cgroups_named(&h.name("a")).is_empty());
-}
-
-/// How many cgroup directories a running container has (one per controller on v1).
-fn r_cgroups(h: &Host) -> usize {
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("a")]))).unwrap();
-    i["cgroup_dirs"].as_array().unwrap().len()
 }
 
 #[test]
@@ -924,7 +919,7 @@ fn debugging_commands_and_stop_settings() {
         "cpus = 0.5 is half of each period: {quota}"
     );
 
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("d")]))).unwrap();
+    let i = h.inspect(&[], "d");
     assert_eq!(i["pid"], pid, "{i}");
     assert!(
         i["cgroup_path"]
@@ -972,28 +967,32 @@ fn debugging_commands_and_stop_settings() {
     assert!(!pid_alive(pid));
     let logs = ok(&h.run(&["logs", &n]));
     assert!(logs.contains("got usr1"), "stopped with SIGUSR1: {logs}");
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &n]))).unwrap();
+    let i = h.inspect(&[], "d");
     assert_eq!(i["exit"]["code"], 3, "{i}");
     ok(&h.run(&["stop", &h.name("k")]));
-    let i: Value = serde_json::from_str(&ok(&h.run(&["inspect", &h.name("k")]))).unwrap();
+    let i = h.inspect(&[], "k");
     assert_eq!(i["exit"]["signal"], 9, "killed after stop_timeout: {i}");
 }
 
-/// This process's cgroup path in hierarchy `controller` (v1) or the unified one (v2: "").
-fn own_cgroup(controller: &str) -> String {
+/// This process's cgroup path in hierarchy `controller` (v1) or the unified one (v2: ""),
+/// if that hierarchy is mounted.
+fn own_cgroup(controller: &str) -> Option<String> {
     let own = std::fs::read_to_string("/proc/self/cgroup").unwrap();
-    own.lines()
-        .find_map(|l| {
-            let f: Vec<&str> = l.splitn(3, ':').collect();
-            (f.len() == 3 && f[1].split(',').any(|c| c == controller)).then(|| f[2].to_string())
-        })
-        .unwrap_or_default()
+    own.lines().find_map(|l| {
+        let f: Vec<&str> = l.splitn(3, ':').collect();
+        (f.len() == 3 && f[1].split(',').any(|c| c == controller)).then(|| f[2].to_string())
+    })
+}
+
+/// Whether this host is cgroup v2 throughout (no v1 hierarchies).
+fn v2_host() -> bool {
+    Path::new("/sys/fs/cgroup/cgroup.controllers").exists()
 }
 
 #[test]
 fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
     let h = Host::new("cgp");
-    let v2 = Path::new("/sys/fs/cgroup/cgroup.controllers").exists();
+    let v2 = v2_host();
     let expect = |dir: &str, parent: Option<&str>, name: &str| {
         let (mount, ctl) = if v2 {
             ("/sys/fs/cgroup".to_string(), "")
@@ -1008,27 +1007,16 @@ fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
         };
         let base = match parent {
             Some(p) => p.to_string(),
-            None => format!("{}/berth", own_cgroup(ctl).trim_end_matches('/')),
+            None => format!("{}/berth", own_cgroup(ctl).unwrap().trim_end_matches('/')),
         };
         let want = format!("{mount}/{}/{name}", base.trim_start_matches('/'));
         assert_eq!(dir, want.replace("//", "/"));
-    };
-    let dirs_of = |n: &str, cfg: &[&str]| -> Vec<String> {
-        let mut args = cfg.to_vec();
-        args.extend(["inspect", n]);
-        let i: Value = serde_json::from_str(&ok(&h.run(&args))).unwrap();
-        i["cgroup_dirs"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|d| d.as_str().unwrap().to_string())
-            .collect()
     };
     // by default beneath the cgroup berth runs in (per hierarchy on v1): never moved out
     h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
     h.apply();
     h.wait_for("a", "running", |r| state(r) == "running");
-    let dirs = dirs_of(&h.name("a"), &[]);
+    let dirs = h.cgroup_dirs(&[], "a");
     assert!(!dirs.is_empty());
     for d in &dirs {
         expect(d, None, &h.name("a"));
@@ -1044,7 +1032,7 @@ fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
     let mut args = cfg.to_vec();
     args.extend(["apply", "--allow-empty", h.d()]);
     ok(&h.run(&args));
-    let dirs = dirs_of(&h.name("b"), &cfg);
+    let dirs = h.cgroup_dirs(&cfg, "b");
     for d in &dirs {
         expect(d, Some(&parent), &h.name("b"));
         // the container's directory (gone by then) and the parent berth made for it
@@ -1067,7 +1055,7 @@ fn cgroup_v2_on_the_unified_hierarchy() {
     // hierarchy, so it takes its v2 paths: cgroup creation, joining, the eBPF device filter,
     // exec, plan's reading of limits, removal. (No limits: here the memory, cpu and pids
     // controllers belong to v1 hierarchies.)
-    if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+    if v2_host() {
         eprintln!("skipped: this host is cgroup v2 throughout");
         return;
     }
