@@ -269,6 +269,24 @@ fn pull_error(state: &Path, reference: &str) -> String {
     String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
+/// `image pull -q REF` into a fresh state directory with `config` (TOML) as the host config:
+/// the state directory and berth's output.
+fn pull_with_config(config: &str, reference: &str) -> (tempfile::TempDir, std::process::Output) {
+    let state = tempfile::tempdir().unwrap();
+    let cfg = state.path().join("host-config.toml");
+    std::fs::write(&cfg, config).unwrap();
+    let args = [
+        "--config",
+        cfg.to_str().unwrap(),
+        "image",
+        "pull",
+        "-q",
+        reference,
+    ];
+    let out = berth(state.path(), &args);
+    (state, out)
+}
+
 fn assert_store_clean(state: &Path) {
     let ls: serde_json::Value =
         serde_json::from_str(&ok(&berth(state, &["image", "ls", "--json"]))).unwrap();
@@ -519,20 +537,8 @@ fn https_with_a_configured_ca_and_plain_http_only_when_insecure() {
     // two more registries over the same images, on an address that is not loopback
     let tls = Registry::start_at(&dummy.ip, Some((&cert, &key)), Some(&reg.data_dir()));
     let plain = Registry::start_at(&dummy.ip, None, Some(&reg.data_dir()));
-    let cfg = certs.path().join("config.toml");
     let pull = |r: &str, config: Option<&str>| {
-        let state = tempfile::tempdir().unwrap();
-        let cfg_arg = match config {
-            Some(c) => {
-                std::fs::write(&cfg, c).unwrap();
-                cfg.to_str().unwrap().to_string()
-            }
-            None => "/dev/null".into(),
-        };
-        let out = berth(
-            state.path(),
-            &["--config", &cfg_arg, "image", "pull", "-q", r],
-        );
+        let (state, out) = pull_with_config(config.unwrap_or(""), r);
         if out.status.success() {
             assert_unpacked(state.path(), r);
         } else {
@@ -577,24 +583,15 @@ fn mirrors_are_tried_in_order_then_the_registry() {
     let mirror = FaultProxy::start(&reg.addr, Fault::None, 0);
     let dead = format!("127.0.0.1:{}", free_port());
     let r = format!("{}/mir/bb:1", origin.addr);
-    let cfg_dir = tempfile::tempdir().unwrap();
-    let cfg = cfg_dir.path().join("config.toml");
     let pull = |mirrors: &[&str]| {
         let list: Vec<String> = mirrors.iter().map(|m| format!("\"{m}\"")).collect();
-        std::fs::write(
-            &cfg,
-            format!(
-                "[registry.\"{}\"]\nmirrors = [{}]\n",
-                origin.addr,
-                list.join(", ")
-            ),
-        )
-        .unwrap();
-        let state = tempfile::tempdir().unwrap();
-        ok(&berth(
-            state.path(),
-            &["--config", cfg.to_str().unwrap(), "image", "pull", "-q", &r],
-        ));
+        let config = format!(
+            "[registry.\"{}\"]\nmirrors = [{}]\n",
+            origin.addr,
+            list.join(", ")
+        );
+        let (state, out) = pull_with_config(&config, &r);
+        ok(&out);
         assert_unpacked(state.path(), &r);
     };
     // a dead mirror, then a live one: the live mirror serves, the registry is not asked
@@ -747,17 +744,11 @@ fn layers_download_in_parallel_up_to_the_configured_bound() {
         .collect();
     let r0 = format!("{}/par/bb:1", reg.addr);
     push_image(&r0, &extra);
-    let cfg_dir = tempfile::tempdir().unwrap();
     let pull_max = |concurrency: usize| -> usize {
         let proxy = FaultProxy::start(&reg.addr, Fault::SlowBlobs, usize::MAX);
-        let cfg = cfg_dir.path().join("config.toml");
-        std::fs::write(&cfg, format!("[pull]\nconcurrency = {concurrency}\n")).unwrap();
-        let state = tempfile::tempdir().unwrap();
         let r = format!("{}/par/bb:1", proxy.addr);
-        ok(&berth(
-            state.path(),
-            &["--config", cfg.to_str().unwrap(), "image", "pull", "-q", &r],
-        ));
+        let (state, out) = pull_with_config(&format!("[pull]\nconcurrency = {concurrency}\n"), &r);
+        ok(&out);
         assert_unpacked(state.path(), &r);
         proxy.blobs_in_flight.1.load(Ordering::SeqCst)
     };
