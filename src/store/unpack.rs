@@ -170,6 +170,8 @@ const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
 const FORBIDDEN_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overlay."];
 /// Symlink expansions allowed while creating missing parents (like the kernel).
 const MAX_SYMLINKS: u32 = 40;
+/// Bytes gathered before each write of a regular file's contents.
+const WRITE_BUF: usize = 1 << 20;
 /// Retries of `openat2` on `EAGAIN` (a concurrent rename elsewhere on the fs).
 const OPENAT2_RETRIES: u32 = 16;
 
@@ -195,7 +197,7 @@ pub fn unpack_layer<R: Read>(
         opts: *opts,
         stats: UnpackStats::default(),
         dirs: Vec::new(),
-        buf: vec![0; 128 * 1024],
+        buf: vec![0; WRITE_BUF],
     };
 
     let mut archive = tar::Archive::new(reader);
@@ -363,17 +365,13 @@ impl Extractor {
         })?;
         let mut file = File::from(fd);
         loop {
-            let n = match entry.read(&mut self.buf) {
-                Ok(0) => break,
-                Ok(n) => n,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(source) => {
-                    return Err(UnpackError::ReadArchive {
-                        path: path.to_owned(),
-                        source,
-                    });
-                }
-            };
+            let n = fill(entry, &mut self.buf).map_err(|source| UnpackError::ReadArchive {
+                path: path.to_owned(),
+                source,
+            })?;
+            if n == 0 {
+                break;
+            }
             file.write_all(&self.buf[..n])
                 .map_err(|source| UnpackError::WriteFile {
                     path: path.to_owned(),
@@ -761,6 +759,22 @@ fn join(comps: &[OsString]) -> PathBuf {
     } else {
         comps.iter().collect()
     }
+}
+
+/// Read into `buf` until it is full or the reader ends; returns the bytes read. Decompressors
+/// hand out a few kilobytes per call, and one large write costs the page cache much less than
+/// many small ones (large folios).
+fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
 }
 
 fn is_type(st: &FileStat, fmt: libc::mode_t) -> bool {
