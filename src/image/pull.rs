@@ -15,7 +15,7 @@ use crate::store::unpack::{UnpackOptions, UnpackStats, unpack_layer};
 use crate::store::{Store, StoreError};
 use bytes::{Buf, Bytes};
 use sha2::Digest as _;
-use std::io::{Read, Write};
+use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
@@ -55,7 +55,8 @@ impl<R: Read> Read for HashingReader<R> {
     }
 }
 
-/// A `Read` over chunks sent from the async downloader.
+/// A buffered reader over the chunks of a layer blob sent from another thread: the
+/// decompressor reads them in place (`BufRead`), with no copy into a buffer of its own.
 struct ChannelReader {
     rx: tokio::sync::mpsc::Receiver<Bytes>,
     cur: Bytes,
@@ -63,22 +64,39 @@ struct ChannelReader {
 
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
-                None => return Ok(0),
-            }
-        }
-        let n = buf.len().min(self.cur.len());
-        buf[..n].copy_from_slice(&self.cur[..n]);
-        self.cur.advance(n);
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
         Ok(n)
     }
 }
 
+impl BufRead for ChannelReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        while self.cur.is_empty() {
+            match self.rx.blocking_recv() {
+                Some(b) => self.cur = b,
+                None => break,
+            }
+        }
+        Ok(&self.cur)
+    }
+
+    fn consume(&mut self, n: usize) {
+        self.cur.advance(n);
+    }
+}
+
+/// Chunks buffered between the stages of a layer download (each up to hyper's read size).
+const STAGE_CHUNKS: usize = 16;
+
+/// Read buffer for unpacking a layer from a stored blob.
+const BLOB_READ_BUF: usize = 1 << 20;
+
 /// Decompress and unpack one layer from `reader` into `root`; returns the diffID.
 /// `reader` is read to its end.
-pub fn unpack_stream<R: Read>(
+pub fn unpack_stream<R: BufRead>(
     reader: &mut R,
     compression: Compression,
     root: &Path,
@@ -92,13 +110,15 @@ pub fn unpack_stream<R: Read>(
     let (diff, stats) = {
         let decompressed: Box<dyn Read + '_> = match compression {
             Compression::None => Box::new(&mut *reader),
-            Compression::Gzip => Box::new(flate2::read::MultiGzDecoder::new(&mut *reader)),
-            Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(&mut *reader).map_err(
-                |source| ImageError::Decompress {
-                    digest: digest.to_string(),
-                    source,
-                },
-            )?),
+            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut *reader)),
+            Compression::Zstd => Box::new(
+                zstd::stream::read::Decoder::with_buffer(&mut *reader).map_err(|source| {
+                    ImageError::Decompress {
+                        digest: digest.to_string(),
+                        source,
+                    }
+                })?,
+            ),
         };
         let mut h = HashingReader {
             inner: decompressed,
@@ -134,8 +154,11 @@ pub fn snapshot_from_blob(
             media_type: layer.media_type.clone(),
         })?;
     let path = store.blob_path(&layer.digest)?;
-    let mut f = std::fs::File::open(&path)
-        .map_err(|e| StoreError::from(crate::fsutil::PathError::new("open", &path, e)))?;
+    let mut f = std::io::BufReader::with_capacity(
+        BLOB_READ_BUF,
+        std::fs::File::open(&path)
+            .map_err(|e| StoreError::from(crate::fsutil::PathError::new("open", &path, e)))?,
+    );
     let tmp = store.prepare_snapshot(chain_id)?;
     let res = unpack_stream(&mut f, compression, &tmp.join("fs"), opts, &layer.digest);
     match res {
@@ -423,48 +446,67 @@ impl Puller {
         let mut resp = self.client.blob(r, &layer.digest).await?;
         let tmp = self.store.prepare_snapshot(chain_id)?;
         let cleanup = scopeguard_remove(tmp.clone());
-        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(64);
+        // Three stages, each on its own thread so that one layer can use several cores: the
+        // download (async), storing the blob (hash, write, verify, commit), and unpacking
+        // (decompress, hash the diffID, write files).
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
+        let (utx, urx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
         let fs = tmp.join("fs");
         let opts = self.unpack;
         let digest = layer.digest.clone();
         let unpacker = tokio::task::spawn_blocking(move || {
             let mut reader = ChannelReader {
-                rx,
+                rx: urx,
                 cur: Bytes::new(),
             };
             unpack_stream(&mut reader, compression, &fs, &opts, &digest)
         });
         let mut ingest = self.store.ingest(&layer.digest, Some(layer.size))?;
+        let storer = tokio::task::spawn_blocking(move || {
+            let mut utx = Some(utx);
+            while let Some(chunk) = rx.blocking_recv() {
+                if let Err(e) = ingest.write_all(&chunk) {
+                    let e = crate::fsutil::PathError::new("write", &ingest.tmp, e);
+                    return Err(ImageError::from(StoreError::from(e)));
+                }
+                // an unpacker that stopped has failed; the whole blob is still stored, so
+                // that its digest tells a corrupt download from a bad layer
+                if let Some(u) = &utx
+                    && u.blocking_send(chunk).is_err()
+                {
+                    utx = None;
+                }
+            }
+            // verified (digest and size) and renamed into place here, so its fsync overlaps
+            // the unpacking; a blob cut short by a failed download fails this check
+            Ok(ingest.commit())
+        });
         let mut n: u64 = 0;
-        let mut tx = Some(tx);
         let download: Result<(), ImageError> = async {
             while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
                 registry: r.registry.clone(),
                 what: format!("layer {} download", layer.digest),
                 source: e,
             })? {
-                ingest.write_all(&chunk).map_err(|e| {
-                    StoreError::from(crate::fsutil::PathError::new("write", &ingest.tmp, e))
-                })?;
                 n += chunk.len() as u64;
                 bar.inc(chunk.len() as u64);
-                if let Some(t) = &tx
-                    && t.send(chunk).await.is_err()
-                {
-                    // the unpacker stopped; keep downloading to tell a corrupt blob from a bad layer
-                    tx = None;
+                if tx.send(chunk).await.is_err() {
+                    // the storer stopped: it could not write the blob and says why below
+                    break;
                 }
             }
             Ok(())
         }
         .await;
         drop(tx);
+        let stored = storer.await.map_err(|e| ImageError::Task(e.to_string()))?;
         let unpacked = unpacker
             .await
             .map_err(|e| ImageError::Task(e.to_string()))?;
+        let committed = stored?;
         download?;
         // the blob's digest and size first: a corrupt download is reported as such
-        ingest.commit()?;
+        committed?;
         let (actual, _stats) = unpacked?;
         if actual != diff_id {
             return Err(ImageError::DiffIdMismatch {

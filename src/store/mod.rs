@@ -19,6 +19,7 @@ use sha2::Digest as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 
 #[derive(Debug, thiserror::Error)]
@@ -201,6 +202,7 @@ impl Store {
             file: Some(file),
             hasher: sha2::Sha256::new(),
             written: 0,
+            queued: 0,
             digest: digest.to_string(),
             size,
         })
@@ -418,9 +420,15 @@ pub struct Ingest {
     file: Option<File>,
     hasher: sha2::Sha256,
     written: u64,
+    /// Bytes handed to writeback so far (see [`WRITEBACK_STEP`]).
+    queued: u64,
     digest: String,
     size: Option<u64>,
 }
+
+/// Every this many bytes, an ingest starts writing the blob back to disk, so that the fsync at
+/// commit does not wait for a whole layer's worth of dirty pages.
+const WRITEBACK_STEP: u64 = 8 << 20;
 
 impl Write for Ingest {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
@@ -431,6 +439,11 @@ impl Write for Ingest {
         let n = f.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.written += n as u64;
+        if self.written - self.queued >= WRITEBACK_STEP {
+            // best effort: a filesystem without it just leaves the work to the fsync
+            let _ = crate::sys::start_writeback(f.as_fd(), self.queued, self.written - self.queued);
+            self.queued = self.written;
+        }
         if let Some(s) = self.size
             && self.written > s
         {
