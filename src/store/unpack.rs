@@ -20,7 +20,8 @@
 //! * **Final component.** Acted on with `*at` syscalls on the parent fd
 //!   (`mkdirat`, `openat(O_CREAT|O_EXCL|O_NOFOLLOW)`, `symlinkat`, `linkat`,
 //!   `mknodat`). Whatever an earlier entry of this layer left at that name is
-//!   removed first (recursively), except that a directory entry over an
+//!   removed first (recursively; a regular file tries the name first and
+//!   clears it only on `EEXIST`), except that a directory entry over an
 //!   existing directory keeps it and only updates its metadata.
 //! * **Hardlinks.** The target is normalised like an entry path and its
 //!   parent is opened in-root too, so a hardlink can never reach a host file.
@@ -34,7 +35,9 @@
 //!   with [`UnpackOptions::preserve_ownership`]), xattrs, `fchmodat` (with
 //!   setuid/setgid/sticky; never on symlinks; after chown since chown clears
 //!   setuid), `utimensat(AT_SYMLINK_NOFOLLOW)`. PAX `uid`/`gid`/`mtime`/`atime`
-//!   records are honoured (atime defaults to mtime). Directory modes and
+//!   records are honoured (atime defaults to mtime). A regular file gets all of
+//!   it through the descriptor it was created with (`fchown`, `fchmod`,
+//!   `futimens`: no path lookups). Directory modes and
 //!   times are applied at the very end, in reverse order, after re-resolving
 //!   each directory safely (children would change the mtime; a deferred mode
 //!   also lets a read-only directory receive its children).
@@ -79,11 +82,11 @@ use nix::dir::Dir;
 use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, AtFlags, OFlag, OpenHow, ResolveFlag, openat, openat2, readlinkat};
 use nix::sys::stat::{
-    FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmodat, fstatat, makedev, mkdirat,
-    mknodat, utimensat,
+    FchmodatFlags, FileStat, Mode, SFlag, UtimensatFlags, fchmod, fchmodat, fstatat, futimens,
+    makedev, mkdirat, mknodat, utimensat,
 };
 use nix::sys::time::TimeSpec;
-use nix::unistd::{Gid, Uid, UnlinkatFlags, fchownat, linkat, symlinkat, unlinkat};
+use nix::unistd::{Gid, Uid, UnlinkatFlags, fchown, fchownat, linkat, symlinkat, unlinkat};
 use xattr::FileExt;
 
 /// Options for [`unpack_layer`].
@@ -352,13 +355,26 @@ impl Extractor {
         meta: &Meta,
     ) -> Result<(), UnpackError> {
         let (parent, name) = self.slot(path, comps)?;
-        self.clear_slot(&parent, name, path, comps, false)?;
-        let fd = openat(
-            &parent,
-            name,
-            OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_WRONLY | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC,
-            Mode::from_bits_truncate(0o600),
-        )
+        let create = || {
+            openat(
+                &parent,
+                name,
+                OFlag::O_CREAT
+                    | OFlag::O_EXCL
+                    | OFlag::O_WRONLY
+                    | OFlag::O_NOFOLLOW
+                    | OFlag::O_CLOEXEC,
+                Mode::from_bits_truncate(0o600),
+            )
+        };
+        // the name is usually free: create first, clear what an earlier entry left only if not
+        let fd = match create() {
+            Err(Errno::EEXIST) => {
+                self.clear_slot(&parent, name, path, comps, false)?;
+                create()
+            }
+            r => r,
+        }
         .map_err(|e| UnpackError::CreateFile {
             path: path.to_owned(),
             source: e.into(),
@@ -379,10 +395,22 @@ impl Extractor {
                 })?;
             self.stats.bytes += n as u64;
         }
-        self.chown(&parent, name, path, meta)?;
+        // metadata through the descriptor of the file just created: no path lookups
+        if let Some((uid, gid)) = self.owner(path, meta)? {
+            fchown(&file, Some(uid), Some(gid)).map_err(|e| UnpackError::Chown {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        }
         set_xattrs(&file, path, &meta.xattrs)?;
-        chmod(&parent, name, path, meta.mode)?;
-        set_times(&parent, name, path, meta.atime, meta.mtime)
+        fchmod(&file, file_mode(meta.mode)).map_err(|e| UnpackError::Chmod {
+            path: path.to_owned(),
+            source: e.into(),
+        })?;
+        futimens(&file, &meta.atime, &meta.mtime).map_err(|e| UnpackError::SetTimes {
+            path: path.to_owned(),
+            source: e.into(),
+        })
     }
 
     fn symlink(
@@ -671,30 +699,37 @@ impl Extractor {
         path: &Path,
         meta: &Meta,
     ) -> Result<(), UnpackError> {
-        if !self.opts.preserve_ownership {
+        let Some((uid, gid)) = self.owner(path, meta)? else {
             return Ok(());
-        }
-        let err = |source| UnpackError::Chown {
-            path: path.to_owned(),
-            source,
         };
-        let id = |v: u64| {
-            u32::try_from(v).map_err(|_| {
-                err(io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("id {v} out of range"),
-                ))
-            })
-        };
-        let (uid, gid) = (id(meta.uid)?, id(meta.gid)?);
         fchownat(
             parent,
             name,
-            Some(Uid::from_raw(uid)),
-            Some(Gid::from_raw(gid)),
+            Some(uid),
+            Some(gid),
             AtFlags::AT_SYMLINK_NOFOLLOW,
         )
-        .map_err(|e| err(e.into()))
+        .map_err(|e| UnpackError::Chown {
+            path: path.to_owned(),
+            source: e.into(),
+        })
+    }
+
+    /// The owner to give an entry, or None when ownership is not preserved.
+    fn owner(&self, path: &Path, meta: &Meta) -> Result<Option<(Uid, Gid)>, UnpackError> {
+        if !self.opts.preserve_ownership {
+            return Ok(None);
+        }
+        let id = |v: u64| {
+            u32::try_from(v).map_err(|_| UnpackError::Chown {
+                path: path.to_owned(),
+                source: io::Error::new(io::ErrorKind::InvalidData, format!("id {v} out of range")),
+            })
+        };
+        Ok(Some((
+            Uid::from_raw(id(meta.uid)?),
+            Gid::from_raw(id(meta.gid)?),
+        )))
     }
 
     /// Apply deferred directory modes and times, latest entry per directory
@@ -802,9 +837,19 @@ fn open_file(
         })
 }
 
+/// The permission bits (with setuid, setgid and sticky) of an archive mode.
+fn file_mode(mode: u32) -> Mode {
+    Mode::from_bits_truncate((mode & 0o7777) as libc::mode_t)
+}
+
 fn chmod(parent: &OwnedFd, name: &OsStr, path: &Path, mode: u32) -> Result<(), UnpackError> {
-    let mode = Mode::from_bits_truncate((mode & 0o7777) as libc::mode_t);
-    fchmodat(parent, name, mode, FchmodatFlags::NoFollowSymlink).map_err(|e| UnpackError::Chmod {
+    fchmodat(
+        parent,
+        name,
+        file_mode(mode),
+        FchmodatFlags::NoFollowSymlink,
+    )
+    .map_err(|e| UnpackError::Chmod {
         path: path.to_owned(),
         source: e.into(),
     })
