@@ -70,6 +70,7 @@
 
 #![forbid(unsafe_code)]
 
+use std::cell::RefCell;
 use std::collections::{HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
@@ -77,6 +78,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::ffi::{OsStrExt, OsStringExt};
 use std::path::{Component, Path, PathBuf};
+use std::rc::Rc;
 
 use nix::dir::Dir;
 use nix::errno::Errno;
@@ -201,6 +203,7 @@ pub fn unpack_layer<R: Read>(
         stats: UnpackStats::default(),
         dirs: Vec::new(),
         buf: vec![0; WRITE_BUF],
+        last_dir: RefCell::new(None),
     };
 
     let mut archive = tar::Archive::new(reader);
@@ -258,6 +261,12 @@ struct Extractor {
     stats: UnpackStats,
     dirs: Vec<DirRecord>,
     buf: Vec<u8>,
+    /// The directory [`Extractor::open_dir`] resolved last, by its components: most entries
+    /// share their parent with the one before. An entry only removes children of the
+    /// directory it resolved, so this one is never removed under the cache; it is dropped on
+    /// every removal all the same (removal is the only way a path resolved earlier can come
+    /// to name another directory).
+    last_dir: RefCell<Option<(Vec<OsString>, Rc<OwnedFd>)>>,
 }
 
 impl Extractor {
@@ -560,7 +569,7 @@ impl Extractor {
         &self,
         path: &Path,
         comps: &'c [OsString],
-    ) -> Result<(OwnedFd, &'c OsStr), UnpackError> {
+    ) -> Result<(Rc<OwnedFd>, &'c OsStr), UnpackError> {
         match comps.split_last() {
             Some((name, dir)) => Ok((self.open_dir(path, dir, true)?, name.as_os_str())),
             None => Err(UnpackError::UnsafePath {
@@ -590,15 +599,24 @@ impl Extractor {
         path: &Path,
         comps: &[OsString],
         create: bool,
-    ) -> Result<OwnedFd, UnpackError> {
-        match self.resolve(&join(comps)) {
-            Ok(fd) => Ok(fd),
-            Err(Errno::ENOENT) if create => self.create_dirs(path, comps),
-            Err(e) => Err(UnpackError::Resolve {
-                path: path.to_owned(),
-                source: e.into(),
-            }),
+    ) -> Result<Rc<OwnedFd>, UnpackError> {
+        if let Some((last, fd)) = &*self.last_dir.borrow()
+            && last.as_slice() == comps
+        {
+            return Ok(fd.clone());
         }
+        let fd = Rc::new(match self.resolve(&join(comps)) {
+            Ok(fd) => fd,
+            Err(Errno::ENOENT) if create => self.create_dirs(path, comps)?,
+            Err(e) => {
+                return Err(UnpackError::Resolve {
+                    path: path.to_owned(),
+                    source: e.into(),
+                });
+            }
+        });
+        *self.last_dir.borrow_mut() = Some((comps.to_vec(), fd.clone()));
+        Ok(fd)
     }
 
     /// Walk `comps` from the root one component at a time, creating missing
@@ -685,6 +703,7 @@ impl Extractor {
             Err(e) => Err(err(e)),
             Ok(st) if keep_dir && is_type(&st, libc::S_IFDIR) => Ok(true),
             Ok(_) => {
+                self.last_dir.get_mut().take();
                 remove_all_at(parent, name).map_err(err)?;
                 self.dirs.retain(|d| !d.comps.starts_with(comps));
                 Ok(false)
@@ -1350,6 +1369,45 @@ mod tests {
                 "{p}: {err}"
             );
         }
+    }
+
+    #[test]
+    fn a_replaced_directory_is_resolved_again() {
+        // open_dir keeps the last directory it resolved; after that directory is replaced
+        // (by a symlink; by a whiteout and a new directory), later entries must go to what
+        // the path names now
+        let (_t, root, outside) = setup();
+        let mut b = Builder::new(Vec::new());
+        dir(&mut b, "d/");
+        file(&mut b, "d/a", b"a");
+        symlink(&mut b, "d", "e");
+        file(&mut b, "d/x", b"through the link");
+        dir(&mut b, "g/");
+        file(&mut b, "g/a", b"a");
+        whiteout_then_dir(&mut b, "g");
+        file(&mut b, "g/b", b"b");
+        unpack(b, &root).unwrap();
+
+        assert!(
+            fs::symlink_metadata(root.join("d"))
+                .unwrap()
+                .file_type()
+                .is_symlink()
+        );
+        assert_eq!(fs::read(root.join("e/x")).unwrap(), b"through the link");
+        assert!(!root.join("e/a").exists());
+        assert_eq!(fs::read(root.join("g/b")).unwrap(), b"b");
+        assert!(
+            !root.join("g/a").exists(),
+            "g was replaced: its old file is gone"
+        );
+        assert_empty(&outside);
+    }
+
+    /// `.wh.NAME` (a whiteout replaces NAME) followed by a fresh directory NAME.
+    fn whiteout_then_dir(b: &mut Builder<Vec<u8>>, name: &str) {
+        file(b, &format!(".wh.{name}"), b"");
+        dir(b, &format!("{name}/"));
     }
 
     #[test]
