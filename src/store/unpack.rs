@@ -35,9 +35,11 @@
 //!   with [`UnpackOptions::preserve_ownership`]), xattrs, `fchmodat` (with
 //!   setuid/setgid/sticky; never on symlinks; after chown since chown clears
 //!   setuid), `utimensat(AT_SYMLINK_NOFOLLOW)`. PAX `uid`/`gid`/`mtime`/`atime`
-//!   records are honoured (atime defaults to mtime). A regular file gets all of
-//!   it through the descriptor it was created with (`fchown`, `fchmod`,
-//!   `futimens`: no path lookups). Directory modes and
+//!   records are honoured (atime defaults to mtime). A regular file is created
+//!   with its permission bits (never setuid/setgid/sticky) and gets the rest
+//!   through its descriptor (`fchown`, `fchmod`, `futimens`: no path lookups),
+//!   skipping the chown when it was born with the right owner and the chmod
+//!   when the umask left its bits whole. Directory modes and
 //!   times are applied at the very end, in reverse order, after re-resolving
 //!   each directory safely (children would change the mtime; a deferred mode
 //!   also lets a read-only directory receive its children).
@@ -197,6 +199,11 @@ pub fn unpack_layer<R: Read>(
         path: root.to_owned(),
         source: e.into(),
     })?;
+    // Every directory in the snapshot is made by this unpack (modes applied at the end), so
+    // a new file's group is the creator's unless the root itself is setgid.
+    let setgid_root = nix::sys::stat::fstat(&root_fd)
+        .map(|st| st.st_mode & libc::S_ISGID != 0)
+        .unwrap_or(true);
     let mut ex = Extractor {
         root: root_fd,
         opts: *opts,
@@ -204,6 +211,8 @@ pub fn unpack_layer<R: Read>(
         dirs: Vec::new(),
         buf: vec![0; WRITE_BUF],
         last_dir: RefCell::new(None),
+        born_owner: (!setgid_root).then(|| (nix::unistd::geteuid(), nix::unistd::getegid())),
+        umask: current_umask(),
     };
 
     let mut archive = tar::Archive::new(reader);
@@ -267,6 +276,10 @@ struct Extractor {
     /// every removal all the same (removal is the only way a path resolved earlier can come
     /// to name another directory).
     last_dir: RefCell<Option<(Vec<OsString>, Rc<OwnedFd>)>>,
+    /// The owner a new file gets without a chown (None: not known).
+    born_owner: Option<(Uid, Gid)>,
+    /// This process's umask (None: not known).
+    umask: Option<u32>,
 }
 
 impl Extractor {
@@ -364,6 +377,9 @@ impl Extractor {
         meta: &Meta,
     ) -> Result<(), UnpackError> {
         let (parent, name) = self.slot(path, comps)?;
+        // created with its permission bits (never setuid/setgid/sticky, which come after the
+        // chown), so that a file whose bits survive the umask needs no chmod
+        let perms = meta.mode & 0o777;
         let create = || {
             openat(
                 &parent,
@@ -373,7 +389,7 @@ impl Extractor {
                     | OFlag::O_WRONLY
                     | OFlag::O_NOFOLLOW
                     | OFlag::O_CLOEXEC,
-                Mode::from_bits_truncate(0o600),
+                Mode::from_bits_truncate(perms as libc::mode_t),
             )
         };
         // the name is usually free: create first, clear what an earlier entry left only if not
@@ -404,18 +420,23 @@ impl Extractor {
                 })?;
             self.stats.bytes += n as u64;
         }
-        // metadata through the descriptor of the file just created: no path lookups
-        if let Some((uid, gid)) = self.owner(path, meta)? {
-            fchown(&file, Some(uid), Some(gid)).map_err(|e| UnpackError::Chown {
+        // metadata through the descriptor of the file just created (no path lookups), and
+        // owner and mode only where the creation did not already get them right
+        if let Some(owner) = self.owner(path, meta)?
+            && Some(owner) != self.born_owner
+        {
+            fchown(&file, Some(owner.0), Some(owner.1)).map_err(|e| UnpackError::Chown {
                 path: path.to_owned(),
                 source: e.into(),
             })?;
         }
         set_xattrs(&file, path, &meta.xattrs)?;
-        fchmod(&file, file_mode(meta.mode)).map_err(|e| UnpackError::Chmod {
-            path: path.to_owned(),
-            source: e.into(),
-        })?;
+        if self.umask.is_none_or(|u| perms & !u != meta.mode & 0o7777) {
+            fchmod(&file, file_mode(meta.mode)).map_err(|e| UnpackError::Chmod {
+                path: path.to_owned(),
+                source: e.into(),
+            })?;
+        }
         futimens(&file, &meta.atime, &meta.mtime).map_err(|e| UnpackError::SetTimes {
             path: path.to_owned(),
             source: e.into(),
@@ -854,6 +875,14 @@ fn open_file(
             path: path.to_owned(),
             source: e.into(),
         })
+}
+
+/// The process umask, from /proc/self/status (reading it with umask(2) would change it for
+/// every thread for a moment).
+fn current_umask() -> Option<u32> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find_map(|l| l.strip_prefix("Umask:"))?;
+    u32::from_str_radix(line.trim(), 8).ok()
 }
 
 /// The permission bits (with setuid, setgid and sticky) of an archive mode.
@@ -1408,6 +1437,57 @@ mod tests {
     fn whiteout_then_dir(b: &mut Builder<Vec<u8>>, name: &str) {
         file(b, &format!(".wh.{name}"), b"");
         dir(b, &format!("{name}/"));
+    }
+
+    #[test]
+    fn new_files_get_exact_modes_and_owners() {
+        // files are created with their permission bits and chowned/chmodded only when that
+        // left something to do: every combination must still end exact (under the usual
+        // umask 022, 0o666 and 0o777 need the chmod; the process umask is not changed here,
+        // as tests share it)
+        let (_t, root, outside) = setup();
+        let me = (
+            nix::unistd::geteuid().as_raw(),
+            nix::unistd::getegid().as_raw(),
+        );
+        let modes = [0o644, 0o666, 0o777, 0o4755, 0o2711, 0o1600, 0o000];
+        let mut b = Builder::new(Vec::new());
+        for (i, mode) in modes.iter().enumerate() {
+            for (who, (uid, gid)) in [("mine", me), ("other", (1234, 5678))] {
+                let mut h = hdr(&format!("{who}{i}"), EntryType::Regular, 1, *mode);
+                h.set_uid(uid.into());
+                h.set_gid(gid.into());
+                add(&mut b, h, b"x");
+            }
+        }
+        unpack(b, &root).unwrap();
+        for (i, mode) in modes.iter().enumerate() {
+            for (who, owner) in [("mine", me), ("other", (1234, 5678))] {
+                let m = fs::symlink_metadata(root.join(format!("{who}{i}"))).unwrap();
+                assert_eq!(m.mode() & 0o7777, *mode, "{who}{i}");
+                if OPTS.preserve_ownership {
+                    assert_eq!((m.uid(), m.gid()), owner, "{who}{i}");
+                }
+            }
+        }
+        assert_empty(&outside);
+    }
+
+    #[test]
+    fn files_under_a_setgid_root_get_the_archives_group() {
+        use std::os::unix::fs::PermissionsExt;
+        if !OPTS.preserve_ownership {
+            return;
+        }
+        let (_t, root, _outside) = setup();
+        // a setgid root of another group: new files would inherit its group
+        nix::unistd::chown(&root, None, Some(nix::unistd::Gid::from_raw(4321))).unwrap();
+        fs::set_permissions(&root, fs::Permissions::from_mode(0o2755)).unwrap();
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "f", b"x");
+        unpack(b, &root).unwrap();
+        let m = fs::symlink_metadata(root.join("f")).unwrap();
+        assert_eq!((m.uid(), m.gid()), (0, 0));
     }
 
     #[test]
