@@ -460,6 +460,8 @@ impl Write for Ingest {
         }
         Ok(n)
     }
+    /// Bytes held for an `O_DIRECT` write stay held: only [`Ingest::commit`] can write an
+    /// unaligned tail (nothing reads an ingest file before its commit).
     fn flush(&mut self) -> std::io::Result<()> {
         match self.file.as_mut() {
             Some(f) => f.flush(),
