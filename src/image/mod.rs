@@ -16,9 +16,12 @@ pub enum ImageError {
     Registry(#[from] RegistryError),
     #[error(transparent)]
     Store(#[from] StoreError),
-    #[error("layer {digest}: {source}")]
+    /// `root` is the snapshot directory being filled: an entry's path alone does not say which
+    /// filesystem ran out of space or refused a write.
+    #[error("layer {digest}, unpacking into {root:?}: {source}")]
     Unpack {
         digest: String,
+        root: std::path::PathBuf,
         #[source]
         source: UnpackError,
     },

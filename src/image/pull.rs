@@ -108,6 +108,7 @@ pub fn unpack_stream<R: BufRead>(
 ) -> Result<(String, UnpackStats), ImageError> {
     let unpack_err = |source| ImageError::Unpack {
         digest: digest.to_string(),
+        root: root.to_owned(),
         source,
     };
     let (diff, stats) = {
