@@ -2,18 +2,9 @@
 
 mod common;
 use common::*;
-use std::process::Command;
 
 fn skopeo_copy(src: &str, dst: &str) {
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false", src, dst])
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "skopeo copy {src} {dst}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skopeo(&["copy", "--quiet", "--src-tls-verify=false", src, dst]);
 }
 
 #[test]

@@ -134,20 +134,12 @@ fn pull_matches_umoci_and_skopeo_reads_the_store() {
 
     // skopeo can read berth's store as an OCI layout
     let copy = tempfile::tempdir().unwrap();
-    let st = Command::new("skopeo")
-        .args(["copy", "--quiet"])
-        .arg(format!(
-            "oci:{}:{dest}",
-            state.path().join("store").display()
-        ))
-        .arg(format!("oci:{}:x", copy.path().display()))
-        .output()
-        .unwrap();
-    assert!(
-        st.status.success(),
-        "skopeo copy from berth's store: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
+    skopeo(&[
+        "copy",
+        "--quiet",
+        &format!("oci:{}:{dest}", state.path().join("store").display()),
+        &format!("oci:{}:x", copy.path().display()),
+    ]);
     let idx: serde_json::Value =
         serde_json::from_slice(&std::fs::read(copy.path().join("index.json")).unwrap()).unwrap();
     assert_eq!(idx["manifests"][0]["digest"], digest);
@@ -171,27 +163,18 @@ fn berth_push_is_read_by_skopeo_with_the_same_digest() {
     ok(&berth(state.path(), &["image", "push", "-q", &dst]));
     let ours: serde_json::Value =
         serde_json::from_str(&ok(&berth(state.path(), &["image", "inspect", &dst]))).unwrap();
-    let out = Command::new("skopeo")
-        .args(["inspect", "--tls-verify=false"])
-        .arg(format!("docker://{dst}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let theirs: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let out = skopeo(&["inspect", "--tls-verify=false", &format!("docker://{dst}")]);
+    let theirs: serde_json::Value = serde_json::from_slice(&out).unwrap();
     assert_eq!(theirs["Digest"], ours["digest"]);
     // and skopeo can copy all its blobs
     let copy = tempfile::tempdir().unwrap();
-    let st = Command::new("skopeo")
-        .args(["copy", "--quiet", "--src-tls-verify=false"])
-        .arg(format!("docker://{dst}"))
-        .arg(format!("oci:{}:x", copy.path().display()))
-        .status()
-        .unwrap();
-    assert!(st.success());
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{dst}"),
+        &format!("oci:{}:x", copy.path().display()),
+    ]);
     // pushing again finds every blob present
     ok(&berth(state.path(), &["image", "push", "-q", &dst]));
 }
@@ -798,18 +781,15 @@ fn an_image_index_resolves_to_this_hosts_platform() {
             "digest": id, "size": index.len()}),
     );
     let r = format!("{}/multi/bb:1", reg.addr);
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--all", "--preserve-digests"])
-        .args(["--dest-tls-verify=false"])
-        .arg(format!("oci:{}:multi", dir.path().display()))
-        .arg(format!("docker://{r}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--preserve-digests",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", dir.path().display()),
+        &format!("docker://{r}"),
+    ]);
     let state = tempfile::tempdir().unwrap();
     ok(&berth(state.path(), &["image", "pull", "-q", &r]));
     assert_unpacked(state.path(), &r);
@@ -819,18 +799,16 @@ fn an_image_index_resolves_to_this_hosts_platform() {
     assert_eq!(v["config"]["architecture"], arch());
     // the same as a Docker manifest list of schema2 manifests (skopeo converts; digests change)
     let r2 = format!("{}/multi/bb-docker:1", reg.addr);
-    let out = Command::new("skopeo")
-        .args(["copy", "--quiet", "--all", "--format", "v2s2"])
-        .args(["--dest-tls-verify=false"])
-        .arg(format!("oci:{}:multi", dir.path().display()))
-        .arg(format!("docker://{r2}"))
-        .output()
-        .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--all",
+        "--format",
+        "v2s2",
+        "--dest-tls-verify=false",
+        &format!("oci:{}:multi", dir.path().display()),
+        &format!("docker://{r2}"),
+    ]);
     ok(&berth(state.path(), &["image", "pull", "-q", &r2]));
     assert_unpacked(state.path(), &r2);
     let v: serde_json::Value =

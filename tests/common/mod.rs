@@ -331,25 +331,32 @@ pub fn arch() -> &'static str {
     }
 }
 
-/// Push an OCI layout image to a registry with skopeo (an independent peer).
-pub fn skopeo_push(layout: &Path, tag: &str, dest: &str) {
+/// Run skopeo (an independent peer) with `args`; it must succeed. Returns its stdout.
+pub fn skopeo(args: &[&str]) -> Vec<u8> {
     let out = Command::new("skopeo")
-        // --preserve-digests: layers go up as they are (skopeo would gzip uncompressed ones)
-        .args([
-            "copy",
-            "--quiet",
-            "--dest-tls-verify=false",
-            "--preserve-digests",
-        ])
-        .arg(format!("oci:{}:{tag}", layout.display()))
-        .arg(format!("docker://{dest}"))
+        .args(args)
         .output()
         .expect("skopeo is not installed (apt-get install skopeo)");
     assert!(
         out.status.success(),
-        "skopeo push: {}",
+        "skopeo {}: {}",
+        args.join(" "),
         String::from_utf8_lossy(&out.stderr)
     );
+    out.stdout
+}
+
+/// Push an OCI layout image to a registry with skopeo.
+pub fn skopeo_push(layout: &Path, tag: &str, dest: &str) {
+    // --preserve-digests: layers go up as they are (skopeo would gzip uncompressed ones)
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--dest-tls-verify=false",
+        "--preserve-digests",
+        &format!("oci:{}:{tag}", layout.display()),
+        &format!("docker://{dest}"),
+    ]);
 }
 
 /// Build a busybox image (plus `extra` layers) and push it to `dest` on the registry.
