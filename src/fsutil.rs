@@ -124,6 +124,22 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+/// Read into `buf` until it is full or the reader ends; returns the bytes read (short only at
+/// the end). Decompressors hand out a few kilobytes per call; their consumers work best on
+/// large pieces (one large write costs the page cache much less than many small ones).
+pub fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

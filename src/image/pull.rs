@@ -13,7 +13,7 @@ use crate::registry::types::{
 };
 use crate::store::unpack::{UnpackOptions, UnpackStats, unpack_layer};
 use crate::store::{Store, StoreError};
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use sha2::Digest as _;
 use std::io::{BufRead, Read, Write};
 use std::path::Path;
@@ -41,28 +41,26 @@ pub struct Puller {
     pub unpack: UnpackOptions,
 }
 
-/// Reads the uncompressed stream and hashes it (the layer's diffID).
-struct HashingReader<R> {
-    inner: R,
-    hasher: sha2::Sha256,
+/// A buffered reader over chunks sent from another thread: its consumer reads them in place
+/// (`BufRead`), with no copy into a buffer of its own. `next` is handed each chunk once it is
+/// read through (to recycle it) and returns the next one, None at the end.
+struct ChunkReader<C, F> {
+    next: F,
+    cur: C,
+    pos: usize,
 }
 
-impl<R: Read> Read for HashingReader<R> {
-    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        self.hasher.update(&buf[..n]);
-        Ok(n)
+impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> ChunkReader<C, F> {
+    fn new(next: F) -> Self {
+        ChunkReader {
+            next,
+            cur: C::default(),
+            pos: 0,
+        }
     }
 }
 
-/// A buffered reader over the chunks of a layer blob sent from another thread: the
-/// decompressor reads them in place (`BufRead`), with no copy into a buffer of its own.
-struct ChannelReader {
-    rx: tokio::sync::mpsc::Receiver<Bytes>,
-    cur: Bytes,
-}
-
-impl Read for ChannelReader {
+impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> Read for ChunkReader<C, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
         let avail = self.fill_buf()?;
         let n = buf.len().min(avail.len());
@@ -72,80 +70,130 @@ impl Read for ChannelReader {
     }
 }
 
-impl BufRead for ChannelReader {
+impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> BufRead for ChunkReader<C, F> {
     fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
-        while self.cur.is_empty() {
-            match self.rx.blocking_recv() {
-                Some(b) => self.cur = b,
+        while self.pos == self.cur.as_ref().len() {
+            let spent = std::mem::take(&mut self.cur);
+            self.pos = 0;
+            match (self.next)(spent) {
+                Some(c) => self.cur = c,
                 None => break,
             }
         }
-        Ok(&self.cur)
+        Ok(&self.cur.as_ref()[self.pos..])
     }
 
     fn consume(&mut self, n: usize) {
-        self.cur.advance(n);
+        self.pos = (self.pos + n).min(self.cur.as_ref().len());
     }
 }
 
 /// Chunks buffered between the stages of a layer download (each up to hyper's read size).
 const STAGE_CHUNKS: usize = 16;
 
-/// Read buffer between the decompressor and the tar reader.
-const TAR_READ_BUF: usize = 256 << 10;
+/// Decompressed chunks: their size, and how many wait before each stage that takes them.
+const INFLATE_CHUNK: usize = 256 << 10;
+const INFLATE_CHUNKS: usize = 8;
 
 /// Read buffer for unpacking a layer from a stored blob.
 const BLOB_READ_BUF: usize = 1 << 20;
 
 /// Decompress and unpack one layer from `reader` into `root`; returns the diffID.
 /// `reader` is read to its end.
-pub fn unpack_stream<R: BufRead>(
+///
+/// Three threads share the work, so that a layer unpacked alone (often the last of a pull)
+/// still uses more than one core: this one decompresses into large buffers, which pass to a
+/// thread hashing the diffID, then to one writing the files, then back here to be reused.
+pub fn unpack_stream<R: BufRead + Send>(
     reader: &mut R,
     compression: Compression,
     root: &Path,
     opts: &UnpackOptions,
     digest: &str,
 ) -> Result<(String, UnpackStats), ImageError> {
-    let unpack_err = |source| ImageError::Unpack {
-        digest: digest.to_string(),
-        root: root.to_owned(),
-        source,
-    };
-    let (diff, stats) = {
-        let decompressed: Box<dyn Read + '_> = match compression {
-            Compression::None => Box::new(&mut *reader),
-            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut *reader)),
-            Compression::Zstd => Box::new(
-                zstd::stream::read::Decoder::with_buffer(&mut *reader).map_err(|source| {
-                    ImageError::Decompress {
-                        digest: digest.to_string(),
-                        source,
-                    }
-                })?,
-            ),
-        };
-        let mut h = HashingReader {
-            inner: decompressed,
-            hasher: sha2::Sha256::new(),
-        };
-        // tar reads headers 512 bytes at a time and small files in small pieces; decompressing
-        // (and hashing) in large steps instead doubles inflate's throughput on such layers
-        let stats = unpack_layer(
-            std::io::BufReader::with_capacity(TAR_READ_BUF, &mut h),
-            root,
-            opts,
-        )
-        .map_err(unpack_err)?;
-        let HashingReader { inner, hasher } = h;
-        drop(inner);
-        (format!("sha256:{}", hex::encode(hasher.finalize())), stats)
-    };
-    // trailing compressed bytes (e.g. the gzip footer) are drained so the digest covers them
-    std::io::copy(reader, &mut std::io::sink()).map_err(|source| ImageError::Decompress {
+    use std::sync::mpsc;
+    let (htx, hrx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
+    let (etx, erx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
+    let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
+    let (inflated, hashed, unpacked) = std::thread::scope(|s| {
+        let hasher = s.spawn(move || {
+            let mut h = sha2::Sha256::new();
+            for chunk in hrx {
+                h.update(&chunk);
+                // a failed unpacker stops taking chunks, which stops the decompressor too
+                if etx.send(chunk).is_err() {
+                    break;
+                }
+            }
+            format!("sha256:{}", hex::encode(h.finalize()))
+        });
+        let extractor = s.spawn(move || {
+            let reader = ChunkReader::new(|spent: Vec<u8>| {
+                let _ = spare_tx.send(spent);
+                erx.recv().ok()
+            });
+            unpack_layer(reader, root, opts)
+        });
+        let inflated = inflate(reader, compression, htx, spare_rx);
+        (inflated, hasher.join(), extractor.join())
+    });
+    let panicked = |what: &str| ImageError::Task(format!("layer {digest}: the {what} panicked"));
+    let hashed = hashed.map_err(|_| panicked("diffID hasher"))?;
+    let unpacked = unpacked.map_err(|_| panicked("unpacker"))?;
+    // a broken stream first: the unpacker saw it end early, which is not its fault
+    let complete = inflated.map_err(|source| ImageError::Decompress {
         digest: digest.to_string(),
         source,
     })?;
-    Ok((diff, stats))
+    let stats = unpacked.map_err(|source| ImageError::Unpack {
+        digest: digest.to_string(),
+        root: root.to_owned(),
+        source,
+    })?;
+    if !complete {
+        // only a failed unpacker stops early, and it did not fail
+        return Err(ImageError::Task(format!(
+            "layer {digest}: the unpacker stopped reading"
+        )));
+    }
+    Ok((hashed, stats))
+}
+
+/// Decompress `reader` to its end in [`INFLATE_CHUNK`] pieces sent to `out`, in buffers taken
+/// from `spare` when there are any, then drain `reader` (trailing compressed bytes, e.g. the
+/// gzip footer, so that the blob's digest covers them). Returns false when the consumer
+/// stopped first (it failed, and says why). `out` is dropped on return, ending its stream.
+fn inflate<R: BufRead>(
+    reader: &mut R,
+    compression: Compression,
+    out: std::sync::mpsc::SyncSender<Vec<u8>>,
+    spare: std::sync::mpsc::Receiver<Vec<u8>>,
+) -> std::io::Result<bool> {
+    {
+        let mut decompressed: Box<dyn Read + '_> = match compression {
+            Compression::None => Box::new(&mut *reader),
+            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut *reader)),
+            Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(&mut *reader)?),
+        };
+        loop {
+            // a reused buffer is full length already: no zeroing on the way
+            let mut buf = spare.try_recv().unwrap_or_default();
+            buf.resize(INFLATE_CHUNK, 0);
+            let n = crate::fsutil::read_full(&mut decompressed, &mut buf)?;
+            if n == 0 {
+                break;
+            }
+            buf.truncate(n);
+            if out.send(buf).is_err() {
+                return Ok(false);
+            }
+            if n < INFLATE_CHUNK {
+                break;
+            }
+        }
+    }
+    std::io::copy(reader, &mut std::io::sink())?;
+    Ok(true)
 }
 
 /// Make sure the snapshot for a layer whose blob is in the store exists.
@@ -466,10 +514,8 @@ impl Puller {
         let opts = self.unpack;
         let digest = layer.digest.clone();
         let unpacker = tokio::task::spawn_blocking(move || {
-            let mut reader = ChannelReader {
-                rx: urx,
-                cur: Bytes::new(),
-            };
+            let mut rx = urx;
+            let mut reader = ChunkReader::new(|_spent: Bytes| rx.blocking_recv());
             unpack_stream(&mut reader, compression, &fs, &opts, &digest)
         });
         let mut ingest = self.store.ingest(&layer.digest, Some(layer.size))?;
@@ -551,4 +597,152 @@ impl Drop for RemoveOnDrop {
 
 fn scopeguard_remove(p: std::path::PathBuf) -> RemoveOnDrop {
     RemoveOnDrop(Some(p))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Cursor;
+
+    const OPTS: UnpackOptions = UnpackOptions {
+        preserve_ownership: false,
+        allow_devices: false,
+    };
+
+    /// A tar of one file of `size` bytes at `path` (no validation of the path: hostile ones
+    /// are made on purpose), with `pad` zero bytes after the end-of-archive blocks.
+    fn tar_of(path: &str, size: usize, pad: usize) -> (Vec<u8>, Vec<u8>) {
+        let content: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        let mut h = tar::Header::new_gnu();
+        h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
+        h.set_size(size as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_entry_type(tar::EntryType::Regular);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &content[..]).unwrap();
+        let mut tar = b.into_inner().unwrap();
+        tar.extend(std::iter::repeat_n(0, pad));
+        (tar, content)
+    }
+
+    fn gzip(data: &[u8]) -> Vec<u8> {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        e.write_all(data).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn root() -> (tempfile::TempDir, std::path::PathBuf) {
+        let t = tempfile::Builder::new()
+            .prefix("pull-unpack-test")
+            .tempdir_in("/var/tmp")
+            .unwrap();
+        let root = t.path().join("fs");
+        std::fs::create_dir(&root).unwrap();
+        (t, root)
+    }
+
+    #[test]
+    fn chunk_reader_reads_across_chunks_and_recycles_each_once() {
+        let mut chunks = vec![b"ab".to_vec(), vec![], b"cde".to_vec()].into_iter();
+        let mut spent = Vec::new();
+        let mut r = ChunkReader::new(|c: Vec<u8>| {
+            spent.push(c);
+            chunks.next()
+        });
+        let mut out = String::new();
+        r.read_to_string(&mut out).unwrap();
+        assert_eq!(out, "abcde");
+        // at the end it stays at the end
+        assert_eq!(r.fill_buf().unwrap(), b"");
+        assert_eq!(r.read(&mut [0; 4]).unwrap(), 0);
+        drop(r);
+        assert!(spent.contains(&b"ab".to_vec()) && spent.contains(&b"cde".to_vec()));
+    }
+
+    #[test]
+    fn every_compression_unpacks_and_the_diff_id_covers_the_padding() {
+        // several decompressed chunks, and padding after the tar's end that tar never reads
+        let (tar, content) = tar_of("big", 3 * INFLATE_CHUNK + 12345, 20_000);
+        let expected = crate::registry::types::sha256_digest(&tar);
+        let blobs = [
+            (Compression::None, tar.clone()),
+            (Compression::Gzip, gzip(&tar)),
+            (
+                Compression::Zstd,
+                zstd::stream::encode_all(&tar[..], 1).unwrap(),
+            ),
+        ];
+        for (compression, blob) in blobs {
+            let (_t, root) = root();
+            let mut reader = Cursor::new(&blob);
+            let (diff, stats) =
+                unpack_stream(&mut reader, compression, &root, &OPTS, "sha256:x").unwrap();
+            assert_eq!(diff, expected, "{compression:?}");
+            assert_eq!(stats.entries, 1);
+            assert_eq!(std::fs::read(root.join("big")).unwrap(), content);
+            // the compressed stream was read to its end (its digest covers all of it)
+            assert_eq!(reader.position(), blob.len() as u64, "{compression:?}");
+        }
+    }
+
+    #[test]
+    fn a_corrupt_stream_is_a_decompression_error() {
+        let (tar, _) = tar_of("f", 2 * INFLATE_CHUNK, 0);
+        let mut blob = gzip(&tar);
+        let mid = blob.len() / 2;
+        blob.truncate(mid);
+        let (_t, root) = root();
+        let err = unpack_stream(
+            &mut Cursor::new(&blob),
+            Compression::Gzip,
+            &root,
+            &OPTS,
+            "d",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ImageError::Decompress { .. }), "{err}");
+        // garbage in the middle, the footer intact: also the decompressor's error
+        let mut blob = gzip(&tar);
+        for b in &mut blob[100..200] {
+            *b = !*b;
+        }
+        let err = unpack_stream(
+            &mut Cursor::new(&blob),
+            Compression::Gzip,
+            &root,
+            &OPTS,
+            "d",
+        )
+        .unwrap_err();
+        assert!(matches!(err, ImageError::Decompress { .. }), "{err}");
+    }
+
+    #[test]
+    fn an_unpacker_error_stops_the_pipeline_and_is_reported() {
+        // a hostile first entry, then more chunks than the stages buffer: the decompressor
+        // must not wait forever for an unpacker that has stopped
+        let (mut tar, _) = tar_of("../escape", 10, 0);
+        tar.truncate(tar.len() - 1024);
+        tar.extend(tar_of("after", 4 * INFLATE_CHUNKS * INFLATE_CHUNK, 0).0);
+        let (t, root) = root();
+        let blob = gzip(&tar);
+        let err = unpack_stream(
+            &mut Cursor::new(&blob),
+            Compression::Gzip,
+            &root,
+            &OPTS,
+            "d",
+        )
+        .unwrap_err();
+        match &err {
+            ImageError::Unpack { root: r, .. } => assert_eq!(r, &root),
+            other => panic!("expected an unpack error, got {other}"),
+        }
+        assert!(err.to_string().contains("`..`"), "{err}");
+        assert!(!t.path().join("escape").exists());
+    }
 }

@@ -406,9 +406,11 @@ impl Extractor {
         })?;
         let mut file = File::from(fd);
         loop {
-            let n = fill(entry, &mut self.buf).map_err(|source| UnpackError::ReadArchive {
-                path: path.to_owned(),
-                source,
+            let n = crate::fsutil::read_full(entry, &mut self.buf).map_err(|source| {
+                UnpackError::ReadArchive {
+                    path: path.to_owned(),
+                    source,
+                }
             })?;
             if n == 0 {
                 break;
@@ -834,22 +836,6 @@ fn join(comps: &[OsString]) -> PathBuf {
     } else {
         comps.iter().collect()
     }
-}
-
-/// Read into `buf` until it is full or the reader ends; returns the bytes read. Decompressors
-/// hand out a few kilobytes per call, and one large write costs the page cache much less than
-/// many small ones (large folios).
-fn fill(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 fn is_type(st: &FileStat, fmt: libc::mode_t) -> bool {
