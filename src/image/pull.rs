@@ -91,7 +91,7 @@ impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> BufRead for ChunkReader
 /// Chunks buffered between the stages of a layer download (each up to hyper's read size).
 const STAGE_CHUNKS: usize = 16;
 
-/// Decompressed chunks: their size, and how many wait before each stage that takes them.
+/// Decompressed chunks: their size, and how many wait for the unpacker.
 const INFLATE_CHUNK: usize = 256 << 10;
 const INFLATE_CHUNKS: usize = 8;
 
@@ -101,9 +101,10 @@ const BLOB_READ_BUF: usize = 1 << 20;
 /// Decompress and unpack one layer from `reader` into `root`; returns the diffID.
 /// `reader` is read to its end.
 ///
-/// Three threads share the work, so that a layer unpacked alone (often the last of a pull)
-/// still uses more than one core: this one decompresses into large buffers, which pass to a
-/// thread hashing the diffID, then to one writing the files, then back here to be reused.
+/// Two threads share the work, so that a layer unpacked alone (often the last of a pull)
+/// still uses more than one core: this one decompresses into large buffers, which pass to
+/// another that hashes each (the diffID) and unpacks it while it is in that core's cache, then
+/// hands it back to be reused.
 pub fn unpack_stream<R: BufRead + Send>(
     reader: &mut R,
     compression: Compression,
@@ -112,40 +113,32 @@ pub fn unpack_stream<R: BufRead + Send>(
     digest: &str,
 ) -> Result<(String, UnpackStats), ImageError> {
     use std::sync::mpsc;
-    let (htx, hrx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
-    let (etx, erx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
+    let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
-    let (inflated, hashed, unpacked) = std::thread::scope(|s| {
-        let hasher = s.spawn(move || {
+    let (inflated, unpacked) = std::thread::scope(|s| {
+        let unpacker = s.spawn(move || {
             let mut h = sha2::Sha256::new();
-            for chunk in hrx {
-                h.update(&chunk);
-                // a failed unpacker stops taking chunks, which stops the decompressor too
-                if etx.send(chunk).is_err() {
-                    break;
-                }
-            }
-            format!("sha256:{}", hex::encode(h.finalize()))
-        });
-        let extractor = s.spawn(move || {
             let reader = ChunkReader::new(|spent: Vec<u8>| {
                 let _ = spare_tx.send(spent);
-                erx.recv().ok()
+                let chunk = rx.recv().ok()?;
+                h.update(&chunk);
+                Some(chunk)
             });
-            unpack_layer(reader, root, opts)
+            // it reads to the end (what follows the archive included): all of it is hashed
+            let stats = unpack_layer(reader, root, opts)?;
+            Ok((format!("sha256:{}", hex::encode(h.finalize())), stats))
         });
-        let inflated = inflate(reader, compression, htx, spare_rx);
-        (inflated, hasher.join(), extractor.join())
+        let inflated = inflate(reader, compression, tx, spare_rx);
+        (inflated, unpacker.join())
     });
-    let panicked = |what: &str| ImageError::Task(format!("layer {digest}: the {what} panicked"));
-    let hashed = hashed.map_err(|_| panicked("diffID hasher"))?;
-    let unpacked = unpacked.map_err(|_| panicked("unpacker"))?;
+    let unpacked =
+        unpacked.map_err(|_| ImageError::Task(format!("layer {digest}: the unpacker panicked")))?;
     // a broken stream first: the unpacker saw it end early, which is not its fault
     let complete = inflated.map_err(|source| ImageError::Decompress {
         digest: digest.to_string(),
         source,
     })?;
-    let stats = unpacked.map_err(|source| ImageError::Unpack {
+    let (diff, stats) = unpacked.map_err(|source| ImageError::Unpack {
         digest: digest.to_string(),
         root: root.to_owned(),
         source,
@@ -156,7 +149,7 @@ pub fn unpack_stream<R: BufRead + Send>(
             "layer {digest}: the unpacker stopped reading"
         )));
     }
-    Ok((hashed, stats))
+    Ok((diff, stats))
 }
 
 /// Decompress `reader` to its end in [`INFLATE_CHUNK`] pieces sent to `out`, in buffers taken
