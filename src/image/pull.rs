@@ -628,6 +628,12 @@ mod tests {
         e.finish().unwrap()
     }
 
+    /// The error unpacking a gzip `blob` into `root` gives.
+    fn gzip_unpack_err(blob: &[u8], root: &Path) -> ImageError {
+        let mut reader = Cursor::new(blob);
+        unpack_stream(&mut reader, Compression::Gzip, root, &OPTS, "d").unwrap_err()
+    }
+
     fn root() -> (tempfile::TempDir, std::path::PathBuf) {
         let t = tempfile::Builder::new()
             .prefix("pull-unpack-test")
@@ -689,28 +695,14 @@ mod tests {
         let mid = blob.len() / 2;
         blob.truncate(mid);
         let (_t, root) = root();
-        let err = unpack_stream(
-            &mut Cursor::new(&blob),
-            Compression::Gzip,
-            &root,
-            &OPTS,
-            "d",
-        )
-        .unwrap_err();
+        let err = gzip_unpack_err(&blob, &root);
         assert!(matches!(err, ImageError::Decompress { .. }), "{err}");
         // garbage in the middle, the footer intact: also the decompressor's error
         let mut blob = gzip(&tar);
         for b in &mut blob[100..200] {
             *b = !*b;
         }
-        let err = unpack_stream(
-            &mut Cursor::new(&blob),
-            Compression::Gzip,
-            &root,
-            &OPTS,
-            "d",
-        )
-        .unwrap_err();
+        let err = gzip_unpack_err(&blob, &root);
         assert!(matches!(err, ImageError::Decompress { .. }), "{err}");
     }
 
@@ -723,14 +715,7 @@ mod tests {
         tar.extend(tar_of("after", 4 * INFLATE_CHUNKS * INFLATE_CHUNK, 0).0);
         let (t, root) = root();
         let blob = gzip(&tar);
-        let err = unpack_stream(
-            &mut Cursor::new(&blob),
-            Compression::Gzip,
-            &root,
-            &OPTS,
-            "d",
-        )
-        .unwrap_err();
+        let err = gzip_unpack_err(&blob, &root);
         match &err {
             ImageError::Unpack { root: r, .. } => assert_eq!(r, &root),
             other => panic!("expected an unpack error, got {other}"),
