@@ -91,8 +91,9 @@ impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> BufRead for ChunkReader
 /// Chunks buffered between the stages of a layer download (each up to hyper's read size).
 const STAGE_CHUNKS: usize = 16;
 
-/// Decompressed chunks: their size, and how many wait for the unpacker.
+/// Size of the decompressed chunks the unpacker takes.
 const INFLATE_CHUNK: usize = 256 << 10;
+/// Decompressed chunks that may wait for the unpacker.
 const INFLATE_CHUNKS: usize = 8;
 
 /// Read buffer for unpacking a layer from a stored blob.
@@ -498,9 +499,9 @@ impl Puller {
         let mut resp = self.client.blob(r, &layer.digest).await?;
         let tmp = self.store.prepare_snapshot(chain_id)?;
         let cleanup = scopeguard_remove(tmp.clone());
-        // Three stages, each on its own thread so that one layer can use several cores: the
-        // download (async), storing the blob (hash, write, verify, commit), and unpacking
-        // (decompress, hash the diffID, write files).
+        // Three stages, each on threads of its own so that one layer can use several cores:
+        // the download (async), storing the blob (hash, write, verify, commit), and unpacking
+        // (decompress, then hash the diffID and write files: two threads, see unpack_stream).
         let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
         let (utx, urx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
         let fs = tmp.join("fs");
