@@ -90,6 +90,8 @@ pub enum RegistryError {
     Auth { registry: String, message: String },
     #[error("CA file {path}: {message}")]
     CaFile { path: PathBuf, message: String },
+    #[error("TLS setup: {0}")]
+    TlsSetup(String),
     #[error("{registry}: blob upload: {message}")]
     Upload { registry: String, message: String },
 }
@@ -296,25 +298,25 @@ pub struct FetchedDocument {
 
 impl RegistryClient {
     pub fn new(config: &Config) -> Result<RegistryClient, RegistryError> {
-        let mut b = reqwest::Client::builder()
+        let mut extra = Vec::new();
+        for rc in config.registry.values() {
+            if let Some(p) = &rc.ca_file {
+                extra.extend(super::tls::read_ca_file(p).map_err(|message| {
+                    RegistryError::CaFile {
+                        path: p.clone(),
+                        message,
+                    }
+                })?);
+            }
+        }
+        let tls =
+            super::tls::client_config(extra).map_err(|e| RegistryError::TlsSetup(e.to_string()))?;
+        let b = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(10))
             .read_timeout(Duration::from_secs(60))
             .user_agent(concat!("berth/", env!("CARGO_PKG_VERSION")))
-            .redirect(reqwest::redirect::Policy::limited(5));
-        for rc in config.registry.values() {
-            if let Some(p) = &rc.ca_file {
-                let pem = std::fs::read(p).map_err(|e| RegistryError::CaFile {
-                    path: p.clone(),
-                    message: e.to_string(),
-                })?;
-                let cert =
-                    reqwest::Certificate::from_pem(&pem).map_err(|e| RegistryError::CaFile {
-                        path: p.clone(),
-                        message: e.to_string(),
-                    })?;
-                b = b.add_root_certificate(cert);
-            }
-        }
+            .redirect(reqwest::redirect::Policy::limited(5))
+            .use_preconfigured_tls(tls);
         let http = b.build().map_err(|e| RegistryError::Transport {
             registry: "-".into(),
             what: "client setup".into(),

@@ -2,4 +2,5 @@
 
 pub mod client;
 pub mod reference;
+mod tls;
 pub mod types;
