@@ -12,6 +12,23 @@ pub fn reset_sigpipe() {
     let _ = unsafe { signal(Signal::SIGPIPE, SigHandler::SigDfl) };
 }
 
+/// Keep the allocator from handing buffers back to the kernel between uses. glibc serves a
+/// large allocation (a pull's ~400 KB network reads, its 256 KB to 4 MB stage buffers) with
+/// a fresh mmap until it has seen one of that size freed, and trims a thread's heap as soon
+/// as 128 KB lie free at its top: memory touched again costs a page fault and a zeroed page
+/// per 4 KB. A pull took ~17,000 faults, ~12,500 with these settings, and ~4% less CPU
+/// (`perf stat -e page-faults,task-clock berth image pull …`). The cost: up to 64 MB freed
+/// at a heap's top stay with the process.
+pub fn tune_malloc() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: mallopt only sets allocator parameters (under the allocator's own lock); a
+    // rejected value leaves the default in place and is harmless.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 64 << 20);
+    }
+}
+
 /// Start `child` in a new process created by clone(2) with `flags` (namespaces) and SIGCHLD
 /// as its exit signal. Returns the child's pid. The child runs `child` and exits with its
 /// return value.

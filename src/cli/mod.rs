@@ -180,6 +180,7 @@ pub struct PlanArgs {
 
 pub fn main() -> ExitCode {
     crate::sys::reset_sigpipe();
+    crate::sys::tune_malloc();
     // `berth shim DIR` runs on every container start, started by berth itself: it needs
     // neither the argument parser (building it is a fifth of a start-up) nor the config
     let mut args = std::env::args_os().skip(1);
