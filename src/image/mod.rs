@@ -1,6 +1,7 @@
 //! Images: pulling from a registry into the store (layers downloaded in parallel and unpacked
 //! while they download), pushing, importing archives, and removal.
 
+mod gunzip;
 pub mod import;
 pub mod progress;
 pub mod pull;

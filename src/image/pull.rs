@@ -166,7 +166,7 @@ fn inflate<R: BufRead>(
     {
         let mut decompressed: Box<dyn Read + '_> = match compression {
             Compression::None => Box::new(&mut *reader),
-            Compression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(&mut *reader)),
+            Compression::Gzip => Box::new(super::gunzip::Gunzip::new(&mut *reader)),
             Compression::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(&mut *reader)?),
         };
         loop {
