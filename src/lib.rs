@@ -10,6 +10,7 @@ pub mod apply;
 pub mod cli;
 pub mod config;
 pub mod fsutil;
+pub mod hash;
 pub mod image;
 pub mod manifest;
 pub mod net;
