@@ -101,35 +101,46 @@ const BLOB_READ_BUF: usize = 1 << 20;
 
 /// Decompress and unpack one layer from `reader` into `root`; returns the diffID.
 /// `reader` is read to its end.
-///
-/// Two threads share the work, so that a layer unpacked alone (often the last of a pull)
-/// still uses more than one core: this one decompresses into large buffers, which pass to
-/// another that hashes each (the diffID) and unpacks it while it is in that core's cache, then
-/// hands it back to be reused.
-pub fn unpack_stream<R: BufRead + Send>(
+pub fn unpack_stream<R: BufRead>(
     reader: &mut R,
     compression: Compression,
     root: &Path,
     opts: &UnpackOptions,
     digest: &str,
 ) -> Result<(String, UnpackStats), ImageError> {
+    let mut h = sha2::Sha256::new();
+    let stats = decompress_and_unpack(reader, compression, root, opts, digest, |d| h.update(d))?;
+    Ok((format!("sha256:{}", hex::encode(h.finalize())), stats))
+}
+
+/// Decompress `reader` to its end and unpack what comes out into `root`; `hash` is shown
+/// every decompressed byte, in order (for the diffID).
+///
+/// Two threads share the work, so that a layer unpacked alone (often the last of a pull)
+/// still uses more than one core: this one decompresses into large buffers and hashes each
+/// while it is in this core's cache; they pass to another that unpacks them and hands them
+/// back to be reused.
+fn decompress_and_unpack<R: BufRead>(
+    reader: &mut R,
+    compression: Compression,
+    root: &Path,
+    opts: &UnpackOptions,
+    digest: &str,
+    hash: impl FnMut(&[u8]),
+) -> Result<UnpackStats, ImageError> {
     use std::sync::mpsc;
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(INFLATE_CHUNKS);
     let (spare_tx, spare_rx) = mpsc::channel::<Vec<u8>>();
     let (inflated, unpacked) = std::thread::scope(|s| {
         let unpacker = s.spawn(move || {
-            let mut h = sha2::Sha256::new();
             let reader = ChunkReader::new(|spent: Vec<u8>| {
                 let _ = spare_tx.send(spent);
-                let chunk = rx.recv().ok()?;
-                h.update(&chunk);
-                Some(chunk)
+                rx.recv().ok()
             });
-            // it reads to the end (what follows the archive included): all of it is hashed
-            let stats = unpack_layer(reader, root, opts)?;
-            Ok((format!("sha256:{}", hex::encode(h.finalize())), stats))
+            // it reads to the end, what follows the archive included (all of it is hashed)
+            unpack_layer(reader, root, opts)
         });
-        let inflated = inflate(reader, compression, tx, spare_rx);
+        let inflated = inflate(reader, compression, tx, spare_rx, hash);
         (inflated, unpacker.join())
     });
     let unpacked =
@@ -139,7 +150,7 @@ pub fn unpack_stream<R: BufRead + Send>(
         digest: digest.to_string(),
         source,
     })?;
-    let (diff, stats) = unpacked.map_err(|source| ImageError::Unpack {
+    let stats = unpacked.map_err(|source| ImageError::Unpack {
         digest: digest.to_string(),
         root: root.to_owned(),
         source,
@@ -150,18 +161,135 @@ pub fn unpack_stream<R: BufRead + Send>(
             "layer {digest}: the unpacker stopped reading"
         )));
     }
-    Ok((diff, stats))
+    Ok(stats)
 }
 
-/// Decompress `reader` to its end in [`INFLATE_CHUNK`] pieces sent to `out`, in buffers taken
-/// from `spare` when there are any, then drain `reader` (trailing compressed bytes, e.g. the
-/// gzip footer, so that the blob's digest covers them). Returns false when the consumer
+/// The compressed side of a layer download, as the decompressor reads it: each byte it
+/// consumes goes to the blob's ingest file at once, and is kept (a reference into the
+/// download's chunk, not a copy) in `unhashed` until [`hash_beside`] hashes it together
+/// with the decompressed bytes it became.
+struct BlobTee<'a, F> {
+    chunks: ChunkReader<Bytes, F>,
+    ingest: &'a mut crate::store::Ingest,
+    unhashed: &'a std::cell::RefCell<std::collections::VecDeque<Bytes>>,
+    /// The blob could not be written: nothing more is read (the decompressor sees an error,
+    /// and the caller reports this one).
+    write_error: Option<std::io::Error>,
+}
+
+impl<F: FnMut(Bytes) -> Option<Bytes>> BufRead for BlobTee<'_, F> {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        if let Some(e) = &self.write_error {
+            return Err(std::io::Error::new(
+                e.kind(),
+                "the layer blob could not be stored",
+            ));
+        }
+        self.chunks.fill_buf()
+    }
+
+    fn consume(&mut self, n: usize) {
+        let start = self.chunks.pos;
+        let end = (start + n).min(self.chunks.cur.len());
+        if end == start {
+            return;
+        }
+        let taken = self.chunks.cur.slice(start..end);
+        self.chunks.consume(n);
+        if self.write_error.is_none()
+            && let Err(e) = self.ingest.write_all(&taken)
+        {
+            self.write_error = Some(e);
+        }
+        self.unhashed.borrow_mut().push_back(taken);
+    }
+}
+
+impl<F: FnMut(Bytes) -> Option<Bytes>> Read for BlobTee<'_, F> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let avail = self.fill_buf()?;
+        let n = buf.len().min(avail.len());
+        buf[..n].copy_from_slice(&avail[..n]);
+        self.consume(n);
+        Ok(n)
+    }
+}
+
+/// Hash `decompressed` in the second lane of `pair` beside as many of the compressed bytes
+/// waiting in `unhashed` (the first lane), so that both digests cost little more than one.
+fn hash_beside(
+    pair: &mut crate::hash::Sha256Pair,
+    unhashed: &std::cell::RefCell<std::collections::VecDeque<Bytes>>,
+    mut decompressed: &[u8],
+) {
+    let mut q = unhashed.borrow_mut();
+    while !decompressed.is_empty() {
+        let Some(c) = q.front_mut() else { break };
+        let n = c.len().min(decompressed.len());
+        pair.update(&c[..n], &decompressed[..n]);
+        decompressed = &decompressed[n..];
+        if n == c.len() {
+            q.pop_front();
+        } else {
+            bytes::Buf::advance(c, n);
+        }
+    }
+    pair.update(&[], decompressed);
+}
+
+/// Store and unpack a layer as it downloads, on this thread and one more: `chunks` is the
+/// download; the blob is written to `ingest` as the decompressor reads it, and hashed beside
+/// the decompressed stream. The whole blob is stored and verified even when decompressing or
+/// unpacking fails, so that its digest tells a corrupt download from a bad layer. Returns
+/// the blob's commit and the unpacking (diffID and stats).
+fn store_and_unpack<F: FnMut(Bytes) -> Option<Bytes>>(
+    chunks: ChunkReader<Bytes, F>,
+    mut ingest: crate::store::Ingest,
+    compression: Compression,
+    root: &Path,
+    opts: &UnpackOptions,
+    digest: &str,
+) -> (
+    Result<(), StoreError>,
+    Result<(String, UnpackStats), ImageError>,
+) {
+    let unhashed = std::cell::RefCell::new(std::collections::VecDeque::new());
+    let mut pair = crate::hash::Sha256Pair::new();
+    let mut tee = BlobTee {
+        chunks,
+        ingest: &mut ingest,
+        unhashed: &unhashed,
+        write_error: None,
+    };
+    let unpacked = decompress_and_unpack(&mut tee, compression, root, opts, digest, |d| {
+        hash_beside(&mut pair, &unhashed, d)
+    });
+    // what the decompressor left: all of it after a failure, else nothing
+    if tee.write_error.is_none() {
+        let _ = std::io::copy(&mut tee, &mut std::io::sink());
+    }
+    let write_error = tee.write_error.take();
+    for c in unhashed.take() {
+        pair.update(&c, &[]);
+    }
+    let (blob, diff) = pair.finish();
+    let stored = match write_error {
+        Some(e) => Err(crate::fsutil::PathError::new("write", &ingest.tmp, e).into()),
+        None => ingest.commit_hashed(blob),
+    };
+    (stored, unpacked.map(|stats| (diff, stats)))
+}
+
+/// Decompress `reader` to its end in [`INFLATE_CHUNK`] pieces, each shown to `hash` and sent
+/// to `out`, in buffers taken from `spare` when there are any, then drain `reader` (trailing
+/// compressed bytes, so that the blob's digest covers them). Returns false when the consumer
 /// stopped first (it failed, and says why). `out` is dropped on return, ending its stream.
 fn inflate<R: BufRead>(
     reader: &mut R,
     compression: Compression,
     out: std::sync::mpsc::SyncSender<Vec<u8>>,
     spare: std::sync::mpsc::Receiver<Vec<u8>>,
+    mut hash: impl FnMut(&[u8]),
 ) -> std::io::Result<bool> {
     {
         let mut decompressed: Box<dyn Read + '_> = match compression {
@@ -178,6 +306,7 @@ fn inflate<R: BufRead>(
                 break;
             }
             buf.truncate(n);
+            hash(&buf);
             if out.send(buf).is_err() {
                 return Ok(false);
             }
@@ -499,38 +628,21 @@ impl Puller {
         let mut resp = self.client.blob(r, &layer.digest).await?;
         let tmp = self.store.prepare_snapshot(chain_id)?;
         let cleanup = scopeguard_remove(tmp.clone());
-        // Three stages, each on threads of its own so that one layer can use several cores:
-        // the download (async), storing the blob (hash, write, verify, commit), and unpacking
-        // (decompress, then hash the diffID and write files: two threads, see unpack_stream).
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
-        let (utx, urx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
+        // Three stages on threads of their own, so that one layer can use several cores: the
+        // download (async); storing the blob and decompressing it, both hashed here side by
+        // side; unpacking (see store_and_unpack).
+        let (tx, rx) = tokio::sync::mpsc::channel::<Bytes>(STAGE_CHUNKS);
         let fs = tmp.join("fs");
         let opts = self.unpack;
         let digest = layer.digest.clone();
-        let unpacker = tokio::task::spawn_blocking(move || {
-            let mut rx = urx;
-            let mut reader = ChunkReader::new(|_spent: Bytes| rx.blocking_recv());
-            unpack_stream(&mut reader, compression, &fs, &opts, &digest)
-        });
-        let mut ingest = self.store.ingest(&layer.digest, Some(layer.size))?;
-        let storer = tokio::task::spawn_blocking(move || {
-            let mut utx = Some(utx);
-            while let Some(chunk) = rx.blocking_recv() {
-                if let Err(e) = ingest.write_all(&chunk) {
-                    let e = crate::fsutil::PathError::new("write", &ingest.tmp, e);
-                    return Err(ImageError::from(StoreError::from(e)));
-                }
-                // an unpacker that stopped has failed; the whole blob is still stored, so
-                // that its digest tells a corrupt download from a bad layer
-                if let Some(u) = &utx
-                    && u.blocking_send(chunk).is_err()
-                {
-                    utx = None;
-                }
-            }
-            // verified (digest and size) and renamed into place here, so its fsync overlaps
-            // the unpacking; a blob cut short by a failed download fails this check
-            Ok(ingest.commit())
+        let ingest = self
+            .store
+            .ingest(&layer.digest, Some(layer.size))?
+            .hashed_by_caller();
+        let worker = tokio::task::spawn_blocking(move || {
+            let mut rx = rx;
+            let chunks = ChunkReader::new(|_spent: Bytes| rx.blocking_recv());
+            store_and_unpack(chunks, ingest, compression, &fs, &opts, &digest)
         });
         let mut n: u64 = 0;
         let download: Result<(), ImageError> = async {
@@ -542,7 +654,7 @@ impl Puller {
                 n += chunk.len() as u64;
                 bar.inc(chunk.len() as u64);
                 if tx.send(chunk).await.is_err() {
-                    // the storer stopped: it could not write the blob and says why below
+                    // the worker stopped: it could not write the blob and says why below
                     break;
                 }
             }
@@ -550,11 +662,7 @@ impl Puller {
         }
         .await;
         drop(tx);
-        let stored = storer.await.map_err(|e| ImageError::Task(e.to_string()))?;
-        let unpacked = unpacker
-            .await
-            .map_err(|e| ImageError::Task(e.to_string()))?;
-        let committed = stored?;
+        let (committed, unpacked) = worker.await.map_err(|e| ImageError::Task(e.to_string()))?;
         download?;
         // the blob's digest and size first: a corrupt download is reported as such
         committed?;
@@ -723,5 +831,84 @@ mod tests {
         }
         assert!(err.to_string().contains("`..`"), "{err}");
         assert!(!t.path().join("escape").exists());
+    }
+
+    /// `store_and_unpack` of `blob` (declared as `digest`, `size`) fed in `piece`-byte chunks
+    /// into a fresh store; the store, the results, and the unpack root.
+    fn store_and_unpack_in_pieces(
+        blob: &[u8],
+        digest: &str,
+        size: u64,
+        piece: usize,
+    ) -> (
+        tempfile::TempDir,
+        Store,
+        Result<(), StoreError>,
+        Result<(String, UnpackStats), ImageError>,
+        std::path::PathBuf,
+    ) {
+        let (t, root) = root();
+        let store = Store::new(t.path().join("store"), t.path().join("snapshots"));
+        store.init().unwrap();
+        let ingest = store.ingest(digest, Some(size)).unwrap().hashed_by_caller();
+        let mut pieces = blob
+            .chunks(piece)
+            .map(Bytes::copy_from_slice)
+            .collect::<Vec<_>>()
+            .into_iter();
+        let chunks = ChunkReader::new(|_spent: Bytes| pieces.next());
+        let (stored, unpacked) =
+            store_and_unpack(chunks, ingest, Compression::Gzip, &root, &OPTS, digest);
+        (t, store, stored, unpacked, root)
+    }
+
+    #[test]
+    fn a_download_is_stored_and_unpacked_with_both_digests_checked() {
+        // big enough for the O_DIRECT path (several full buffers and a tail)
+        let (tar, content) = tar_of("big", 9 << 20, 3000);
+        let blob = gzip(&tar);
+        let digest = crate::registry::types::sha256_digest(&blob);
+        let diff = crate::registry::types::sha256_digest(&tar);
+        for piece in [blob.len(), 65_537, 4093] {
+            let (_t, store, stored, unpacked, root) =
+                store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, piece);
+            stored.unwrap();
+            let (d, _) = unpacked.unwrap();
+            assert_eq!(d, diff, "piece {piece}");
+            assert_eq!(std::fs::read(store.blob_path(&digest).unwrap()).unwrap(), blob);
+            assert_eq!(std::fs::read(root.join("big")).unwrap(), content);
+        }
+    }
+
+    #[test]
+    fn a_bad_layer_is_still_stored_and_a_corrupt_blob_is_not() {
+        // a hostile layer whose blob is what it claims: the unpack fails, the blob is whole
+        let (mut tar, _) = tar_of("../escape", 10, 0);
+        tar.truncate(tar.len() - 1024);
+        tar.extend(tar_of("after", 2 << 20, 0).0);
+        let blob = gzip(&tar);
+        let digest = crate::registry::types::sha256_digest(&blob);
+        let (_t, store, stored, unpacked, _) =
+            store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, 100_000);
+        stored.unwrap();
+        assert!(matches!(unpacked, Err(ImageError::Unpack { .. })));
+        assert!(store.has_blob(&digest));
+        // bytes flipped in transit: the digest check fails and nothing enters the store
+        let mut bad = blob.clone();
+        for b in &mut bad[1000..1100] {
+            *b = !*b;
+        }
+        let (_t, store, stored, unpacked, _) =
+            store_and_unpack_in_pieces(&bad, &digest, bad.len() as u64, 100_000);
+        assert!(matches!(stored, Err(StoreError::DigestMismatch { .. })));
+        assert!(unpacked.is_err());
+        assert!(!store.has_blob(&digest));
+        // a download cut short: a size mismatch
+        let cut = &blob[..blob.len() / 2];
+        let (_t, store, stored, unpacked, _) =
+            store_and_unpack_in_pieces(cut, &digest, blob.len() as u64, 100_000);
+        assert!(matches!(stored, Err(StoreError::SizeMismatch { .. })));
+        assert!(unpacked.is_err());
+        assert!(!store.has_blob(&digest));
     }
 }

@@ -201,7 +201,7 @@ impl Store {
             tmp,
             file: Some(file),
             direct,
-            hasher: sha2::Sha256::new(),
+            hasher: Some(sha2::Sha256::new()),
             written: 0,
             queued: 0,
             digest: digest.to_string(),
@@ -421,7 +421,8 @@ pub struct Ingest {
     file: Option<File>,
     /// Set when `file` was opened with `O_DIRECT` (see [`create_blob_file`]).
     direct: Option<DirectBuf>,
-    hasher: sha2::Sha256,
+    /// None when the caller hashes what it writes ([`Ingest::hashed_by_caller`]).
+    hasher: Option<sha2::Sha256>,
     written: u64,
     /// Bytes handed to writeback so far (see [`WRITEBACK_STEP`]).
     queued: u64,
@@ -451,7 +452,9 @@ impl Write for Ingest {
             Some(d) => d.write(f, buf)?,
             None => f.write(buf)?,
         };
-        self.hasher.update(&buf[..n]);
+        if let Some(h) = &mut self.hasher {
+            h.update(&buf[..n]);
+        }
         self.written += n as u64;
         if self.direct.is_none() && self.written - self.queued >= WRITEBACK_STEP {
             // best effort: a filesystem without it just leaves the work to the fsync
@@ -500,40 +503,115 @@ fn create_blob_file(
     Ok((opts.open(path).map_err(at("create", path))?, None))
 }
 
-/// An aligned buffer in front of an `O_DIRECT` file: full buffers go straight to the disk;
-/// the unaligned tail is written through the page cache at commit.
+/// An aligned buffer in front of an `O_DIRECT` file: full buffers go to the disk on a thread
+/// of their own (an `O_DIRECT` write returns only once the device has the data, and the
+/// caller, a layer's decompressor, has better things to do meanwhile); the unaligned tail is
+/// written through the page cache at commit.
 struct DirectBuf {
-    mem: Vec<u8>,
-    /// Where the aligned region starts in `mem`.
-    start: usize,
+    cur: Aligned,
     len: usize,
+    /// Where full buffers go, and whence written ones come back (None until the first).
+    writer: Option<DirectWriter>,
+}
+
+struct DirectWriter {
+    full: std::sync::mpsc::SyncSender<Aligned>,
+    spare: std::sync::mpsc::Receiver<Aligned>,
+    thread: std::thread::JoinHandle<std::io::Result<()>>,
+}
+
+/// [`DIRECT_BUF`] bytes aligned to [`DIRECT_ALIGN`].
+struct Aligned {
+    mem: Vec<u8>,
+    start: usize,
+}
+
+impl Aligned {
+    fn new() -> Aligned {
+        let mem = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
+        let start = (DIRECT_ALIGN - mem.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
+        Aligned { mem, start }
+    }
+
+    fn bytes(&self, len: usize) -> &[u8] {
+        &self.mem[self.start..self.start + len]
+    }
 }
 
 impl DirectBuf {
     fn new() -> DirectBuf {
-        let mem = vec![0u8; DIRECT_BUF + DIRECT_ALIGN];
-        let start = (DIRECT_ALIGN - mem.as_ptr() as usize % DIRECT_ALIGN) % DIRECT_ALIGN;
-        DirectBuf { mem, start, len: 0 }
+        DirectBuf {
+            cur: Aligned::new(),
+            len: 0,
+            writer: None,
+        }
     }
 
-    fn write(&mut self, f: &mut File, buf: &[u8]) -> std::io::Result<usize> {
+    fn write(&mut self, f: &File, buf: &[u8]) -> std::io::Result<usize> {
         let n = buf.len().min(DIRECT_BUF - self.len);
-        let at = self.start + self.len;
-        self.mem[at..at + n].copy_from_slice(&buf[..n]);
+        let at = self.cur.start + self.len;
+        self.cur.mem[at..at + n].copy_from_slice(&buf[..n]);
         self.len += n;
         if self.len == DIRECT_BUF {
-            f.write_all(&self.mem[self.start..self.start + DIRECT_BUF])?;
-            self.len = 0;
+            self.send_full(f)?;
         }
         Ok(n)
+    }
+
+    /// Hand the full buffer to the writer thread (started on the first), and take a buffer
+    /// it is done with, or a new one while two are on their way.
+    fn send_full(&mut self, f: &File) -> std::io::Result<()> {
+        if self.writer.is_none() {
+            let mut file = f.try_clone()?;
+            let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Aligned>(1);
+            let (spare_tx, spare_rx) = std::sync::mpsc::channel::<Aligned>();
+            let thread = std::thread::Builder::new()
+                .name("blob-writer".into())
+                .spawn(move || {
+                    for b in full_rx {
+                        file.write_all(b.bytes(DIRECT_BUF))?;
+                        let _ = spare_tx.send(b);
+                    }
+                    Ok(())
+                })?;
+            self.writer = Some(DirectWriter {
+                full: full_tx,
+                spare: spare_rx,
+                thread,
+            });
+        }
+        let Some(w) = &self.writer else {
+            return Ok(());
+        };
+        let next = w.spare.try_recv().unwrap_or_else(|_| Aligned::new());
+        let full = std::mem::replace(&mut self.cur, next);
+        self.len = 0;
+        if w.full.send(full).is_err() {
+            // the writer stopped on an error: the join says which
+            return self.join();
+        }
+        Ok(())
+    }
+
+    /// Wait for the writer thread to write what it was given; its error, if it had one.
+    fn join(&mut self) -> std::io::Result<()> {
+        let Some(w) = self.writer.take() else {
+            return Ok(());
+        };
+        drop(w.full);
+        match w.thread.join() {
+            Ok(r) => r,
+            Err(_) => Err(std::io::Error::other("the blob writer thread panicked")),
+        }
     }
 
     /// Write what is buffered, with `O_DIRECT` switched off for the unaligned tail.
     fn finish(&mut self, f: &mut File) -> std::io::Result<()> {
         use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        self.join()?;
         let flags = OFlag::from_bits_truncate(fcntl(&*f, FcntlArg::F_GETFL)?);
         fcntl(&*f, FcntlArg::F_SETFL(flags - OFlag::O_DIRECT))?;
-        f.write_all(&self.mem[self.start..self.start + self.len])?;
+        f.write_all(self.cur.bytes(self.len))?;
         self.len = 0;
         Ok(())
     }
@@ -544,8 +622,28 @@ impl Ingest {
         self.written
     }
 
+    /// Leave the hashing to the caller, who passes the digest of what it wrote to
+    /// [`Ingest::commit_hashed`] (a layer download hashes it beside the decompressed bytes).
+    pub fn hashed_by_caller(mut self) -> Ingest {
+        self.hasher = None;
+        self
+    }
+
     /// Verify size and digest, fsync, rename into `blobs/`.
-    pub fn commit(mut self) -> Result<(), StoreError> {
+    pub fn commit(self) -> Result<(), StoreError> {
+        let Some(h) = &self.hasher else {
+            return Err(StoreError::Malformed {
+                what: "blob",
+                digest: self.digest.clone(),
+                message: "committed without a digest (it was to be hashed by the caller)".into(),
+            });
+        };
+        let actual = format!("sha256:{}", hex::encode(h.clone().finalize()));
+        self.commit_hashed(actual)
+    }
+
+    /// [`Ingest::commit`] for bytes the caller hashed: `actual` is their digest.
+    pub fn commit_hashed(mut self, actual: String) -> Result<(), StoreError> {
         let Some(mut f) = self.file.take() else {
             return Ok(());
         };
@@ -558,7 +656,6 @@ impl Ingest {
                 actual: self.written,
             });
         }
-        let actual = format!("sha256:{}", hex::encode(self.hasher.clone().finalize()));
         if actual != self.digest {
             return Err(StoreError::DigestMismatch {
                 digest: self.digest.clone(),
