@@ -60,13 +60,18 @@ impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> ChunkReader<C, F> {
     }
 }
 
+/// `Read::read` for a reader whose `BufRead` buffer is all there is: copy out, consume.
+fn read_buffered(r: &mut impl BufRead, buf: &mut [u8]) -> std::io::Result<usize> {
+    let avail = r.fill_buf()?;
+    let n = buf.len().min(avail.len());
+    buf[..n].copy_from_slice(&avail[..n]);
+    r.consume(n);
+    Ok(n)
+}
+
 impl<C: AsRef<[u8]> + Default, F: FnMut(C) -> Option<C>> Read for ChunkReader<C, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = buf.len().min(avail.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, buf)
     }
 }
 
@@ -207,11 +212,7 @@ impl<F: FnMut(Bytes) -> Option<Bytes>> BufRead for BlobTee<'_, F> {
 
 impl<F: FnMut(Bytes) -> Option<Bytes>> Read for BlobTee<'_, F> {
     fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
-        let avail = self.fill_buf()?;
-        let n = buf.len().min(avail.len());
-        buf[..n].copy_from_slice(&avail[..n]);
-        self.consume(n);
-        Ok(n)
+        read_buffered(self, buf)
     }
 }
 
@@ -833,20 +834,18 @@ mod tests {
         assert!(!t.path().join("escape").exists());
     }
 
+    /// What `store_and_unpack_in_pieces` leaves: the store (in `_dir`), the results, the root.
+    struct Fed {
+        _dir: tempfile::TempDir,
+        store: Store,
+        stored: Result<(), StoreError>,
+        unpacked: Result<(String, UnpackStats), ImageError>,
+        root: std::path::PathBuf,
+    }
+
     /// `store_and_unpack` of `blob` (declared as `digest`, `size`) fed in `piece`-byte chunks
-    /// into a fresh store; the store, the results, and the unpack root.
-    fn store_and_unpack_in_pieces(
-        blob: &[u8],
-        digest: &str,
-        size: u64,
-        piece: usize,
-    ) -> (
-        tempfile::TempDir,
-        Store,
-        Result<(), StoreError>,
-        Result<(String, UnpackStats), ImageError>,
-        std::path::PathBuf,
-    ) {
+    /// into a fresh store.
+    fn store_and_unpack_in_pieces(blob: &[u8], digest: &str, size: u64, piece: usize) -> Fed {
         let (t, root) = root();
         let store = Store::new(t.path().join("store"), t.path().join("snapshots"));
         store.init().unwrap();
@@ -859,24 +858,51 @@ mod tests {
         let chunks = ChunkReader::new(|_spent: Bytes| pieces.next());
         let (stored, unpacked) =
             store_and_unpack(chunks, ingest, Compression::Gzip, &root, &OPTS, digest);
-        (t, store, stored, unpacked, root)
+        Fed {
+            _dir: t,
+            store,
+            stored,
+            unpacked,
+            root,
+        }
     }
 
     #[test]
     fn a_download_is_stored_and_unpacked_with_both_digests_checked() {
-        // big enough for the O_DIRECT path (several full buffers and a tail)
-        let (tar, content) = tar_of("big", 9 << 20, 3000);
+        // incompressible, so that the blob takes the O_DIRECT path (two full buffers for the
+        // writer thread, and a tail)
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let content: Vec<u8> = (0..9 << 20)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                x as u8
+            })
+            .collect();
+        let mut h = tar::Header::new_gnu();
+        h.set_path("big").unwrap();
+        h.set_size(content.len() as u64);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_cksum();
+        let mut b = tar::Builder::new(Vec::new());
+        b.append(&h, &content[..]).unwrap();
+        let tar = b.into_inner().unwrap();
         let blob = gzip(&tar);
+        assert!(blob.len() > 8 << 20);
         let digest = crate::registry::types::sha256_digest(&blob);
         let diff = crate::registry::types::sha256_digest(&tar);
         for piece in [blob.len(), 65_537, 4093] {
-            let (_t, store, stored, unpacked, root) =
-                store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, piece);
-            stored.unwrap();
-            let (d, _) = unpacked.unwrap();
+            let f = store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, piece);
+            f.stored.unwrap();
+            let (d, _) = f.unpacked.unwrap();
             assert_eq!(d, diff, "piece {piece}");
-            assert_eq!(std::fs::read(store.blob_path(&digest).unwrap()).unwrap(), blob);
-            assert_eq!(std::fs::read(root.join("big")).unwrap(), content);
+            let stored = std::fs::read(f.store.blob_path(&digest).unwrap()).unwrap();
+            assert!(stored == blob, "piece {piece}: the stored blob differs");
+            assert!(std::fs::read(f.root.join("big")).unwrap() == content);
         }
     }
 
@@ -888,27 +914,24 @@ mod tests {
         tar.extend(tar_of("after", 2 << 20, 0).0);
         let blob = gzip(&tar);
         let digest = crate::registry::types::sha256_digest(&blob);
-        let (_t, store, stored, unpacked, _) =
-            store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, 100_000);
-        stored.unwrap();
-        assert!(matches!(unpacked, Err(ImageError::Unpack { .. })));
-        assert!(store.has_blob(&digest));
+        let f = store_and_unpack_in_pieces(&blob, &digest, blob.len() as u64, 100_000);
+        f.stored.unwrap();
+        assert!(matches!(f.unpacked, Err(ImageError::Unpack { .. })));
+        assert!(f.store.has_blob(&digest));
         // bytes flipped in transit: the digest check fails and nothing enters the store
         let mut bad = blob.clone();
         for b in &mut bad[1000..1100] {
             *b = !*b;
         }
-        let (_t, store, stored, unpacked, _) =
-            store_and_unpack_in_pieces(&bad, &digest, bad.len() as u64, 100_000);
-        assert!(matches!(stored, Err(StoreError::DigestMismatch { .. })));
-        assert!(unpacked.is_err());
-        assert!(!store.has_blob(&digest));
+        let f = store_and_unpack_in_pieces(&bad, &digest, bad.len() as u64, 100_000);
+        assert!(matches!(f.stored, Err(StoreError::DigestMismatch { .. })));
+        assert!(f.unpacked.is_err());
+        assert!(!f.store.has_blob(&digest));
         // a download cut short: a size mismatch
         let cut = &blob[..blob.len() / 2];
-        let (_t, store, stored, unpacked, _) =
-            store_and_unpack_in_pieces(cut, &digest, blob.len() as u64, 100_000);
-        assert!(matches!(stored, Err(StoreError::SizeMismatch { .. })));
-        assert!(unpacked.is_err());
-        assert!(!store.has_blob(&digest));
+        let f = store_and_unpack_in_pieces(cut, &digest, blob.len() as u64, 100_000);
+        assert!(matches!(f.stored, Err(StoreError::SizeMismatch { .. })));
+        assert!(f.unpacked.is_err());
+        assert!(!f.store.has_blob(&digest));
     }
 }
