@@ -66,12 +66,8 @@ impl Lane {
         last[blocks * 64 - 8..blocks * 64].copy_from_slice(&bits.to_be_bytes());
         let (full, _) = last[..blocks * 64].as_chunks::<64>();
         compress256(&mut self.state, full);
-        let mut out = String::with_capacity(71);
-        out.push_str("sha256:");
-        for w in self.state {
-            out.push_str(&format!("{w:08x}"));
-        }
-        out
+        let digest: Vec<u8> = self.state.iter().flat_map(|w| w.to_be_bytes()).collect();
+        format!("sha256:{}", hex::encode(digest))
     }
 }
 
@@ -122,7 +118,7 @@ impl Sha256Pair {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use sha2::Digest;
 
@@ -130,8 +126,9 @@ mod tests {
         format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
     }
 
-    /// Deterministic bytes, different for each seed.
-    fn bytes(n: usize, seed: u64) -> Vec<u8> {
+    /// Deterministic bytes that do not compress, different for each seed (also the pull
+    /// tests' noise).
+    pub(crate) fn bytes(n: usize, seed: u64) -> Vec<u8> {
         let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
         (0..n)
             .map(|_| {

@@ -716,9 +716,14 @@ mod tests {
     /// are made on purpose), with `pad` zero bytes after the end-of-archive blocks.
     fn tar_of(path: &str, size: usize, pad: usize) -> (Vec<u8>, Vec<u8>) {
         let content: Vec<u8> = (0..size).map(|i| (i * 7 % 251) as u8).collect();
+        (tar_with(path, &content, pad), content)
+    }
+
+    /// A tar of one file holding `content` at `path`, then `pad` zero bytes.
+    fn tar_with(path: &str, content: &[u8], pad: usize) -> Vec<u8> {
         let mut h = tar::Header::new_gnu();
         h.as_gnu_mut().unwrap().name[..path.len()].copy_from_slice(path.as_bytes());
-        h.set_size(size as u64);
+        h.set_size(content.len() as u64);
         h.set_mode(0o644);
         h.set_uid(0);
         h.set_gid(0);
@@ -726,10 +731,10 @@ mod tests {
         h.set_entry_type(tar::EntryType::Regular);
         h.set_cksum();
         let mut b = tar::Builder::new(Vec::new());
-        b.append(&h, &content[..]).unwrap();
+        b.append(&h, content).unwrap();
         let mut tar = b.into_inner().unwrap();
         tar.extend(std::iter::repeat_n(0, pad));
-        (tar, content)
+        tar
     }
 
     fn gzip(data: &[u8]) -> Vec<u8> {
@@ -871,26 +876,8 @@ mod tests {
     fn a_download_is_stored_and_unpacked_with_both_digests_checked() {
         // incompressible, so that the blob takes the O_DIRECT path (two full buffers for the
         // writer thread, and a tail)
-        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-        let content: Vec<u8> = (0..9 << 20)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                x as u8
-            })
-            .collect();
-        let mut h = tar::Header::new_gnu();
-        h.set_path("big").unwrap();
-        h.set_size(content.len() as u64);
-        h.set_mode(0o644);
-        h.set_uid(0);
-        h.set_gid(0);
-        h.set_mtime(0);
-        h.set_cksum();
-        let mut b = tar::Builder::new(Vec::new());
-        b.append(&h, &content[..]).unwrap();
-        let tar = b.into_inner().unwrap();
+        let content = crate::hash::tests::bytes(9 << 20, 1);
+        let tar = tar_with("big", &content, 0);
         let blob = gzip(&tar);
         assert!(blob.len() > 8 << 20);
         let digest = crate::registry::types::sha256_digest(&blob);
