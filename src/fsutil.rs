@@ -24,9 +24,48 @@ impl PathError {
     }
 }
 
+/// 10 hex digits of the SHA-256 of `parts` (each followed by a NUL): short names that tell
+/// state directories apart (bridges, veths, cgroups).
+pub fn short_hash(parts: &[&[u8]]) -> String {
+    use sha2::Digest;
+    let mut h = sha2::Sha256::new();
+    for p in parts {
+        h.update(p);
+        h.update([0u8]);
+    }
+    hex::encode(&h.finalize()[..5])
+}
+
+/// `path` made absolute and free of symlinks, or as it is when that fails.
+pub fn canonical(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// `map_err` helper: `.map_err(at("read", &path))`.
 pub fn at<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> PathError + 'a {
     move |e| PathError::new(op, path, e)
+}
+
+/// berth's umask: everything it creates is private to root unless it says otherwise. Image
+/// layers and containers' writable layers hold setuid files, and records and configs hold
+/// containers' secrets (their env): no local user may read or run them.
+pub const UMASK: u32 = 0o077;
+
+/// Create `path` (and missing parents, under the umask) and give the last component exactly
+/// `mode`, whatever the umask: for the few directories others must traverse or read (a
+/// volume's data, a container's writable layer that becomes its `/`).
+pub fn create_dir_mode(path: &Path, mode: u32) -> Result<(), PathError> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::create_dir_all(path).map_err(at("create directory", path))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode)).map_err(at("chmod", path))
+}
+
+/// Write `bytes` to `path` with exactly `mode` (not atomic): for small files that are
+/// bind-mounted into containers and must be readable by their users.
+pub fn write_mode(path: &Path, bytes: &[u8], mode: u32) -> std::io::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, bytes)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
 }
 
 /// Write `bytes` to `path` atomically: a temp file beside it, fsync, rename, fsync the folder.

@@ -367,3 +367,168 @@ fn addresses_survive_restarts_drift_is_repaired_and_nothing_is_left() {
     }
     assert!(paths_in(&h.s().join("net")).is_empty());
 }
+
+/// A network namespace standing for another machine on the LAN, joined to the host by a veth
+/// pair (172.31.254.1 on the host, .2 inside): removed on drop.
+struct Lan {
+    ns: String,
+    host_side: String,
+}
+
+impl Lan {
+    const HOST_IP: &str = "172.31.254.1";
+    const LAN_IP: &str = "172.31.254.2";
+
+    fn new(tag: &str) -> Lan {
+        let lan = Lan {
+            ns: format!("berthlan{tag}{}", std::process::id()),
+            host_side: format!("bl{tag}{}", std::process::id() % 100_000),
+        };
+        let ip = |args: &[&str]| {
+            let o = std::process::Command::new("ip")
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(
+                o.status.success(),
+                "ip {args:?}: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        };
+        ip(&["netns", "add", &lan.ns]);
+        ip(&[
+            "link",
+            "add",
+            &lan.host_side,
+            "type",
+            "veth",
+            "peer",
+            "name",
+            "eth0",
+            "netns",
+            &lan.ns,
+        ]);
+        ip(&[
+            "addr",
+            "add",
+            &format!("{}/30", Lan::HOST_IP),
+            "dev",
+            &lan.host_side,
+        ]);
+        ip(&["link", "set", &lan.host_side, "up"]);
+        lan.run(&[
+            "ip",
+            "addr",
+            "add",
+            &format!("{}/30", Lan::LAN_IP),
+            "dev",
+            "eth0",
+        ]);
+        lan.run(&["ip", "link", "set", "eth0", "up"]);
+        lan.run(&["ip", "link", "set", "lo", "up"]);
+        lan
+    }
+
+    /// Run a command inside the LAN machine.
+    fn run(&self, args: &[&str]) -> std::process::Output {
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &self.ns])
+            .args(args)
+            .output()
+            .unwrap()
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("ip")
+            .args(["link", "del", &self.host_side])
+            .output();
+        let _ = std::process::Command::new("ip")
+            .args(["netns", "del", &self.ns])
+            .output();
+    }
+}
+
+/// A TCP client (`nc`, giving up after 3 s); the address and port follow.
+fn hello() -> Vec<&'static str> {
+    vec!["busybox", "nc", "-w", "3"]
+}
+
+#[test]
+fn machines_routed_via_the_host_cannot_reach_unpublished_ports() {
+    let h = Host::new("lan");
+    let web = h.name("web");
+    h.declare(
+        "[network.app]\n",
+        &[(
+            "web",
+            "command = [\"sh\", \"-c\", \"while true; do echo hi | nc -l -p 80; done\"]\nnetworks = [\"app\"]",
+        )],
+    );
+    h.apply();
+    let web_ip = h
+        .hosts("web")
+        .lines()
+        .find(|l| l.contains(&web))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap()
+        .to_string();
+    // the host itself reaches the server (not forwarded: local traffic)
+    let mut answered = false;
+    for _ in 0..50 {
+        let o = std::process::Command::new("busybox")
+            .args(&hello()[1..])
+            .args([web_ip.as_str(), "80"])
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        if out(&o) == "hi\n" {
+            answered = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(answered, "the server answers the host");
+    let lan = Lan::new("a");
+    // the LAN machine routes the container subnet via this host, as a router would
+    let o = lan.run(&[
+        "ip",
+        "route",
+        "add",
+        &format!("{web_ip}/32"),
+        "via",
+        Lan::HOST_IP,
+    ]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let o = lan.run(&["busybox", "ping", "-c", "1", "-W", "5", Lan::HOST_IP]);
+    assert!(o.status.success(), "the LAN machine reaches the host");
+    // but not the container port, which was not published
+    let mut args = hello();
+    args.extend([web_ip.as_str(), "80"]);
+    let o = lan.run(&args);
+    assert_ne!(out(&o), "hi\n", "reached an unpublished port from the LAN");
+    // while the container's own connections out to the LAN still work (and their replies
+    // come back in)
+    let listener = std::process::Command::new("ip")
+        .args([
+            "netns", "exec", &lan.ns, "busybox", "nc", "-l", "-p", "7000",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut sent = false;
+    for _ in 0..50 {
+        if h.exec("web", &format!("echo out | nc -w 3 {} 7000", Lan::LAN_IP))
+            .status
+            .success()
+        {
+            sent = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let got = listener.wait_with_output().unwrap();
+    assert!(sent, "the container could not connect out");
+    assert_eq!(String::from_utf8_lossy(&got.stdout), "out\n");
+}

@@ -10,7 +10,6 @@ pub mod nat;
 pub mod proxy;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest, Sha256};
 use std::fmt;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -106,38 +105,25 @@ impl fmt::Display for Subnet {
     }
 }
 
-fn short_hash(parts: &[&[u8]]) -> String {
-    let mut h = Sha256::new();
-    for p in parts {
-        h.update(p);
-        h.update([0u8]);
-    }
-    hex::encode(&h.finalize()[..5])
-}
-
-fn canonical(state_root: &Path) -> PathBuf {
-    std::fs::canonicalize(state_root).unwrap_or_else(|_| state_root.to_path_buf())
-}
-
 /// Prefix of every bridge berth creates (used by the isolation rules).
 pub const BRIDGE_PREFIX: &str = "brth";
 
 /// The bridge for `network` in the state directory `state_root`: `brth` + 10 hex digits, so
 /// two state directories never collide and the name fits in 15 characters.
 pub fn bridge_name(state_root: &Path, network: &str) -> String {
-    let root = canonical(state_root);
+    let root = crate::fsutil::canonical(state_root);
     format!(
         "{BRIDGE_PREFIX}{}",
-        short_hash(&[root.as_os_str().as_encoded_bytes(), network.as_bytes()])
+        crate::fsutil::short_hash(&[root.as_os_str().as_encoded_bytes(), network.as_bytes()])
     )
 }
 
 /// The host side of a container's veth on its `index`th network: `bv` + 10 hex digits.
 pub fn veth_name(state_root: &Path, container: &str, index: usize) -> String {
-    let root = canonical(state_root);
+    let root = crate::fsutil::canonical(state_root);
     format!(
         "bv{}",
-        short_hash(&[
+        crate::fsutil::short_hash(&[
             root.as_os_str().as_encoded_bytes(),
             container.as_bytes(),
             index.to_string().as_bytes()
