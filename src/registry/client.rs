@@ -170,6 +170,15 @@ impl RetryPolicy {
     }
 }
 
+/// `host[:port]` of a URL, as berth names registry hosts (the port only when the URL has one).
+fn url_authority(u: &reqwest::Url) -> String {
+    match (u.host_str(), u.port()) {
+        (Some(h), Some(p)) => format!("{h}:{p}"),
+        (Some(h), None) => h.to_string(),
+        _ => String::new(),
+    }
+}
+
 /// Credentials from docker's config.json (`auths` entries).
 #[derive(Debug, Clone, Default)]
 pub struct Credentials {
@@ -358,6 +367,17 @@ impl RegistryClient {
         v
     }
 
+    /// The credentials for `host` when asked about `r`: the registry's own when `host` is the
+    /// registry (its API host may differ from its name, as docker.io's does), a mirror's own
+    /// (by its host name) when it is a mirror.
+    fn creds_for(&self, host: &str, r: &Reference) -> Option<&(String, String)> {
+        if host == r.api_host() {
+            self.creds.get(&r.registry).or_else(|| self.creds.get(host))
+        } else {
+            self.creds.get(host)
+        }
+    }
+
     fn allows_plain_http(&self, host: &str) -> bool {
         registry_is_loopback(host) || self.config.registry(host).insecure
     }
@@ -415,11 +435,14 @@ impl RegistryClient {
                 .lock()
                 .ok()
                 .and_then(|t| t.get(&Self::cache_key(host, &scope)).cloned());
-            if let Some(t) = &token {
+            // credentials go only to the host they are for: never to a mirror of the
+            // registry, nor to another host an upload location names
+            let same_host = reqwest::Url::parse(&url)
+                .ok()
+                .is_some_and(|u| url_authority(&u) == host);
+            if same_host && let Some(t) = &token {
                 rb = rb.bearer_auth(t);
-            } else if let Some((u, p)) =
-                self.creds.get(&r.registry).or_else(|| self.creds.get(host))
-            {
+            } else if same_host && let Some((u, p)) = self.creds_for(host, r) {
                 rb = rb.basic_auth(u, Some(p));
             }
             let result = rb.send().await;
@@ -556,13 +579,28 @@ impl RegistryClient {
             registry: host.into(),
             message: "Bearer challenge without realm".into(),
         })?;
-        let mut rb = self.http.get(realm);
+        // the realm gets the registry's credentials: it must be HTTPS, unless the registry
+        // itself is spoken to in plain HTTP (loopback, or `insecure`)
+        let realm_url = reqwest::Url::parse(realm).map_err(|e| RegistryError::Auth {
+            registry: host.into(),
+            message: format!("Bearer realm {realm:?} is not a URL: {e}"),
+        })?;
+        if realm_url.scheme() != "https" && !self.allows_plain_http(host) {
+            return Err(RegistryError::Auth {
+                registry: host.into(),
+                message: format!(
+                    "Bearer realm {realm:?} is not HTTPS; credentials are sent only over HTTPS \
+                     (set `insecure = true` for this registry to allow it)"
+                ),
+            });
+        }
+        let mut rb = self.http.get(realm_url);
         let mut q: Vec<(&str, &str)> = vec![("scope", scope)];
         if let Some(s) = ch.params.get("service") {
             q.push(("service", s));
         }
         rb = rb.query(&q);
-        if let Some((u, p)) = self.creds.get(&r.registry).or_else(|| self.creds.get(host)) {
+        if let Some((u, p)) = self.creds_for(host, r) {
             rb = rb.basic_auth(u, Some(p));
         }
         let resp = rb.send().await.map_err(|e| RegistryError::Transport {
@@ -803,6 +841,50 @@ async fn read_limited(mut resp: Response, limit: usize) -> Result<Vec<u8>, Optio
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn client_with(creds: &[u8]) -> RegistryClient {
+        RegistryClient::new(&Config::default())
+            .unwrap()
+            .with_credentials(Credentials::parse(creds).unwrap())
+    }
+
+    #[test]
+    fn credentials_go_only_to_their_own_host() {
+        let c = client_with(
+            br#"{"auths":{"reg.example:5000":{"username":"r","password":"rp"},"mirror.example:5000":{"username":"m","password":"mp"}}}"#,
+        );
+        let r: Reference = "reg.example:5000/app/web:1".parse().unwrap();
+        let user = |host: &str| c.creds_for(host, &r).map(|(u, _)| u.clone());
+        assert_eq!(user("reg.example:5000").as_deref(), Some("r"));
+        // a mirror gets its own credentials, never the registry's
+        assert_eq!(user("mirror.example:5000").as_deref(), Some("m"));
+        assert_eq!(user("other.example:5000"), None);
+        assert_eq!(
+            url_authority(&reqwest::Url::parse("https://cdn.example/blob?x=1").unwrap()),
+            "cdn.example"
+        );
+        assert_eq!(
+            url_authority(&reqwest::Url::parse("http://reg.example:5000/v2/").unwrap()),
+            "reg.example:5000"
+        );
+    }
+
+    #[test]
+    fn a_plain_http_token_realm_gets_no_credentials() {
+        let c = client_with(br#"{"auths":{"reg.example:5000":{"username":"r","password":"rp"}}}"#);
+        let r: Reference = "reg.example:5000/app/web:1".parse().unwrap();
+        let ch =
+            parse_challenge(r#"Bearer realm="http://auth.example/token",service="x""#).unwrap();
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // refused before anything is sent (auth.example does not exist either way)
+        let e = rt
+            .block_on(c.fetch_token("reg.example:5000", &r, &ch, "repository:app/web:pull"))
+            .unwrap_err();
+        assert!(e.to_string().contains("is not HTTPS"), "{e}");
+    }
 
     #[test]
     fn challenge_parsing() {
