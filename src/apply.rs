@@ -271,9 +271,8 @@ impl Executor<'_> {
                     .get(name)
                     .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
                 let data = rc::volume_data(&self.state.volumes_dir(), name);
-                std::fs::create_dir_all(&data).map_err(|e| {
-                    StateError::Io(crate::fsutil::PathError::new("create directory", &data, e))
-                })?;
+                // docker's mode for a volume's data; the volumes directory above stays private
+                crate::fsutil::create_dir_mode(&data, 0o755).map_err(StateError::Io)?;
                 let rec = VolumeRecord {
                     name: name.into(),
                     source: v.source.clone(),
@@ -761,6 +760,7 @@ pub fn runtime_config(
             cwd: rc::working_dir(spec, &img.config),
             user: rc::user(spec, &img.config),
             capabilities: rc::capabilities(spec),
+            seccomp: spec.seccomp.is_default(),
         },
         mounts,
         limits: limits(spec),

@@ -144,11 +144,29 @@ impl StateDir {
         }
     }
 
+    /// Make the state directory private to root (mode 0700), tightening one that an older
+    /// berth or a person left open: image layers and writable layers below it hold setuid
+    /// files, and records and configs hold secrets. Nothing happens when it does not exist
+    /// yet (it is created 0700 under berth's umask).
+    pub fn make_private(&self) -> Result<(), StateError> {
+        use std::os::unix::fs::PermissionsExt;
+        match std::fs::metadata(&self.root) {
+            Ok(m) if m.is_dir() && m.permissions().mode() & 0o7777 != 0o700 => {
+                std::fs::set_permissions(&self.root, std::fs::Permissions::from_mode(0o700))
+                    .map_err(at("chmod", &self.root))?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Take the state lock. With `wait`, block until the holder finishes; else fail at once.
     pub fn lock(&self, wait: bool) -> Result<StateLock, StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
         std::fs::create_dir_all(&self.root).map_err(at("create directory", &self.root))?;
         let p = self.root.join("lock");
         let file = std::fs::OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .truncate(false)
             .write(true)

@@ -67,6 +67,233 @@ pub fn close_fds_except(keep: &[std::os::fd::RawFd]) {
     }
 }
 
+/// Close every descriptor from 3 up (`close_range(2)`), except `keep`. For processes that
+/// inherit descriptors they did not open (the shim, from whoever ran berth; `exec`, before any
+/// path inside a container is resolved): a host directory's descriptor reachable through
+/// `/proc/self/fd/N` would let a container path escape to the host (CVE-2024-21626). Falls
+/// back to closing one by one where the kernel lacks close_range.
+pub fn close_inherited_fds(keep: &[std::os::fd::RawFd]) {
+    let mut keep: Vec<i32> = keep.iter().copied().filter(|fd| *fd > 2).collect();
+    keep.sort_unstable();
+    keep.dedup();
+    let mut first: u32 = 3;
+    let mut ranges = vec![];
+    for k in keep {
+        if k as u32 > first {
+            ranges.push((first, k as u32 - 1));
+        }
+        first = k as u32 + 1;
+    }
+    ranges.push((first, u32::MAX));
+    for (lo, hi) in ranges {
+        // SAFETY: close_range closes descriptors by number; the caller owns none of them in
+        // Rust objects it will use again (it is about to exec, or has only just started and
+        // holds nothing open above 2 but `keep`).
+        let r = unsafe { libc::close_range(lo, hi, 0) };
+        if r != 0 {
+            let keep: Vec<i32> = (3..lo as i32).collect();
+            close_fds_except(&keep);
+            return;
+        }
+    }
+}
+
+/// Make the mount at `fd` and every mount below it read-only (`mount_setattr(2)` with
+/// `AT_RECURSIVE`; Linux 5.12). A plain read-only remount of a recursive bind leaves the
+/// mounts below it writable.
+pub fn mount_set_readonly_recursive(fd: std::os::fd::BorrowedFd<'_>) -> nix::Result<()> {
+    use std::os::fd::AsRawFd;
+    #[repr(C)]
+    struct MountAttr {
+        attr_set: u64,
+        attr_clr: u64,
+        propagation: u64,
+        userns_fd: u64,
+    }
+    const MOUNT_ATTR_RDONLY: u64 = 0x1;
+    let attr = MountAttr {
+        attr_set: MOUNT_ATTR_RDONLY,
+        attr_clr: 0,
+        propagation: 0,
+        userns_fd: 0,
+    };
+    // SAFETY: the path is an empty NUL-terminated string (AT_EMPTY_PATH: the descriptor
+    // itself), `attr` is a live `struct mount_attr` of the size passed, and `fd` is open for
+    // the call's duration.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_mount_setattr,
+            fd.as_raw_fd(),
+            c"".as_ptr(),
+            libc::AT_EMPTY_PATH | libc::AT_RECURSIVE,
+            &attr as *const MountAttr,
+            std::mem::size_of::<MountAttr>(),
+        )
+    };
+    nix::errno::Errno::result(r).map(drop)
+}
+
+/// Join a new anonymous session keyring (`keyctl(KEYCTL_JOIN_SESSION_KEYRING, NULL)`), as runc
+/// does per container: the host's session keyring is no longer this process's.
+pub fn join_new_session_keyring() -> nix::Result<()> {
+    const KEYCTL_JOIN_SESSION_KEYRING: libc::c_long = 1;
+    // SAFETY: a NULL name asks for an anonymous keyring; no memory of ours is passed.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_keyctl,
+            KEYCTL_JOIN_SESSION_KEYRING,
+            std::ptr::null::<libc::c_char>(),
+        )
+    };
+    nix::errno::Errno::result(r).map(drop)
+}
+
+/// Open the executable at `path` through a new, detached, read-only overlayfs mount of its
+/// directory (with `empty`, an empty directory, as the second layer overlayfs needs without
+/// an upper layer): the same file, but every write through it fails with EROFS, and the
+/// mount is reachable only through the returned descriptor. runc ≥ 1.2 does the same; it
+/// costs a few system calls instead of a copy of the binary. Needs the new mount API
+/// (Linux 5.2) and overlayfs.
+pub fn read_only_view(
+    path: &std::path::Path,
+    empty: &std::path::Path,
+) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::ffi::CString;
+    use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+    use std::os::unix::ffi::OsStrExt;
+    const FSOPEN_CLOEXEC: libc::c_uint = 1;
+    const FSCONFIG_SET_STRING: libc::c_uint = 1;
+    const FSCONFIG_CMD_CREATE: libc::c_uint = 6;
+    const FSMOUNT_CLOEXEC: libc::c_uint = 1;
+    const MOUNT_ATTR_RDONLY: libc::c_uint = 0x1;
+    const MOUNT_ATTR_NOSUID: libc::c_uint = 0x2;
+    const MOUNT_ATTR_NODEV: libc::c_uint = 0x4;
+    let invalid = || std::io::Error::from(std::io::ErrorKind::InvalidInput);
+    let dir = path.parent().ok_or_else(invalid)?;
+    let name =
+        CString::new(path.file_name().ok_or_else(invalid)?.as_bytes()).map_err(|_| invalid())?;
+    // overlayfs splits lowerdir at ':' and takes '\\' as an escape
+    let escape = |p: &std::path::Path| {
+        let mut v = vec![];
+        for &b in p.as_os_str().as_bytes() {
+            if b == b':' || b == b'\\' {
+                v.push(b'\\');
+            }
+            v.push(b);
+        }
+        v
+    };
+    let mut lower = escape(dir);
+    lower.push(b':');
+    lower.extend_from_slice(&escape(empty));
+    let lower = CString::new(lower).map_err(|_| invalid())?;
+    let owned = |r: libc::c_long| -> std::io::Result<OwnedFd> {
+        if r < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        // SAFETY: the kernel just returned this new descriptor to us; nothing else owns it.
+        Ok(unsafe { OwnedFd::from_raw_fd(r as i32) })
+    };
+    // SAFETY: a NUL-terminated file-system name and plain flags.
+    let fs =
+        owned(unsafe { libc::syscall(libc::SYS_fsopen, c"overlay".as_ptr(), FSOPEN_CLOEXEC) })?;
+    for (key, value) in [(c"lowerdir", lower.as_c_str()), (c"xino", c"off")] {
+        // SAFETY: `fs` is an open fs context; key and value are NUL-terminated strings that
+        // live across the call.
+        let r = unsafe {
+            libc::syscall(
+                libc::SYS_fsconfig,
+                fs.as_raw_fd(),
+                FSCONFIG_SET_STRING,
+                key.as_ptr(),
+                value.as_ptr(),
+                0,
+            )
+        };
+        if r < 0 && key != c"xino" {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    // SAFETY: no pointers; `fs` is an open fs context.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_fsconfig,
+            fs.as_raw_fd(),
+            FSCONFIG_CMD_CREATE,
+            std::ptr::null::<libc::c_char>(),
+            std::ptr::null::<libc::c_void>(),
+            0,
+        )
+    };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: no pointers; `fs` is a created fs context.
+    let mnt = owned(unsafe {
+        libc::syscall(
+            libc::SYS_fsmount,
+            fs.as_raw_fd(),
+            FSMOUNT_CLOEXEC,
+            MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID | MOUNT_ATTR_NODEV,
+        )
+    })?;
+    let fd = nix::fcntl::openat(
+        mnt,
+        name.as_c_str(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NOFOLLOW,
+        nix::sys::stat::Mode::empty(),
+    )?;
+    Ok(fd)
+}
+
+/// A sealed in-memory copy of the executable at `path` (`memfd_create`, then every seal):
+/// what berth runs as whenever a container can see the process before its `execve` (the
+/// shim and the container's first process; `berth exec`'s child). `/proc/PID/exe` of such a
+/// process names the copy, which nobody can write, never the host's binary, which a
+/// container's root could otherwise open and overwrite (CVE-2019-5736).
+pub fn sealed_copy(path: &std::path::Path) -> std::io::Result<std::os::fd::OwnedFd> {
+    use nix::fcntl::{FcntlArg, SealFlag, fcntl};
+    use nix::sys::memfd::{MFdFlags, memfd_create};
+    let fd = memfd_create(
+        c"berth",
+        MFdFlags::MFD_CLOEXEC | MFdFlags::MFD_ALLOW_SEALING,
+    )?;
+    let mut src = std::fs::File::open(path)?;
+    let mut dst = std::fs::File::from(fd);
+    std::io::copy(&mut src, &mut dst)?;
+    let seals = SealFlag::F_SEAL_SEAL
+        | SealFlag::F_SEAL_SHRINK
+        | SealFlag::F_SEAL_GROW
+        | SealFlag::F_SEAL_WRITE;
+    fcntl(&dst, FcntlArg::F_ADD_SEALS(seals))?;
+    Ok(dst.into())
+}
+
+/// Whether this process runs from a view no one can write: a [`sealed_copy`], or a
+/// [`read_only_view`] (a file on a read-only overlayfs).
+pub fn running_sealed() -> bool {
+    if std::fs::read_link("/proc/self/exe")
+        .is_ok_and(|p| p.to_string_lossy().starts_with("/memfd:berth"))
+    {
+        return true;
+    }
+    let Ok(exe) = std::fs::File::open("/proc/self/exe") else {
+        return false;
+    };
+    nix::sys::statfs::fstatfs(&exe).is_ok_and(|s| {
+        s.filesystem_type() == nix::sys::statfs::OVERLAYFS_SUPER_MAGIC
+            && nix::sys::statvfs::fstatvfs(&exe)
+                .is_ok_and(|v| v.flags().contains(nix::sys::statvfs::FsFlags::ST_RDONLY))
+    })
+}
+
+/// Set the process umask (`umask(2)` through nix; here so callers need not import it).
+pub fn set_umask(mask: u32) {
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(
+        mask as libc::mode_t,
+    ));
+}
+
 /// Start writing back the dirty pages of `fd` in `offset..offset+len` without waiting for
 /// them (`sync_file_range(SYNC_FILE_RANGE_WRITE)`; nix has no wrapper). A later fsync then
 /// finds most of the file already on its way to the disk.

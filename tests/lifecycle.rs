@@ -63,6 +63,11 @@ impl Host {
     fn name(&self, n: &str) -> String {
         format!("{}{n}{}", self.tag, std::process::id())
     }
+    /// The name of container `n`'s cgroup directories (its name and the state directory's
+    /// hash).
+    fn leaf(&self, n: &str) -> String {
+        berth::runtime::cgroup::leaf_name(&self.s().join("containers").join(self.name(n)))
+    }
 
     /// Write the manifests: the image resource plus `containers` (TOML bodies by name).
     fn declare(&self, containers: &[(&str, &str)]) {
@@ -531,15 +536,21 @@ fn same_name_in_two_state_dirs_does_not_share_a_cgroup() {
     let pid = a.wait_for("a", "running", |r| state(r) == "running")["pid"]
         .as_i64()
         .unwrap();
-    let out = b.run(&["apply", b.d()]);
-    assert_eq!(out.status.code(), Some(1));
-    let err = String::from_utf8_lossy(&out.stderr);
-    let other = std::fs::canonicalize(a.s().join("containers").join(a.name("a"))).unwrap();
-    assert!(
-        err.contains(&format!("the container in {}", other.display())),
-        "the error names the container the cgroup belongs to: {err}"
-    );
+    // the same container name in another state directory runs beside it, in a cgroup of
+    // its own
+    b.apply();
+    let other = b.wait_for("a", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    assert_ne!(a.leaf("a"), b.leaf("a"));
+    let (da, db) = (a.cgroup_dirs(&[], "a"), b.cgroup_dirs(&[], "a"));
+    assert!(!da.is_empty() && !db.is_empty());
+    assert!(da.iter().all(|d| !db.contains(d)), "{da:?} {db:?}");
     drop(b);
+    assert!(
+        !pid_alive(other),
+        "the other state directory's container was removed"
+    );
     assert!(
         pid_alive(pid),
         "the other state directory's cleanup spared it"
@@ -596,7 +607,7 @@ fn v1_cgroups_are_made_only_where_used_and_older_ones_are_still_removed() {
     let old = Path::new("/sys/fs/cgroup/freezer")
         .join(base.trim_start_matches('/'))
         .join("berth")
-        .join(h.name("a"));
+        .join(h.leaf("a"));
     std::fs::create_dir_all(&old).unwrap();
     let _rm = RmDirOnDrop(old.clone());
     std::fs::write(old.join("cgroup.procs"), pid.to_string()).unwrap();
@@ -924,7 +935,7 @@ fn debugging_commands_and_stop_settings() {
     assert!(
         i["cgroup_path"]
             .as_str()
-            .is_some_and(|p| p.ends_with(&format!("berth/{}", h.name("d")))),
+            .is_some_and(|p| p.ends_with(&format!("berth/{}", h.leaf("d")))),
         "{i}"
     );
     assert!(i["mounts"].is_array(), "{i}");
@@ -1019,7 +1030,7 @@ fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
     let dirs = h.cgroup_dirs(&[], "a");
     assert!(!dirs.is_empty());
     for d in &dirs {
-        expect(d, None, &h.name("a"));
+        expect(d, None, &h.leaf("a"));
     }
     // an absolute cgroup_parent from the host config
     let parent = format!("/berthtest{}", std::process::id());
@@ -1034,7 +1045,7 @@ fn cgroups_go_below_berths_own_cgroup_or_the_configured_parent() {
     ok(&h.run(&args));
     let dirs = h.cgroup_dirs(&cfg, "b");
     for d in &dirs {
-        expect(d, Some(&parent), &h.name("b"));
+        expect(d, Some(&parent), &h.leaf("b"));
         // the container's directory (gone by then) and the parent berth made for it
         made.push(RmDirOnDrop(Path::new(d).to_path_buf()));
     }
@@ -1085,7 +1096,7 @@ fn cgroup_v2_on_the_unified_hierarchy() {
             .unwrap()
     };
     let name = h.name("a");
-    let dir = unified.join("berth").join(&name);
+    let dir = unified.join("berth").join(h.leaf("a"));
     let _rm = RmDirOnDrop(dir.clone());
     h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
     ok(&v2(&["apply", h.d()]));

@@ -181,6 +181,8 @@ pub struct PlanArgs {
 pub fn main() -> ExitCode {
     crate::sys::reset_sigpipe();
     crate::sys::tune_malloc();
+    // private by default, in berth and in the shim (a re-exec of this binary)
+    crate::sys::set_umask(crate::fsutil::UMASK);
     // `berth shim DIR` runs on every container start, started by berth itself: it needs
     // neither the argument parser (building it is a fifth of a start-up) nor the config
     let mut args = std::env::args_os().skip(1);
@@ -228,8 +230,10 @@ fn ctx(cli: &Cli) -> Result<Ctx> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
+    let state = StateDir::new(&cli.state_dir);
+    state.make_private()?;
     Ok(Ctx {
-        state: StateDir::new(&cli.state_dir),
+        state,
         config: Config::load(&path, required)?,
     })
 }
@@ -265,6 +269,7 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             command,
         } => {
             let rt = containers::runtime(&c)?;
+            crate::runtime::exec::reexec_unwritable(&rt)?;
             let code = crate::runtime::exec::exec(&rt, &name, command, interactive, tty)?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))
         }

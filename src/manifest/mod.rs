@@ -470,6 +470,7 @@ impl Loader {
             "read_only",
             "cap_add",
             "cap_drop",
+            "seccomp",
             "stop_signal",
             "stop_timeout",
             "depends_on",
@@ -672,6 +673,16 @@ impl Loader {
             } else {
                 c.cap_drop = caps;
             }
+        }
+        if let Some(s) = self.field(f, tbl, "seccomp", |i| match string(i)?.as_str() {
+            "default" => Ok(spec::Seccomp::Default),
+            "unconfined" => Ok(spec::Seccomp::Unconfined),
+            other => Err((
+                None,
+                format!("{other:?} is not a seccomp profile: \"default\" or \"unconfined\""),
+            )),
+        }) {
+            c.seccomp = s;
         }
         if let Some(s) = self.field(f, tbl, "stop_signal", |i| {
             parse_signal(&string(i)?).map_err(|e| (None, e))

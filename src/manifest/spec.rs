@@ -114,6 +114,23 @@ pub struct HealthSpec {
     pub start_period: Duration,
 }
 
+/// The system-call filter a container runs under.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Seccomp {
+    /// docker's default profile.
+    #[default]
+    Default,
+    /// No filter: the explicit opt-out.
+    Unconfined,
+}
+
+impl Seccomp {
+    pub fn is_default(&self) -> bool {
+        *self == Seccomp::Default
+    }
+}
+
 /// Network names with a special meaning.
 pub const NET_DEFAULT: &str = "default";
 pub const NET_HOST: &str = "host";
@@ -142,6 +159,10 @@ pub struct ContainerSpec {
     pub read_only: bool,
     pub cap_add: Vec<String>,
     pub cap_drop: Vec<String>,
+    /// Absent from records made before it existed; left out when default so plans and
+    /// records of containers that keep the default do not change.
+    #[serde(default, skip_serializing_if = "Seccomp::is_default")]
+    pub seccomp: Seccomp,
     pub stop_signal: String,
     pub stop_timeout: Duration,
     pub depends_on: BTreeMap<String, DependCondition>,
@@ -172,6 +193,7 @@ impl ContainerSpec {
             read_only: false,
             cap_add: vec![],
             cap_drop: vec![],
+            seccomp: Seccomp::Default,
             stop_signal: "SIGTERM".to_string(),
             stop_timeout: Duration::from_secs(10),
             depends_on: BTreeMap::new(),

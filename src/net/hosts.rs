@@ -32,6 +32,9 @@ pub fn write_in_place(path: &Path, contents: &str) -> std::io::Result<()> {
         .create(true)
         .truncate(true)
         .open(path)?;
+    // read by the container's users through a bind mount; berth's umask would make it 0600
+    use std::os::unix::fs::PermissionsExt;
+    f.set_permissions(std::fs::Permissions::from_mode(0o644))?;
     f.write_all(contents.as_bytes())
 }
 

@@ -156,14 +156,30 @@ fn read_number(controller: &dyn Controller, file: &str) -> Option<i64> {
         .ok()
 }
 
+/// A container's cgroup directory name: `NAME-` + a hash of the state directory it belongs
+/// to (`dir` is `STATE/containers/NAME`), so that two state directories can run containers of
+/// the same name side by side.
+pub fn leaf_name(dir: &Path) -> String {
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    let containers = crate::fsutil::canonical(dir.parent().unwrap_or(Path::new("/")));
+    format!(
+        "{name}-{}",
+        crate::fsutil::short_hash(&[containers.as_os_str().as_encoded_bytes()])
+    )
+}
+
 impl CgroupLocation {
     /// The location for a new container cgroup.
-    pub fn for_container(name: &str, parent: Option<&std::path::Path>) -> CgroupLocation {
+    pub fn for_container(dir: &Path, parent: Option<&Path>) -> CgroupLocation {
         let v2 = hierarchies::is_cgroup2_unified_mode();
+        let name = leaf_name(dir);
         match parent {
             Some(p) => CgroupLocation {
                 path: p
-                    .join(name)
+                    .join(&name)
                     .to_string_lossy()
                     .trim_start_matches('/')
                     .to_string(),
@@ -173,7 +189,7 @@ impl CgroupLocation {
             None if v2 => {
                 let own = PathBuf::from(own_v2_path());
                 CgroupLocation {
-                    path: own.join("berth").join(name).to_string_lossy().into_owned(),
+                    path: own.join("berth").join(&name).to_string_lossy().into_owned(),
                     relative: HashMap::new(),
                     v2,
                 }

@@ -81,6 +81,14 @@ pub struct ProcessSpec {
     pub user: Option<String>,
     /// Capability names (`CAP_…`) the process keeps.
     pub capabilities: Vec<String>,
+    /// Run under docker's default seccomp profile (false: unconfined). Configs written before
+    /// it existed get the filter.
+    #[serde(default = "yes")]
+    pub seccomp: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]

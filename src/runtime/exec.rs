@@ -7,7 +7,7 @@ use crate::observe::ContainerStatus;
 use nix::sched::CloneFlags;
 use nix::sys::wait::{WaitStatus, waitpid};
 use std::io::{Read, Write};
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, IntoRawFd, OwnedFd};
 
 fn code_of(ws: nix::Result<WaitStatus>) -> i32 {
     match ws {
@@ -23,6 +23,45 @@ fn wait(pid: nix::unistd::Pid) -> i32 {
             Err(nix::errno::Errno::EINTR) => continue,
             other => return code_of(other),
         }
+    }
+}
+
+/// Execute this process again from an unwritable view of its own binary (see
+/// [`Runtime::unwritable_exe`]) unless it already runs from one: `exec`'s child is berth
+/// inside the container's pid namespace until it executes the command, and a container's
+/// root must not be able to reach the host's binary through its `/proc/PID/exe`. Returns only
+/// when nothing needed doing; a failure to re-execute is an error, never a silent fallback.
+pub fn reexec_unwritable(rt: &Runtime) -> Result<(), RuntimeError> {
+    if crate::sys::running_sealed() {
+        return Ok(());
+    }
+    let failed = |e: std::io::Error| RuntimeError::Spawn {
+        name: "exec".into(),
+        source: e,
+    };
+    let me = std::fs::read_link("/proc/self/exe").map_err(failed)?;
+    let exe = if me.exists() {
+        rt.unwritable_exe_of(&me)
+    } else {
+        // replaced since we started: copy what we run
+        // (the descriptor stays open for the execve below)
+        crate::sys::sealed_copy(std::path::Path::new("/proc/self/exe"))
+            .map(|fd| std::path::PathBuf::from(format!("/proc/self/fd/{}", fd.into_raw_fd())))
+    }
+    .map_err(failed)?;
+    let cstr = |s: &std::ffi::OsStr| {
+        use std::os::unix::ffi::OsStrExt;
+        std::ffi::CString::new(s.as_bytes())
+            .map_err(|_| failed(std::io::Error::from(std::io::ErrorKind::InvalidInput)))
+    };
+    let mut args: Vec<std::ffi::CString> = vec![c"berth".to_owned()];
+    for a in std::env::args_os().skip(1) {
+        args.push(cstr(&a)?);
+    }
+    let path = cstr(exe.as_os_str())?;
+    match nix::unistd::execv(&path, &args) {
+        Ok(never) => match never {},
+        Err(e) => Err(failed(e.into())),
     }
 }
 
@@ -72,6 +111,20 @@ pub fn exec(
     } else {
         None
     };
+    // Without a terminal of its own, the command gets pipes, never the caller's descriptors:
+    // a program in the container holding the admin's terminal could push keystrokes into
+    // the admin's shell (TIOCSTI) or read what is typed after exec returns.
+    let failed = |e: nix::Error| RuntimeError::StartFailed {
+        name: name.into(),
+        message: format!("pipe: {e}"),
+    };
+    let pipe = || nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(failed);
+    let pipes = if tty {
+        None
+    } else {
+        let stdin = if interactive { Some(pipe()?) } else { None };
+        Some((stdin, pipe()?, pipe()?))
+    };
     let cg = st.cgroup.open();
     let child = crate::sys::fork_process().map_err(|e| RuntimeError::StartFailed {
         name: name.into(),
@@ -99,21 +152,59 @@ pub fn exec(
             }
         }
         drop(ns);
+        // only the command keeps its ends of the pipes and the terminal: a copy held here
+        // would keep its stdin from ever ending
+        let pty = pty.map(|p| {
+            drop(p.master);
+            p.slave
+        });
+        let pipes = pipes.map(|(stdin, (out_r, out_w), (err_r, err_w))| {
+            drop((out_r, err_r));
+            (
+                stdin.map(|(r, w)| {
+                    drop(w);
+                    r
+                }),
+                out_w,
+                err_w,
+            )
+        });
         match crate::sys::fork_process() {
-            Ok(Some(gc)) => std::process::exit(wait(gc)),
+            Ok(Some(gc)) => {
+                drop((pty, pipes));
+                std::process::exit(wait(gc))
+            }
             Ok(None) => {}
             Err(e) => die(format!("fork: {e}")),
         }
-        if let Some(p) = &pty {
-            let _ = nix::unistd::setsid();
-            let _ = crate::sys::set_controlling_tty(p.slave.as_fd());
-            for t in 0..3 {
-                let _ = crate::sys::dup_onto(p.slave.as_fd(), t);
-            }
-        } else if !interactive && let Ok(null) = std::fs::File::open("/dev/null") {
-            let _ = crate::sys::dup_onto(null.as_fd(), 0);
+        // a session of its own: no controlling terminal of the caller's
+        if let Err(e) = nix::unistd::setsid() {
+            die(format!("setsid: {e}"));
         }
-        drop(pty);
+        let stdio = if let Some(slave) = &pty {
+            crate::sys::set_controlling_tty(slave.as_fd())
+                .map_err(|e| format!("set the controlling terminal: {e}"))
+                .and_then(|()| {
+                    (0..3).try_for_each(|t| {
+                        crate::sys::dup_onto(slave.as_fd(), t).map_err(|e| e.to_string())
+                    })
+                })
+        } else if let Some((stdin, out_w, err_w)) = &pipes {
+            let null = std::fs::File::open("/dev/null").map_err(|e| e.to_string());
+            null.and_then(|null| {
+                let input = stdin.as_ref().map(|r| r.as_fd()).unwrap_or(null.as_fd());
+                crate::sys::dup_onto(input, 0)
+                    .and_then(|()| crate::sys::dup_onto(out_w.as_fd(), 1))
+                    .and_then(|()| crate::sys::dup_onto(err_w.as_fd(), 2))
+                    .map_err(|e| e.to_string())
+            })
+        } else {
+            Ok(())
+        };
+        if let Err(e) = stdio {
+            die(format!("stdio: {e}"));
+        }
+        drop((pty, pipes));
         let e = match super::init::exec_as(&spec, -1) {
             Ok(never) => match never {},
             Err(e) => e,
@@ -122,63 +213,112 @@ pub fn exec(
         std::process::exit(127);
     };
     drop(ns);
-    let Some(p) = pty else {
-        return Ok(wait(child));
-    };
-    drop(p.slave);
-    relay(p.master, interactive);
+    // a command that stops reading its stdin must not kill us with SIGPIPE
+    let _ = nix::sys::signal::sigprocmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&nix::sys::signal::SigSet::from(
+            nix::sys::signal::Signal::SIGPIPE,
+        )),
+        None,
+    );
+    if let Some(p) = pty {
+        drop(p.slave);
+        let input = if interactive {
+            p.master.try_clone().ok().map(std::fs::File::from)
+        } else {
+            None
+        };
+        relay(
+            input,
+            vec![(std::fs::File::from(p.master), Out::Stdout)],
+            true,
+        );
+    } else if let Some((stdin, (out_r, out_w), (err_r, err_w))) = pipes {
+        drop((out_w, err_w));
+        let input = stdin.map(|(r, w)| {
+            drop(r);
+            std::fs::File::from(w)
+        });
+        relay(
+            input,
+            vec![
+                (std::fs::File::from(out_r), Out::Stdout),
+                (std::fs::File::from(err_r), Out::Stderr),
+            ],
+            false,
+        );
+    }
     Ok(wait(child))
 }
 
-/// Copy our stdin to the pty and the pty to our stdout until the pty closes, with our
-/// terminal (if any) in raw mode.
-fn relay(master: OwnedFd, interactive: bool) {
+/// Where a command's output goes.
+#[derive(Clone, Copy)]
+enum Out {
+    Stdout,
+    Stderr,
+}
+
+/// Copy our stdin to `input` (on a thread of its own, so that a command that does not read
+/// its stdin cannot stall its output; at the end of our stdin `input` is closed) and each of
+/// `outputs` to our stdout or stderr, until every output has ended. With `terminal`, our
+/// stdin (if a terminal) is in raw mode meanwhile.
+fn relay(input: Option<std::fs::File>, outputs: Vec<(std::fs::File, Out)>, terminal: bool) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use nix::sys::termios;
     let stdin = std::io::stdin();
-    let saved = termios::tcgetattr(stdin.as_fd()).ok();
+    let saved = if terminal {
+        termios::tcgetattr(stdin.as_fd()).ok()
+    } else {
+        None
+    };
     if let Some(t) = &saved {
         let mut raw = t.clone();
         termios::cfmakeraw(&mut raw);
         let _ = termios::tcsetattr(stdin.as_fd(), termios::SetArg::TCSANOW, &raw);
     }
-    let mut m = std::fs::File::from(master);
+    if let Some(mut input) = input {
+        // never joined: it may sit in a read of our stdin when the command has ended
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin().lock(), &mut input);
+        });
+    }
+    let mut outputs: Vec<Option<(std::fs::File, Out)>> = outputs.into_iter().map(Some).collect();
     let mut buf = [0u8; 8192];
-    let mut stdin_open = interactive;
-    loop {
-        let mfd = m.try_clone().ok();
-        let Some(mfd) = mfd else { break };
-        let mut fds = vec![PollFd::new(mfd.as_fd(), PollFlags::POLLIN)];
-        if stdin_open {
-            fds.push(PollFd::new(stdin.as_fd(), PollFlags::POLLIN));
+    while outputs.iter().any(Option::is_some) {
+        let mut fds = vec![];
+        let mut which = vec![];
+        for (i, o) in outputs.iter().enumerate() {
+            if let Some((f, _)) = o {
+                fds.push(PollFd::new(f.as_fd(), PollFlags::POLLIN));
+                which.push(i);
+            }
         }
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => break,
             Ok(_) => {}
         }
-        let m_ready = fds[0].revents().is_some_and(|r| !r.is_empty());
-        let in_ready = stdin_open
-            && fds
-                .get(1)
-                .and_then(|f| f.revents())
-                .is_some_and(|r| !r.is_empty());
+        let ready: Vec<usize> = fds
+            .iter()
+            .zip(&which)
+            .filter(|(p, _)| p.revents().is_some_and(|r| !r.is_empty()))
+            .map(|(_, w)| *w)
+            .collect();
         drop(fds);
-        if m_ready {
-            match m.read(&mut buf) {
-                Ok(0) | Err(_) => break,
+        for i in ready {
+            let Some((f, out)) = outputs[i].as_mut() else {
+                continue;
+            };
+            match f.read(&mut buf) {
+                Ok(0) | Err(_) => outputs[i] = None,
                 Ok(n) => {
-                    let mut out = std::io::stdout();
-                    let _ = out.write_all(&buf[..n]);
-                    let _ = out.flush();
-                }
-            }
-        }
-        if in_ready {
-            match stdin.lock().read(&mut buf) {
-                Ok(0) | Err(_) => stdin_open = false,
-                Ok(n) => {
-                    let _ = m.write_all(&buf[..n]);
+                    let _ = match out {
+                        Out::Stdout => {
+                            let mut o = std::io::stdout();
+                            o.write_all(&buf[..n]).and_then(|()| o.flush())
+                        }
+                        Out::Stderr => std::io::stderr().write_all(&buf[..n]),
+                    };
                 }
             }
         }

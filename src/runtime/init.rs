@@ -49,7 +49,14 @@ pub const MASKED: &[&str] = &[
     "/proc/scsi",
     "/proc/interrupts",
     "/sys/firmware",
+    "/sys/devices/virtual/powercap",
 ];
+
+/// The umask a container's processes start with (docker's).
+pub const CONTAINER_UMASK: u32 = 0o022;
+
+/// The most of `/etc/passwd` or `/etc/group` read from an image.
+const MAX_USER_DB: u64 = 4 << 20;
 /// Docker's read-only paths.
 pub const READ_ONLY: &[&str] = &[
     "/proc/bus",
@@ -155,40 +162,117 @@ fn bind(src: &Path, root: &OwnedFd, path: &Path, target: &OwnedFd, read_only: bo
     )
     .map_err(|e| fail(format!("bind mount {what}"), e))?;
     if read_only {
+        // every mount below the source too: a plain remount leaves those writable
         let top =
             open_in(root, path)?.ok_or_else(|| fail(format!("bind mount {what}"), "vanished"))?;
-        let tp = fdpath(&top);
-        mount(
-            None::<&str>,
-            tp.as_str(),
-            None::<&str>,
-            MsFlags::MS_BIND | MsFlags::MS_REMOUNT | MsFlags::MS_RDONLY | MsFlags::MS_REC,
-            None::<&str>,
-        )
-        .map_err(|e| fail(format!("remount {what} read-only"), e))?;
+        crate::sys::mount_set_readonly_recursive(top.as_fd()).map_err(|e| {
+            let e = if e == nix::errno::Errno::ENOSYS {
+                "read-only bind mounts need mount_setattr (Linux 5.12 or later)".to_string()
+            } else {
+                e.to_string()
+            };
+            fail(format!("make {what} read-only"), e)
+        })?;
     }
     Ok(())
 }
 
-/// Copy a directory tree (modes, owners, symlinks) into an empty volume on first use.
-fn copy_tree(src: &Path, dst: &Path) -> std::io::Result<()> {
-    use std::os::unix::fs::{MetadataExt, PermissionsExt};
-    for e in std::fs::read_dir(src)? {
-        let e = e?;
-        let (s, d) = (e.path(), dst.join(e.file_name()));
-        let m = std::fs::symlink_metadata(&s)?;
-        if m.file_type().is_symlink() {
-            std::os::unix::fs::symlink(std::fs::read_link(&s)?, &d)?;
-        } else if m.is_dir() {
-            std::fs::create_dir_all(&d)?;
-            copy_tree(&s, &d)?;
-            std::fs::set_permissions(&d, std::fs::Permissions::from_mode(m.mode() & 0o7777))?;
-        } else if m.is_file() {
-            std::fs::copy(&s, &d)?;
-        } else {
-            continue;
+/// How deep [`copy_tree`] descends before it gives up.
+const MAX_COPY_DEPTH: usize = 128;
+
+/// Copy a directory tree (modes, owners, symlinks) from the image into an empty volume on
+/// first use, descriptor by descriptor: nothing is ever resolved through a symlink on either
+/// side (another container sharing the volume could plant one in it), and the volume's own
+/// top directory takes the mode and owner of the directory in the image, as docker does.
+fn copy_tree(
+    src: std::os::fd::BorrowedFd<'_>,
+    dst: std::os::fd::BorrowedFd<'_>,
+) -> nix::Result<()> {
+    let st = nix::sys::stat::fstat(src)?;
+    copy_entries(src, dst, 0)?;
+    nix::sys::stat::fchmod(dst, Mode::from_bits_truncate(st.st_mode & 0o7777))?;
+    nix::unistd::fchown(
+        dst,
+        Some(nix::unistd::Uid::from_raw(st.st_uid)),
+        Some(nix::unistd::Gid::from_raw(st.st_gid)),
+    )
+}
+
+fn copy_entries(
+    src: std::os::fd::BorrowedFd<'_>,
+    dst: std::os::fd::BorrowedFd<'_>,
+    depth: usize,
+) -> nix::Result<()> {
+    use nix::fcntl::{AtFlags, openat};
+    use nix::sys::stat::fstatat;
+    if depth > MAX_COPY_DEPTH {
+        return Err(nix::errno::Errno::ELOOP);
+    }
+    let nofollow = OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC;
+    let dir = nix::dir::Dir::openat(
+        src,
+        ".",
+        OFlag::O_RDONLY | OFlag::O_DIRECTORY | nofollow,
+        Mode::empty(),
+    )?;
+    let names: Vec<CString> = dir
+        .into_iter()
+        .filter_map(|e| e.ok())
+        .map(|e| e.file_name().to_owned())
+        .filter(|n| n.to_bytes() != b"." && n.to_bytes() != b"..")
+        .collect();
+    for name in names {
+        let st = fstatat(src, name.as_c_str(), AtFlags::AT_SYMLINK_NOFOLLOW)?;
+        let mode = Mode::from_bits_truncate(st.st_mode & 0o7777);
+        let (uid, gid) = (
+            Some(nix::unistd::Uid::from_raw(st.st_uid)),
+            Some(nix::unistd::Gid::from_raw(st.st_gid)),
+        );
+        match SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) {
+            SFlag::S_IFLNK => {
+                let target = nix::fcntl::readlinkat(src, name.as_c_str())?;
+                nix::unistd::symlinkat(target.as_os_str(), dst, name.as_c_str())?;
+                nix::unistd::fchownat(
+                    dst,
+                    name.as_c_str(),
+                    uid,
+                    gid,
+                    AtFlags::AT_SYMLINK_NOFOLLOW,
+                )?;
+            }
+            SFlag::S_IFDIR => {
+                nix::sys::stat::mkdirat(dst, name.as_c_str(), Mode::from_bits_truncate(0o700))?;
+                let flags = OFlag::O_RDONLY | OFlag::O_DIRECTORY | nofollow;
+                let s = openat(src, name.as_c_str(), flags, Mode::empty())?;
+                let d = openat(dst, name.as_c_str(), flags, Mode::empty())?;
+                copy_entries(s.as_fd(), d.as_fd(), depth + 1)?;
+                nix::unistd::fchown(d.as_fd(), uid, gid)?;
+                nix::sys::stat::fchmod(d.as_fd(), mode)?;
+            }
+            SFlag::S_IFREG => {
+                let s = openat(
+                    src,
+                    name.as_c_str(),
+                    OFlag::O_RDONLY | nofollow,
+                    Mode::empty(),
+                )?;
+                let d = openat(
+                    dst,
+                    name.as_c_str(),
+                    OFlag::O_WRONLY | OFlag::O_CREAT | OFlag::O_EXCL | nofollow,
+                    Mode::from_bits_truncate(0o600),
+                )?;
+                let (mut s, mut d) = (std::fs::File::from(s), std::fs::File::from(d));
+                std::io::copy(&mut s, &mut d).map_err(|e| {
+                    e.raw_os_error()
+                        .map(nix::errno::Errno::from_raw)
+                        .unwrap_or(nix::errno::Errno::EIO)
+                })?;
+                nix::unistd::fchown(d.as_fd(), uid, gid)?;
+                nix::sys::stat::fchmod(d.as_fd(), mode)?;
+            }
+            _ => {}
         }
-        let _ = std::os::unix::fs::lchown(&d, Some(m.uid()), Some(m.gid()));
     }
     Ok(())
 }
@@ -260,11 +344,21 @@ pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
                         .map(|mut d| d.next().is_none())
                         .unwrap_or(true);
                     if empty {
-                        copy_tree(Path::new(&fdpath(&t)), source).map_err(|e| {
+                        let filled = (|| {
+                            let flags = OFlag::O_RDONLY
+                                | OFlag::O_DIRECTORY
+                                | OFlag::O_NOFOLLOW
+                                | OFlag::O_CLOEXEC;
+                            let s = nix::fcntl::openat(t.as_fd(), ".", flags, Mode::empty())?;
+                            let d = nix::fcntl::open(source.as_path(), flags, Mode::empty())?;
+                            copy_tree(s.as_fd(), d.as_fd())
+                        })();
+                        filled.map_err(|e| {
                             fail(format!("fill volume at {what} from the image"), e)
                         })?;
                     }
-                    std::fs::write(populate_marker, b"")
+                    // berth's own file: private, whatever the container's umask
+                    crate::fsutil::write_mode(populate_marker, b"", 0o600)
                         .map_err(|e| fail("mark volume filled", e))?;
                 }
                 bind(source, &root, &m.target, &t, *read_only)?;
@@ -371,6 +465,18 @@ pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
     // /etc/hostname, /etc/hosts, /etc/resolv.conf from berth
     for f in ["hostname", "hosts", "resolv.conf"] {
         let t = ensure_in(&root, &Path::new("/etc").join(f), true)?;
+        // an image's /etc/hosts may be a symlink (followed inside the root), but never onto
+        // the kernel's own files: berth's file would be mounted over /proc or /sys
+        let kernel_fs = nix::sys::statfs::fstatfs(&t).is_ok_and(|fs| {
+            let t = fs.filesystem_type();
+            t == nix::sys::statfs::PROC_SUPER_MAGIC || t == nix::sys::statfs::SYSFS_MAGIC
+        });
+        if kernel_fs {
+            return Err(fail(
+                format!("mount /etc/{f}"),
+                format!("the image's /etc/{f} leads into /proc or /sys"),
+            ));
+        }
         bind(
             &cd.etc().join(f),
             &root,
@@ -417,11 +523,7 @@ pub fn enter_rootfs(cfg: &RuntimeConfig, root: OwnedFd) -> R<()> {
     nix::unistd::chdir("/").map_err(|e| fail("chdir /", e))?;
     // a missing working directory is made now, while / can still be written (as docker
     // makes it in the container's layer even with --read-only)
-    let cwd = &cfg.process.cwd;
-    if std::fs::symlink_metadata(cwd).is_err() {
-        std::fs::create_dir_all(cwd)
-            .map_err(|e| fail(format!("create working directory {cwd}"), e))?;
-    }
+    ensure_cwd(&cfg.process.cwd)?;
     if cfg.read_only {
         mount(
             None::<&str>,
@@ -433,6 +535,51 @@ pub fn enter_rootfs(cfg: &RuntimeConfig, root: OwnedFd) -> R<()> {
         .map_err(|e| fail("remount / read-only", e))?;
     }
     Ok(())
+}
+
+/// Make the working directory exist, resolving it inside the container's root (never
+/// through a magic link such as `/proc/self/fd/N`, which could name a host directory);
+/// returns it open.
+fn ensure_cwd(cwd: &str) -> R<OwnedFd> {
+    let root: OwnedFd = nix::fcntl::open(
+        "/",
+        OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+        Mode::empty(),
+    )
+    .map_err(|e| fail("open /", e))?;
+    ensure_in(&root, Path::new(cwd), false)
+        .map_err(|e| fail(format!("create working directory {cwd}"), e))
+}
+
+/// Read the container's `/etc/passwd` or `/etc/group`: only a regular file, and only so
+/// much of it (a symlink to `/dev/zero` or a FIFO must not hang or exhaust the start).
+/// Missing or unusable reads as empty, as docker treats a missing file.
+fn read_user_db(path: &str) -> R<String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = match std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(_) => return Ok(String::new()),
+    };
+    let m = f.metadata().map_err(|e| fail(format!("stat {path}"), e))?;
+    if !m.is_file() {
+        return Err(fail("user", format!("{path} is not a regular file")));
+    }
+    if m.len() > MAX_USER_DB {
+        return Err(fail(
+            "user",
+            format!("{path} is larger than {} MiB", MAX_USER_DB >> 20),
+        ));
+    }
+    let mut buf = Vec::new();
+    f.take(MAX_USER_DB)
+        .read_to_end(&mut buf)
+        .map_err(|e| fail(format!("read {path}"), e))?;
+    Ok(String::from_utf8_lossy(&buf).into_owned())
 }
 
 /// A resolved user: ids, supplementary groups, home.
@@ -502,6 +649,10 @@ pub fn resolve_user(spec: Option<&str>, passwd: &str, group: &str) -> Result<Use
             }
         }
     }
+    // (uid_t)-1 means "unchanged" to setresuid and chown: never a user
+    if uid == u32::MAX || gid == u32::MAX || groups.contains(&u32::MAX) {
+        return Err(format!("user {spec:?}: id 4294967295 is not a valid id"));
+    }
     let home = entry
         .map(|e| e[5].to_string())
         .filter(|h| !h.is_empty())
@@ -568,22 +719,24 @@ fn exec_inner(cfg: &RuntimeConfig, keep_fd: RawFd) -> R<std::convert::Infallible
 /// no_new_privs) and exec it. Used for the container's init and for `berth exec`.
 pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
     use caps::{CapSet, Capability};
+    // nothing inherited may be reachable while paths inside the container are resolved
+    crate::sys::close_inherited_fds(&[keep_fd]);
+    crate::sys::set_umask(CONTAINER_UMASK);
     // open files: docker's 1048576, never above the host's hard limit
     let (_, hard) = nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
         .map_err(|e| fail("getrlimit", e))?;
     let n = hard.min(1 << 20);
     nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, n, n)
         .map_err(|e| fail("setrlimit nofile", e))?;
-    let passwd = std::fs::read_to_string("/etc/passwd").unwrap_or_default();
-    let group = std::fs::read_to_string("/etc/group").unwrap_or_default();
+    let passwd = read_user_db("/etc/passwd")?;
+    let group = read_user_db("/etc/group")?;
     let user = resolve_user(p.user.as_deref(), &passwd, &group).map_err(|e| fail("user", e))?;
-    // working directory: created if missing, checked after chdir (CVE-2024-21626)
+    // working directory: created if missing, resolved inside the root, checked after chdir
+    // (CVE-2024-21626)
     let cwd = &p.cwd;
-    if std::fs::metadata(cwd).is_err() {
-        std::fs::create_dir_all(cwd)
-            .map_err(|e| fail(format!("create working directory {cwd}"), e))?;
-    }
-    nix::unistd::chdir(cwd.as_str()).map_err(|e| fail(format!("chdir {cwd}"), e))?;
+    let dir = ensure_cwd(cwd)?;
+    nix::unistd::fchdir(dir.as_fd()).map_err(|e| fail(format!("chdir {cwd}"), e))?;
+    drop(dir);
     let real = nix::unistd::getcwd().map_err(|e| fail("getcwd", e))?;
     if !real.is_absolute() || real.to_string_lossy().starts_with("(unreachable)") {
         return Err(fail(
@@ -603,6 +756,17 @@ pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
                 .map_err(|e| fail(format!("drop {c} from the bounding set"), e))?;
         }
     }
+    // a keyring of its own: the host's session keyring is not the container's
+    match crate::sys::join_new_session_keyring() {
+        Ok(()) | Err(nix::errno::Errno::ENOSYS) => {}
+        Err(e) => return Err(fail("join a new session keyring", e)),
+    }
+    // the filter is built now, while a failure can still be reported, and installed last
+    let filters = if p.seccomp {
+        super::seccomp::build(&p.capabilities).map_err(|e| fail("seccomp", e))?
+    } else {
+        vec![]
+    };
     let gids: Vec<nix::unistd::Gid> = user
         .groups
         .iter()
@@ -647,6 +811,7 @@ pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
     let envp: Vec<CString> = env.iter().map(|a| cstr(a)).collect::<R<_>>()?;
     let path = cstr(&exe)?;
     crate::sys::close_fds_except(&[keep_fd]);
+    super::seccomp::install(&filters).map_err(|e| fail("seccomp", e))?;
     match nix::unistd::execve(&path, &argv, &envp) {
         Ok(never) => match never {},
         Err(e) => Err(fail(format!("exec {exe}"), e)),

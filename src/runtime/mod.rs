@@ -11,6 +11,7 @@ pub mod devices;
 pub mod exec;
 pub mod init;
 pub mod logs;
+pub mod seccomp;
 pub mod shim;
 pub mod state;
 
@@ -18,6 +19,7 @@ use crate::fsutil::{self, PathError};
 use crate::observe::{ContainerStatus, LiveLimits};
 use config::{ContainerDir, RuntimeConfig};
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -54,6 +56,31 @@ pub struct Runtime {
     pub cgroup_parent: Option<PathBuf>,
 }
 
+/// Descriptors of unwritable views of executables, by path; see [`Runtime::unwritable_exe`].
+static UNWRITABLE: std::sync::Mutex<Vec<(PathBuf, std::os::fd::OwnedFd)>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// See [`Runtime::unwritable_exe`]; `empty` is a directory berth keeps empty (the overlay's
+/// second layer).
+pub fn unwritable_exe(exe: &Path, empty: &Path) -> std::io::Result<PathBuf> {
+    use std::os::fd::AsRawFd;
+    let mut cache = UNWRITABLE
+        .lock()
+        .map_err(|_| std::io::Error::other("poisoned lock"))?;
+    if let Some((_, fd)) = cache.iter().find(|(p, _)| p == exe) {
+        return Ok(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
+    }
+    let fd = std::fs::create_dir_all(empty)
+        .and_then(|()| crate::sys::read_only_view(exe, empty))
+        .or_else(|e| {
+            tracing::debug!("read-only overlay view of {}: {e}; copying", exe.display());
+            crate::sys::sealed_copy(exe)
+        })?;
+    let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
+    cache.push((exe.to_path_buf(), fd));
+    Ok(path)
+}
+
 impl Runtime {
     pub fn new(
         containers: impl Into<PathBuf>,
@@ -86,6 +113,21 @@ impl Runtime {
             .ok_or_else(|| RuntimeError::NotCreated { name: name.into() })
     }
 
+    /// A path that executes `berth_exe` but through which nobody can write it, as
+    /// `/proc/self/fd/N`: a read-only overlayfs view of it, or else a sealed in-memory copy.
+    /// Made once per process (and per executable): the shim, and the container's first
+    /// process until its `execve`, run from it, so `/proc/PID/exe` of a process a container
+    /// can see never names the host's binary (CVE-2019-5736).
+    pub fn unwritable_exe(&self) -> std::io::Result<PathBuf> {
+        self.unwritable_exe_of(&self.berth_exe)
+    }
+
+    /// [`Runtime::unwritable_exe`] for another executable.
+    pub fn unwritable_exe_of(&self, exe: &Path) -> std::io::Result<PathBuf> {
+        let state = self.containers.parent().unwrap_or(&self.containers);
+        unwritable_exe(exe, &state.join("empty"))
+    }
+
     /// Spawn the shim and wait for it to report the container's pid.
     pub fn start(&self, name: &str) -> Result<i32, RuntimeError> {
         let d = self.dir(name);
@@ -102,7 +144,14 @@ impl Runtime {
             s.restarts += 1;
             fsutil::write_json(&d.state(), &s)?;
         }
-        let mut child = std::process::Command::new(&self.berth_exe)
+        let exe = self
+            .unwritable_exe()
+            .map_err(|source| RuntimeError::Spawn {
+                name: name.into(),
+                source,
+            })?;
+        let mut child = std::process::Command::new(&exe)
+            .arg0("berth")
             .arg("shim")
             .arg(&d.0)
             .stdin(std::process::Stdio::null())
@@ -300,8 +349,11 @@ impl Runtime {
         if !d.0.exists() {
             // removed outside berth, perhaps with the container running: its processes are
             // found by their cgroup, where berth puts it, if the cgroup says it is this one's
-            let cg =
-                cgroup::CgroupLocation::for_container(name, self.cgroup_parent.as_deref()).open();
+            let cg = cgroup::CgroupLocation::for_container(
+                &self.dir(name).0,
+                self.cgroup_parent.as_deref(),
+            )
+            .open();
             if cg.exists() && cg.owner().is_some_and(|o| o == cgroup::owner_path(&d.0)) {
                 cg.destroy()?;
             }
@@ -343,6 +395,7 @@ impl Runtime {
             .flatten()
             .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| !n.starts_with('.'))
             .collect();
         names.sort();
         names

@@ -39,17 +39,26 @@ pub fn hosts_file(hostname: &str, net: &NetMode) -> String {
 pub fn write_etc(dir: &ContainerDir, cfg: &RuntimeConfig) -> std::io::Result<()> {
     let etc = dir.etc();
     std::fs::create_dir_all(&etc)?;
-    std::fs::write(etc.join("hostname"), format!("{}\n", cfg.hostname))?;
+    // bind-mounted into the container, where any user reads them
+    fsutil::write_mode(
+        &etc.join("hostname"),
+        format!("{}\n", cfg.hostname).as_bytes(),
+        0o644,
+    )?;
     let hosts = etc.join("hosts");
     // on bridge networks apply manages the file (peers by name); only seed it
     if !matches!(cfg.net, NetMode::Bridge { .. }) || !hosts.exists() {
-        std::fs::write(&hosts, hosts_file(&cfg.hostname, &cfg.net))?;
+        fsutil::write_mode(
+            &hosts,
+            hosts_file(&cfg.hostname, &cfg.net).as_bytes(),
+            0o644,
+        )?;
     }
     let mut resolv = std::fs::read_to_string("/etc/resolv.conf").unwrap_or_default();
     if cfg.net.own_namespace() {
         resolv = crate::net::hosts::resolv_conf(&resolv);
     }
-    std::fs::write(etc.join("resolv.conf"), resolv)?;
+    fsutil::write_mode(&etc.join("resolv.conf"), resolv.as_bytes(), 0o644)?;
     Ok(())
 }
 
@@ -60,6 +69,9 @@ fn report(out: &mut std::fs::File, msg: &str) {
 
 /// Entry point of `berth shim DIR`. `dir` is the container's directory. Never returns.
 pub fn main(dir: &Path) -> ! {
+    // nothing the process that started us had open may reach the container; stdout (fd 1)
+    // is the readiness pipe
+    crate::sys::close_inherited_fds(&[]);
     // detach: a new session, then fork so the process that started us can reap our parent
     let _ = nix::unistd::setsid();
     match crate::sys::fork_process() {
@@ -115,8 +127,10 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     {
         let _ = crate::sys::dup_onto(f.as_fd(), 2);
     }
+    // the writable layer's top directory is the container's `/`: 0755 as docker makes it
+    // (the container's directory above it stays private)
     for d in [cd.upper(), cd.work(), cd.rootfs()] {
-        std::fs::create_dir_all(&d).map_err(|e| format!("create {}: {e}", d.display()))?;
+        fsutil::create_dir_mode(&d, 0o755).map_err(|e| e.to_string())?;
     }
     write_etc(&cd, &cfg).map_err(|e| format!("write /etc files: {e}"))?;
     let _ = std::fs::remove_file(cd.exit());
@@ -134,7 +148,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     if cfg.net.own_namespace() {
         flags |= CloneFlags::CLONE_NEWNET;
     }
-    let loc = CgroupLocation::for_container(&cfg.name, cfg.cgroup_parent.as_deref());
+    let loc = CgroupLocation::for_container(dir, cfg.cgroup_parent.as_deref());
     // read the cgroup mounts now, once: the child inherits them and needs them after go
     let _ = loc.open();
     let child_loc = loc.clone();
@@ -154,6 +168,9 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         // the shim's end of the go pipe: with our copy closed, a shim that dies before go
         // reads as end of file below instead of leaving us waiting forever
         let _ = nix::unistd::close(shim_go);
+        // files made in the container (mount points, the working directory, a volume's
+        // first contents) get the modes a container expects, not berth's private umask
+        crate::sys::set_umask(super::init::CONTAINER_UMASK);
         let fail_fd = cfail;
         let die = |msg: String| -> isize {
             // SAFETY-free: write through /proc/self/fd to avoid owning the raw fd here

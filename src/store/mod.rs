@@ -141,10 +141,12 @@ impl Store {
 
     /// Take an exclusive lock on `key` (blocking), shared across threads and processes.
     pub fn lock_key(&self, key: &str) -> Result<KeyLock, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
         let dir = self.root.join("locks");
         std::fs::create_dir_all(&dir).map_err(at("create directory", &dir))?;
         let p = dir.join(key.replace([':', '/'], "_"));
         let f = std::fs::OpenOptions::new()
+            .mode(0o600)
             .create(true)
             .truncate(false)
             .write(true)

@@ -725,8 +725,9 @@ pub fn paths_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Cgroup directories named `name` beneath a `berth` directory anywhere in the cgroup tree
-/// (every v1 controller and v2), i.e. what berth created for container `name`.
+/// Cgroup directories of container `name` (named `name-` and the state directory's 10-digit
+/// hash) beneath a `berth` directory anywhere in the cgroup tree (every v1 controller and v2),
+/// i.e. what berth created for container `name` in any state directory.
 pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
@@ -737,7 +738,12 @@ pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
             if !e.file_type().is_ok_and(|t| t.is_dir()) {
                 continue;
             }
-            if e.file_name() == name && dir.file_name().is_some_and(|f| f == "berth") {
+            let leaf = e.file_name().to_string_lossy().into_owned();
+            let ours = leaf
+                .strip_prefix(name)
+                .and_then(|r| r.strip_prefix('-'))
+                .is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+            if ours && dir.file_name().is_some_and(|f| f == "berth") {
                 found.push(p.clone());
             }
             if depth > 0 {
