@@ -115,6 +115,15 @@ impl Host {
             serde_json::from_str(&ok(&berth(self.s(), &["inspect", &self.name(n)]))).unwrap();
         i["state"]["pid"].as_i64().unwrap_or(0)
     }
+    /// The address container `n`'s /etc/hosts gives for `name`.
+    fn address_in(&self, n: &str, name: &str) -> String {
+        self.hosts(n)
+            .lines()
+            .find(|l| l.contains(name))
+            .and_then(|l| l.split_whitespace().next())
+            .unwrap()
+            .to_string()
+    }
     fn hosts(&self, n: &str) -> String {
         std::fs::read_to_string(
             self.s()
@@ -169,13 +178,7 @@ fn names_resolve_on_a_network_and_networks_are_isolated() {
     let got = ok(&h.exec("client", "wget -qO- http://www/"));
     assert_eq!(got, "hello from berth\n", "by hostname");
     // the other network neither resolves nor reaches it
-    let web_ip = h
-        .hosts("client")
-        .lines()
-        .find(|l| l.contains(&web))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let web_ip = h.address_in("client", &web);
     assert!(!h.hosts("stranger").contains(&web));
     let o = h.exec("stranger", &format!("wget -qO- http://{web}/"));
     assert!(!o.status.success(), "resolved across networks: {}", out(&o));
@@ -467,13 +470,7 @@ fn machines_routed_via_the_host_cannot_reach_unpublished_ports() {
         )],
     );
     h.apply();
-    let web_ip = h
-        .hosts("web")
-        .lines()
-        .find(|l| l.contains(&web))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap()
-        .to_string();
+    let web_ip = h.address_in("web", &web);
     // the host itself reaches the server (not forwarded: local traffic)
     let mut answered = false;
     for _ in 0..50 {
