@@ -379,26 +379,13 @@ impl Drop for SmallDisk {
     }
 }
 
-/// `n` bytes that do not compress (xorshift).
-fn noise(n: usize) -> Vec<u8> {
-    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
-    (0..n)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 #[test]
 fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     let reg = Registry::start();
     let r = format!("{}/full/disk:1", reg.addr);
     let big = LayerBuilder::new()
         .dir("data", 0o755)
-        .file("data/noise", &noise(12 << 20), 0o644)
+        .file("data/noise", &noise(12 << 20, 1), 0o644)
         .build();
     push_image(&r, &[big]);
     let disk = SmallDisk::new("8m");

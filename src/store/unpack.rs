@@ -1451,9 +1451,7 @@ mod tests {
             for (who, owner) in [("mine", me), ("other", (1234, 5678))] {
                 let m = fs::symlink_metadata(root.join(format!("{who}{i}"))).unwrap();
                 assert_eq!(m.mode() & 0o7777, *mode, "{who}{i}");
-                if OPTS.preserve_ownership {
-                    assert_eq!((m.uid(), m.gid()), owner, "{who}{i}");
-                }
+                assert_eq!((m.uid(), m.gid()), owner, "{who}{i}");
             }
         }
         assert_empty(&outside);
@@ -1462,9 +1460,6 @@ mod tests {
     #[test]
     fn files_under_a_setgid_root_get_the_archives_group() {
         use std::os::unix::fs::PermissionsExt;
-        if !OPTS.preserve_ownership {
-            return;
-        }
         let (_t, root, _outside) = setup();
         // a setgid root of another group: new files would inherit its group
         nix::unistd::chown(&root, None, Some(nix::unistd::Gid::from_raw(4321))).unwrap();

@@ -3,6 +3,8 @@
 //! helpers to drive the berth binary with its own state directory.
 #![allow(dead_code)]
 
+pub mod harness;
+
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
@@ -796,4 +798,72 @@ pub fn assert_unpacked(state: &Path, reference: &str) {
         !layers.is_empty() && layers.iter().all(|l| l["unpacked"] == true),
         "{reference}: not every layer is unpacked: {v}"
     );
+}
+
+/// `n` bytes that do not compress (xorshift), different for each seed.
+pub fn noise(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9e37_79b9_7f4a_7c15) | 1;
+    (0..n)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect()
+}
+
+/// The unified (v2) cgroup hierarchy, mounted where the host has it or, where it has not (a
+/// v1-only host), at a temporary directory of the test's own, unmounted on drop. The kernel
+/// has one unified hierarchy whatever is mounted, so a test can use its v2 paths (device
+/// programs, `cgroup.procs`) on any host.
+pub struct Cgroup2 {
+    pub mount: PathBuf,
+    own: Option<tempfile::TempDir>,
+}
+
+impl Cgroup2 {
+    pub fn new() -> Cgroup2 {
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap();
+        if let Some(m) = mounts
+            .lines()
+            .map(|l| l.split_whitespace().collect::<Vec<_>>())
+            .find(|f| f.get(2) == Some(&"cgroup2"))
+        {
+            return Cgroup2 {
+                mount: PathBuf::from(m[1]),
+                own: None,
+            };
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "cgroup2", "none"])
+            .arg(dir.path())
+            .status()
+            .unwrap();
+        assert!(st.success(), "mount cgroup2 at {}", dir.path().display());
+        Cgroup2 {
+            mount: dir.path().to_path_buf(),
+            own: Some(dir),
+        }
+    }
+
+    /// The directory of a process's cgroup on the unified hierarchy (`/proc/PID/cgroup`'s `0::`
+    /// line; `self` for this process).
+    pub fn of(&self, pid: &str) -> PathBuf {
+        let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).unwrap();
+        let path = own
+            .lines()
+            .find_map(|l| l.strip_prefix("0::"))
+            .unwrap_or("/");
+        self.mount.join(path.trim_start_matches('/'))
+    }
+}
+
+impl Drop for Cgroup2 {
+    fn drop(&mut self) {
+        if let Some(d) = &self.own {
+            let _ = Command::new("umount").arg("-l").arg(d.path()).status();
+        }
+    }
 }
