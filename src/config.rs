@@ -4,12 +4,15 @@
 //! cgroup_parent = "/berth"          # absolute cgroup parent; default: below berth's own cgroup
 //! [pull]
 //! concurrency = 4                   # layers downloaded at once
+//! timeout = "60s"                   # a response's headers; a manifest, config, token or error body
+//! stall_timeout = "30s"             # a layer download that moves under 64 KiB this long fails
 //! [registry."registry.example:5000"]
 //! insecure = true                   # plain HTTP (loopback registries never need this)
 //! mirrors = ["mirror.example:5000"] # tried in order, then the registry itself
 //! ca_file = "/etc/berth/ca.pem"     # extra CA for this registry
 //! ```
 
+use crate::manifest::units::Duration;
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -32,18 +35,39 @@ pub struct Config {
 pub struct PullConfig {
     #[serde(default = "default_concurrency")]
     pub concurrency: usize,
+    /// Deadline for a response's headers (per attempt) and for the whole body of a small
+    /// document: a manifest, a config, a token, an error message.
+    #[serde(default = "default_timeout")]
+    pub timeout: Duration,
+    /// A blob download that moves fewer than [`STALL_MIN_BYTES`] in this long fails the
+    /// attempt (a registry trickling bytes to hold berth forever).
+    #[serde(default = "default_stall_timeout")]
+    pub stall_timeout: Duration,
 }
+
+/// See [`PullConfig::stall_timeout`].
+pub const STALL_MIN_BYTES: u64 = 64 << 10;
 
 impl Default for PullConfig {
     fn default() -> Self {
         PullConfig {
             concurrency: default_concurrency(),
+            timeout: default_timeout(),
+            stall_timeout: default_stall_timeout(),
         }
     }
 }
 
 fn default_concurrency() -> usize {
     4
+}
+
+fn default_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+
+fn default_stall_timeout() -> Duration {
+    Duration::from_secs(30)
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -105,6 +129,17 @@ impl Config {
                 message: "pull.concurrency must be at least 1".into(),
             });
         }
+        for (name, d) in [
+            ("pull.timeout", cfg.pull.timeout),
+            ("pull.stall_timeout", cfg.pull.stall_timeout),
+        ] {
+            if !(100..=3_600_000).contains(&d.0) {
+                return Err(ConfigError::Parse {
+                    path: path.into(),
+                    message: format!("{name} = \"{d}\" must be between 100ms and 1h"),
+                });
+            }
+        }
         if let Some(p) = &cfg.cgroup_parent
             && !p.is_absolute()
         {
@@ -138,6 +173,15 @@ mod tests {
         .unwrap();
         let c = Config::load(&p, true).unwrap();
         assert!(c.registry("r:5000").insecure);
+        assert_eq!(c.pull.timeout, Duration::from_secs(60));
+        std::fs::write(&p, "[pull]\ntimeout = \"5ms\"\n").unwrap();
+        let e = Config::load(&p, true).unwrap_err().to_string();
+        assert!(e.contains("pull.timeout = \"5ms\" must be between 100ms and 1h"), "{e}");
+        std::fs::write(&p, "[pull]\nstall_timeout = \"5s\"\n").unwrap();
+        assert_eq!(
+            Config::load(&p, true).unwrap().pull.stall_timeout,
+            Duration::from_secs(5)
+        );
         std::fs::write(&p, "[pull]\nconcurency = 3\n").unwrap();
         let e = Config::load(&p, true).unwrap_err().to_string();
         assert!(e.contains("2:1"), "{e}");

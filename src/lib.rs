@@ -21,3 +21,4 @@ pub mod runtime;
 pub mod state;
 pub mod store;
 pub mod sys;
+pub mod text;

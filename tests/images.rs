@@ -3,8 +3,9 @@
 
 mod common;
 use common::*;
+use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 
 /// A layer over busybox: a file, a whiteout of /www/index.html, an opaque /etc/app.d,
@@ -805,4 +806,77 @@ fn an_image_index_resolves_to_this_hosts_platform() {
         "{v}"
     );
     assert_eq!(v["config"]["architecture"], arch(), "{v}");
+}
+
+/// A registry that streams endless bodies, trickles, stalls or never answers: every pull fails
+/// with the bound that was hit named, in bounded memory (an address-space limit of 4 GiB) and
+/// time (the test gives up on a pull after 3 minutes), and leaves the store clean.
+#[test]
+fn hostile_registries_are_bounded_in_memory_and_time() {
+    let reg = Registry::start();
+    let name = "hostile/app:1";
+    push_image(&format!("{}/{name}", reg.addr), &[]);
+    let cases = [
+        (Fault::EndlessError, "HTTP 500"),
+        (
+            Fault::EndlessToken,
+            "token response: response larger than 65536 bytes",
+        ),
+        (
+            Fault::TrickleManifests,
+            "manifest body: not complete within 2 s",
+        ),
+        (Fault::StallBlobs, "download: stalled: 100 bytes in 2 s"),
+        (Fault::Silent, "no response within 2 s"),
+    ];
+    let threads: Vec<_> = cases
+        .into_iter()
+        .map(|(fault, expected)| {
+            let upstream = reg.addr.clone();
+            std::thread::spawn(move || {
+                let proxy = FaultProxy::start(&upstream, fault, usize::MAX);
+                let state = tempfile::tempdir().unwrap();
+                let cfg = state.path().join("host-config.toml");
+                std::fs::write(&cfg, "[pull]\ntimeout = \"2s\"\nstall_timeout = \"2s\"\n").unwrap();
+                let mut child = Command::new("prlimit")
+                    .arg(format!("--as={}", 4u64 << 30))
+                    .arg(berth_bin())
+                    .arg("--state-dir")
+                    .arg(state.path())
+                    .arg("--config")
+                    .arg(&cfg)
+                    .args(["image", "pull", "-q", &format!("{}/{name}", proxy.addr)])
+                    .stdout(Stdio::null())
+                    .stderr(Stdio::piped())
+                    .spawn()
+                    .unwrap();
+                let end = std::time::Instant::now() + std::time::Duration::from_secs(180);
+                let status = loop {
+                    if let Some(st) = child.try_wait().unwrap() {
+                        break st;
+                    }
+                    if std::time::Instant::now() > end {
+                        let _ = child.kill();
+                        let _ = child.wait();
+                        panic!("{fault:?}: the pull still runs after 3 minutes");
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                };
+                let mut err = String::new();
+                child
+                    .stderr
+                    .take()
+                    .unwrap()
+                    .read_to_string(&mut err)
+                    .unwrap();
+                assert_eq!(status.code(), Some(1), "{fault:?}: {err}");
+                assert!(err.contains(expected), "{fault:?}: {err}");
+                assert!(err.len() < 4096, "{fault:?}: a bounded message: {err}");
+                assert_store_clean(state.path());
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().unwrap();
+    }
 }

@@ -515,13 +515,12 @@ impl Puller {
         loop {
             attempt += 1;
             let res: Result<Vec<u8>, ImageError> = async {
-                let mut resp = self.client.blob(r, &d.digest).await?;
+                let mut resp = self
+                    .client
+                    .blob(r, &d.digest, d.size, "config download")
+                    .await?;
                 let mut out = Vec::with_capacity(d.size as usize);
-                while let Some(c) = resp.chunk().await.map_err(|e| RegistryError::Transport {
-                    registry: r.registry.clone(),
-                    what: "config download".into(),
-                    source: e,
-                })? {
+                while let Some(c) = resp.chunk().await? {
                     if out.len() + c.len() > d.size as usize {
                         return Err(StoreError::SizeMismatch {
                             digest: d.digest.clone(),
@@ -626,7 +625,15 @@ impl Puller {
         compression: Compression,
         bar: &LayerProgress,
     ) -> Result<u64, ImageError> {
-        let mut resp = self.client.blob(r, &layer.digest).await?;
+        let mut resp = self
+            .client
+            .blob(
+                r,
+                &layer.digest,
+                layer.size,
+                &format!("layer {} download", layer.digest),
+            )
+            .await?;
         let tmp = self.store.prepare_snapshot(chain_id)?;
         let cleanup = scopeguard_remove(tmp.clone());
         // Three stages on threads of their own, so that one layer can use several cores: the
@@ -647,11 +654,7 @@ impl Puller {
         });
         let mut n: u64 = 0;
         let download: Result<(), ImageError> = async {
-            while let Some(chunk) = resp.chunk().await.map_err(|e| RegistryError::Transport {
-                registry: r.registry.clone(),
-                what: format!("layer {} download", layer.digest),
-                source: e,
-            })? {
+            while let Some(chunk) = resp.chunk().await? {
                 n += chunk.len() as u64;
                 bar.inc(chunk.len() as u64);
                 if tx.send(chunk).await.is_err() {

@@ -3,15 +3,23 @@
 
 use super::reference::{Reference, registry_is_loopback};
 use super::types::{self, MANIFEST_ACCEPT};
-use crate::config::Config;
+use crate::config::{Config, STALL_MIN_BYTES};
+use bytes::Bytes;
 use reqwest::{Method, RequestBuilder, Response, StatusCode, header};
 use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::Mutex;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Largest manifest or index berth accepts.
 pub const MAX_MANIFEST: usize = 4 << 20;
+
+/// Most of an error response's body berth reads (the rest is dropped unread) and the largest
+/// token response it accepts.
+pub const MAX_SMALL_BODY: usize = 64 << 10;
+
+/// All attempts of one request together stop being retried after this long.
+const RETRY_WITHIN: Duration = Duration::from_secs(300);
 
 #[derive(Debug, thiserror::Error)]
 pub enum RegistryError {
@@ -94,6 +102,20 @@ pub enum RegistryError {
     TlsSetup(String),
     #[error("{registry}: blob upload: {message}")]
     Upload { registry: String, message: String },
+    /// A time bound hit: `which` says which (no headers in time, a body not complete in
+    /// time, a download stalled).
+    #[error("{registry}: {what}: {which}")]
+    TimedOut {
+        registry: String,
+        what: String,
+        which: String,
+    },
+    #[error("{registry}: {what}: response larger than {limit} bytes")]
+    BodyTooLarge {
+        registry: String,
+        what: String,
+        limit: usize,
+    },
 }
 
 /// Whether a request failed in the TLS handshake (a certificate not trusted, or a server
@@ -131,6 +153,7 @@ impl RegistryError {
             RegistryError::Status { status, .. } => {
                 *status >= 500 || *status == 429 || *status == 408
             }
+            RegistryError::TimedOut { .. } => true,
             _ => false,
         }
     }
@@ -295,6 +318,10 @@ pub struct RegistryClient {
     /// Mirrors that could not be reached: skipped for the rest of this client's life (a pull).
     mirrors_down: Mutex<HashSet<String>>,
     pub retry: RetryPolicy,
+    /// Headers per attempt, and a small document's whole body ([`crate::config::PullConfig`]).
+    pub timeout: Duration,
+    /// A blob body moving under [`STALL_MIN_BYTES`] in this long fails.
+    pub stall_timeout: Duration,
 }
 
 /// A fetched manifest or index.
@@ -339,6 +366,8 @@ impl RegistryClient {
             plain_http: Mutex::new(HashMap::new()),
             mirrors_down: Mutex::new(HashSet::new()),
             retry: RetryPolicy::default(),
+            timeout: config.pull.timeout.as_std(),
+            stall_timeout: config.pull.stall_timeout.as_std(),
         })
     }
 
@@ -422,6 +451,7 @@ impl RegistryClient {
         let mirror = host != r.api_host();
         let mut attempt = 0;
         let mut authed_once = false;
+        let started = Instant::now();
         loop {
             attempt += 1;
             let url = if path.starts_with("http://") || path.starts_with("https://") {
@@ -445,7 +475,26 @@ impl RegistryClient {
             } else if same_host && let Some((u, p)) = self.creds_for(host, r) {
                 rb = rb.basic_auth(u, Some(p));
             }
-            let result = rb.send().await;
+            // the headers within the deadline; not for uploads, whose request body is sent
+            // first (those have the read timeout between packets)
+            let result = if method == Method::GET || method == Method::HEAD {
+                match tokio::time::timeout(self.timeout, rb.send()).await {
+                    Ok(r) => r,
+                    Err(_) => {
+                        let err = RegistryError::TimedOut {
+                            registry: host.to_string(),
+                            what: what.to_string(),
+                            which: format!("no response within {}", secs(self.timeout)),
+                        };
+                        if !mirror && self.backoff_within(&err, attempt, None, started).await {
+                            continue;
+                        }
+                        return Err(err);
+                    }
+                }
+            } else {
+                rb.send().await
+            };
             let resp = match result {
                 Ok(resp) => resp,
                 Err(e) => {
@@ -474,7 +523,7 @@ impl RegistryClient {
                         }
                         return Err(err);
                     }
-                    if self.backoff(&err, attempt, None).await {
+                    if self.backoff_within(&err, attempt, None, started).await {
                         continue;
                     }
                     return Err(err);
@@ -527,11 +576,14 @@ impl RegistryClient {
                     }
                 }
                 _ => {
-                    let body = resp.text().await.unwrap_or_default();
+                    // at most MAX_SMALL_BODY of it, for at most the deadline: an error body
+                    // may be endless
+                    let body = read_prefix(resp, MAX_SMALL_BODY, self.timeout).await;
+                    let body = String::from_utf8_lossy(&body);
                     let detail = if body.trim().is_empty() {
                         String::new()
                     } else {
-                        format!(": {}", body.trim().chars().take(200).collect::<String>())
+                        format!(": {}", crate::text::printable(body.trim(), 200))
                     };
                     RegistryError::Status {
                         registry: host.to_string(),
@@ -542,11 +594,30 @@ impl RegistryClient {
                     }
                 }
             };
-            if !mirror && self.backoff(&err, attempt, retry_after).await {
+            if !mirror
+                && self
+                    .backoff_within(&err, attempt, retry_after, started)
+                    .await
+            {
                 continue;
             }
             return Err(err);
         }
+    }
+
+    /// [`Self::backoff`], unless the request's attempts have taken [`RETRY_WITHIN`] already.
+    async fn backoff_within(
+        &self,
+        err: &RegistryError,
+        attempt: u32,
+        retry_after: Option<Duration>,
+        started: Instant,
+    ) -> bool {
+        if started.elapsed() >= RETRY_WITHIN {
+            tracing::info!("{err}; not retried: attempts took {}", secs(RETRY_WITHIN));
+            return false;
+        }
+        self.backoff(err, attempt, retry_after).await
     }
 
     /// For a transient error with attempts left: log, wait the backoff, return true (retry).
@@ -620,11 +691,14 @@ impl RegistryClient {
                 message: format!("token endpoint answered HTTP {}", resp.status().as_u16()),
             });
         }
-        let v: serde_json::Value = resp.json().await.map_err(|e| RegistryError::Transport {
-            registry: host.into(),
-            what: "token response".into(),
-            source: e,
-        })?;
+        let body = self
+            .read_document(resp, MAX_SMALL_BODY, host, "token response")
+            .await?;
+        let v: serde_json::Value =
+            serde_json::from_slice(&body).map_err(|e| RegistryError::Auth {
+                registry: host.into(),
+                message: format!("token response is not JSON: {e}"),
+            })?;
         v.get("token")
             .or_else(|| v.get("access_token"))
             .and_then(|t| t.as_str())
@@ -679,27 +753,15 @@ impl RegistryClient {
                 .get(header::CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            if resp
-                .content_length()
-                .is_some_and(|l| l as usize > MAX_MANIFEST)
-            {
-                return Err(RegistryError::TooLarge {
-                    registry: r.registry.clone(),
-                    repository: r.repository.clone(),
-                });
-            }
-            let bytes = read_limited(resp, MAX_MANIFEST)
+            let bytes = self
+                .read_document(resp, MAX_MANIFEST, &host, "manifest body")
                 .await
                 .map_err(|e| match e {
-                    None => RegistryError::TooLarge {
+                    RegistryError::BodyTooLarge { .. } => RegistryError::TooLarge {
                         registry: r.registry.clone(),
                         repository: r.repository.clone(),
                     },
-                    Some(source) => RegistryError::Transport {
-                        registry: host.clone(),
-                        what: "manifest body".into(),
-                        source,
-                    },
+                    e => e,
                 })?;
             let digest = types::sha256_digest(&bytes);
             if object.starts_with("sha256:") && digest != object {
@@ -746,14 +808,67 @@ impl RegistryClient {
         }
     }
 
-    /// Start downloading a blob; the caller streams and verifies it.
-    pub async fn blob(&self, r: &Reference, digest: &str) -> Result<Response, RegistryError> {
-        self.on_hosts(r, |host| async move {
-            let path = format!("/v2/{}/blobs/{digest}", r.repository);
-            self.send(&host, r, "blob download", Method::GET, &path, &|rb| rb)
-                .await
-        })
-        .await
+    /// Start downloading a blob of `size` bytes; the caller streams (with the stall and overall
+    /// deadlines of [`BlobBody`]) and verifies it.
+    pub async fn blob(
+        &self,
+        r: &Reference,
+        digest: &str,
+        size: u64,
+        what: &str,
+    ) -> Result<BlobBody, RegistryError> {
+        let (resp, host) = self
+            .on_hosts(r, |host| async move {
+                let path = format!("/v2/{}/blobs/{digest}", r.repository);
+                let resp = self
+                    .send(&host, r, "blob download", Method::GET, &path, &|rb| rb)
+                    .await?;
+                Ok((resp, host))
+            })
+            .await?;
+        Ok(BlobBody::new(
+            resp,
+            host,
+            what.to_string(),
+            size,
+            self.timeout,
+            self.stall_timeout,
+        ))
+    }
+
+    /// A small document's body: at most `limit` bytes, whole within the deadline.
+    async fn read_document(
+        &self,
+        resp: Response,
+        limit: usize,
+        host: &str,
+        what: &str,
+    ) -> Result<Vec<u8>, RegistryError> {
+        if resp.content_length().is_some_and(|l| l > limit as u64) {
+            return Err(RegistryError::BodyTooLarge {
+                registry: host.into(),
+                what: what.into(),
+                limit,
+            });
+        }
+        match tokio::time::timeout(self.timeout, read_limited(resp, limit)).await {
+            Err(_) => Err(RegistryError::TimedOut {
+                registry: host.into(),
+                what: what.into(),
+                which: format!("not complete within {}", secs(self.timeout)),
+            }),
+            Ok(Err(None)) => Err(RegistryError::BodyTooLarge {
+                registry: host.into(),
+                what: what.into(),
+                limit,
+            }),
+            Ok(Err(Some(source))) => Err(RegistryError::Transport {
+                registry: host.into(),
+                what: what.into(),
+                source,
+            }),
+            Ok(Ok(b)) => Ok(b),
+        }
     }
 
     /// Whether the registry already has a blob (for push).
@@ -824,6 +939,126 @@ impl RegistryClient {
         .await?;
         Ok(())
     }
+}
+
+/// A blob download's body, read chunk by chunk under two bounds: it must move at least
+/// [`STALL_MIN_BYTES`] in every stall window (else "stalled"), and finish within the
+/// deadline plus the time its size takes at that least rate (else "not complete").
+pub struct BlobBody {
+    resp: Response,
+    registry: String,
+    what: String,
+    stall: Duration,
+    window_end: Instant,
+    window_bytes: u64,
+    deadline: Instant,
+    overall: Duration,
+}
+
+impl BlobBody {
+    fn new(
+        resp: Response,
+        registry: String,
+        what: String,
+        size: u64,
+        timeout: Duration,
+        stall: Duration,
+    ) -> BlobBody {
+        let now = Instant::now();
+        // at the least rate a download may keep up, the whole blob, plus the deadline
+        let least_rate = STALL_MIN_BYTES as f64 / stall.as_secs_f64().max(0.001);
+        let overall = timeout + Duration::from_secs_f64((size as f64 / least_rate).min(1e9));
+        BlobBody {
+            resp,
+            registry,
+            what,
+            stall,
+            window_end: now + stall,
+            window_bytes: 0,
+            deadline: now + overall,
+            overall,
+        }
+    }
+
+    fn timed_out(&self, which: String) -> RegistryError {
+        RegistryError::TimedOut {
+            registry: self.registry.clone(),
+            what: self.what.clone(),
+            which,
+        }
+    }
+
+    /// The next piece of the body, `None` at its end.
+    pub async fn chunk(&mut self) -> Result<Option<Bytes>, RegistryError> {
+        loop {
+            let now = Instant::now();
+            if now >= self.deadline {
+                return Err(self.timed_out(format!(
+                    "not complete within {} (the deadline for its size)",
+                    secs(self.overall)
+                )));
+            }
+            if now >= self.window_end {
+                if self.window_bytes < STALL_MIN_BYTES {
+                    return Err(self.timed_out(format!(
+                        "stalled: {} bytes in {} (at least {} expected)",
+                        self.window_bytes,
+                        secs(self.stall),
+                        STALL_MIN_BYTES
+                    )));
+                }
+                self.window_end = now + self.stall;
+                self.window_bytes = 0;
+            }
+            let until = self.window_end.min(self.deadline);
+            match tokio::time::timeout_at(until.into(), self.resp.chunk()).await {
+                // the window or the deadline ended: checked at the top
+                Err(_) => continue,
+                Ok(Err(source)) => {
+                    return Err(RegistryError::Transport {
+                        registry: self.registry.clone(),
+                        what: self.what.clone(),
+                        source,
+                    });
+                }
+                Ok(Ok(c)) => {
+                    if let Some(c) = &c {
+                        self.window_bytes += c.len() as u64;
+                    }
+                    return Ok(c);
+                }
+            }
+        }
+    }
+}
+
+/// `30 s`, `1.5 s`: a duration in messages.
+fn secs(d: Duration) -> String {
+    let s = d.as_secs_f64();
+    if s.fract() == 0.0 {
+        format!("{s:.0} s")
+    } else {
+        format!("{s:.1} s")
+    }
+}
+
+/// Up to `limit` bytes of a body, for at most `within`; the rest is never read. Errors and a
+/// timeout end it early with what came so far.
+async fn read_prefix(mut resp: Response, limit: usize, within: Duration) -> Vec<u8> {
+    let mut out = Vec::new();
+    let _ = tokio::time::timeout(within, async {
+        while out.len() < limit {
+            match resp.chunk().await {
+                Ok(Some(c)) => {
+                    let n = c.len().min(limit - out.len());
+                    out.extend_from_slice(&c[..n]);
+                }
+                _ => break,
+            }
+        }
+    })
+    .await;
+    out
 }
 
 /// Read a response body up to `limit` bytes. `Err(None)` when over the limit.

@@ -395,6 +395,16 @@ pub enum Fault {
     SlowBlobs,
     /// Answer with 429 Too Many Requests and `Retry-After: 1`.
     TooManyRequests,
+    /// Answer with HTTP 500 and a body that never ends.
+    EndlessError,
+    /// [`Fault::BearerAuth`] whose `/token` answers 200 with a body that never ends.
+    EndlessToken,
+    /// Manifest bodies are sent one byte per second.
+    TrickleManifests,
+    /// Blob bodies stop after their first 100 bytes; the connection stays open.
+    StallBlobs,
+    /// Requests are read and never answered.
+    Silent,
 }
 
 pub const AUTH_USER: &str = "berth";
@@ -443,6 +453,11 @@ fn auth_answer(fault: Fault, head: &str, me: &str) -> Option<(String, String, St
             r#"{"errors":[{"code":"UNAUTHORIZED","message":"authentication required"}]}"#
                 .to_string(),
         ))
+    };
+    let fault = if fault == Fault::EndlessToken {
+        Fault::BearerAuth
+    } else {
+        fault
     };
     match fault {
         Fault::BasicAuth if auth.as_deref() != Some(basic(AUTH_USER, AUTH_PASS).as_str()) => {
@@ -603,6 +618,26 @@ fn proxy_one(
     let mut body = vec![0u8; content_length(&head_s)];
     client.read_exact(&mut body)?;
     reqs.fetch_add(1, Ordering::SeqCst);
+    let path = head_s.split(' ').nth(1).unwrap_or("");
+    match fault {
+        Fault::Silent => {
+            // hold the connection, unanswered, until the client gives up
+            let mut b = [0u8; 1];
+            let _ = client.read(&mut b);
+            return Ok(());
+        }
+        Fault::EndlessError => {
+            client.write_all(b"HTTP/1.1 500 Internal Server Error\r\nConnection: close\r\n\r\n")?;
+            return endless(client);
+        }
+        Fault::EndlessToken if path.starts_with("/token") => {
+            client.write_all(
+                b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n\r\n{\"token\": \"",
+            )?;
+            return endless(client);
+        }
+        _ => {}
+    }
     if let Some((status, headers, body)) = auth_answer(fault, &head_s, me) {
         client.write_all(
             format!(
@@ -627,7 +662,12 @@ fn proxy_one(
         | Fault::BasicAuth
         | Fault::BearerAuth
         | Fault::Forbidden
-        | Fault::SlowBlobs => false,
+        | Fault::SlowBlobs
+        | Fault::EndlessError
+        | Fault::EndlessToken
+        | Fault::Silent => false,
+        Fault::TrickleManifests => head_s.contains("/manifests/"),
+        Fault::StallBlobs => is_blob_get,
         Fault::Error500 | Fault::TooManyRequests => true,
         Fault::ResetBlobs | Fault::CorruptBlobs => is_blob_get,
     };
@@ -674,6 +714,20 @@ fn proxy_one(
         rb[i] ^= 0xff;
     }
     client.write_all(rh)?;
+    if take && fault == Fault::TrickleManifests {
+        for b in &rb {
+            client.write_all(std::slice::from_ref(b))?;
+            std::thread::sleep(std::time::Duration::from_secs(1));
+        }
+        return Ok(());
+    }
+    if take && fault == Fault::StallBlobs {
+        client.write_all(&rb[..rb.len().min(100)])?;
+        // until the client closes
+        let mut b = [0u8; 1];
+        let _ = client.read(&mut b);
+        return Ok(());
+    }
     if take && fault == Fault::ResetBlobs {
         client.write_all(&rb[..rb.len() / 2])?;
         let _ = client.shutdown(std::net::Shutdown::Both);
@@ -681,6 +735,14 @@ fn proxy_one(
     }
     client.write_all(&rb)?;
     Ok(())
+}
+
+/// Write `x` to the client until it goes away (an endless body).
+fn endless(mut client: TcpStream) -> std::io::Result<()> {
+    let chunk = vec![b'x'; 64 << 10];
+    loop {
+        client.write_all(&chunk)?;
+    }
 }
 
 /// Every file below a directory (relative path → description of type, mode, owner, content).
