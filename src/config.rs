@@ -176,7 +176,10 @@ mod tests {
         assert_eq!(c.pull.timeout, Duration::from_secs(60));
         std::fs::write(&p, "[pull]\ntimeout = \"5ms\"\n").unwrap();
         let e = Config::load(&p, true).unwrap_err().to_string();
-        assert!(e.contains("pull.timeout = \"5ms\" must be between 100ms and 1h"), "{e}");
+        assert!(
+            e.contains("pull.timeout = \"5ms\" must be between 100ms and 1h"),
+            "{e}"
+        );
         std::fs::write(&p, "[pull]\nstall_timeout = \"5s\"\n").unwrap();
         assert_eq!(
             Config::load(&p, true).unwrap().pull.stall_timeout,

@@ -8,9 +8,10 @@ pub mod units;
 
 use crate::registry::reference::Reference;
 use spec::*;
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fmt;
 use std::ops::Range;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
 use toml_edit::{Item, TableLike};
 use units::*;
@@ -62,7 +63,13 @@ pub fn valid_name(s: &str) -> bool {
         })
 }
 
-/// List the manifest files below `dir`: `*.toml`, hidden entries skipped, sorted.
+/// Largest manifest file berth reads.
+pub const MAX_FILE: u64 = 4 << 20;
+
+/// List the manifest files below `dir`: `*.toml`, hidden entries skipped, sorted. Symlinks
+/// are followed, but each directory is read once (by device and inode), so a symlink loop
+/// ends. A `*.toml` entry that is not a regular file is listed all the same: reading it
+/// reports it.
 pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
     let meta = std::fs::metadata(dir).map_err(|source| LoadError::Io {
         path: dir.to_path_buf(),
@@ -72,12 +79,18 @@ pub fn manifest_files(dir: &Path) -> Result<Vec<PathBuf>, LoadError> {
         return Err(LoadError::NotADirectory(dir.to_path_buf()));
     }
     let mut out = vec![];
-    walk(dir, 0, &mut out)?;
+    let mut seen = HashSet::from([(meta.dev(), meta.ino())]);
+    walk(dir, 0, &mut seen, &mut out)?;
     out.sort();
     Ok(out)
 }
 
-fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), LoadError> {
+fn walk(
+    dir: &Path,
+    depth: usize,
+    seen: &mut HashSet<(u64, u64)>,
+    out: &mut Vec<PathBuf>,
+) -> Result<(), LoadError> {
     if depth > 32 {
         return Ok(());
     }
@@ -85,25 +98,97 @@ fn walk(dir: &Path, depth: usize, out: &mut Vec<PathBuf>) -> Result<(), LoadErro
         path: dir.to_path_buf(),
         source,
     };
+    // in name order, entries themselves before symlinks: a directory is read under its own
+    // path rather than a link's, whatever order the file system lists them in
+    let mut entries = vec![];
     for entry in std::fs::read_dir(dir).map_err(io)? {
         let entry = entry.map_err(io)?;
-        let name = entry.file_name();
+        let link = entry.file_type().map_err(io)?.is_symlink();
+        entries.push((link, entry.file_name(), entry.path()));
+    }
+    entries.sort();
+    for (_, name, path) in entries {
         let name = name.to_string_lossy();
         if name.starts_with('.') {
             continue;
         }
-        let path = entry.path();
-        let meta = std::fs::metadata(&path).map_err(|source| LoadError::Io {
-            path: path.clone(),
-            source,
-        })?;
-        if meta.is_dir() {
-            walk(&path, depth + 1, out)?;
-        } else if meta.is_file() && name.ends_with(".toml") {
-            out.push(path);
+        let toml = name.ends_with(".toml");
+        match std::fs::metadata(&path) {
+            Ok(meta) if meta.is_dir() => {
+                // read already (a link to it, or a loop): not again
+                if !seen.insert((meta.dev(), meta.ino())) {
+                    continue;
+                }
+                walk(&path, depth + 1, seen, out)?;
+            }
+            // anything else named *.toml (a FIFO, a device, a dangling link) is reported
+            // when it is read
+            _ if toml => out.push(path),
+            _ => {}
         }
     }
     Ok(())
+}
+
+/// A manifest file's text: a regular file of at most [`MAX_FILE`] bytes, not on a kernel
+/// pseudo file system; opened without blocking (a FIFO) or following into a terminal.
+fn read_manifest(path: &Path) -> Result<Vec<u8>, String> {
+    use std::io::Read;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    let meta = f.metadata().map_err(|e| format!("cannot read file: {e}"))?;
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        use std::os::unix::fs::FileTypeExt;
+        let what = if ft.is_fifo() {
+            "a FIFO"
+        } else if ft.is_socket() {
+            "a socket"
+        } else if ft.is_char_device() || ft.is_block_device() {
+            "a device"
+        } else {
+            "not a regular file"
+        };
+        return Err(format!(
+            "not a manifest: {what}; only regular files are read"
+        ));
+    }
+    if let Ok(fs) = nix::sys::statfs::fstatfs(&f) {
+        use nix::sys::statfs::*;
+        let t = fs.filesystem_type();
+        if [
+            PROC_SUPER_MAGIC,
+            SYSFS_MAGIC,
+            DEBUGFS_MAGIC,
+            SECURITYFS_MAGIC,
+            TRACEFS_MAGIC,
+        ]
+        .contains(&t)
+        {
+            return Err(
+                "not a manifest: a kernel pseudo-file (procfs, sysfs…); only regular files are read"
+                    .into(),
+            );
+        }
+    }
+    if meta.len() > MAX_FILE {
+        return Err(format!(
+            "file is {} bytes; manifests are at most {MAX_FILE} bytes",
+            meta.len()
+        ));
+    }
+    let mut text = Vec::new();
+    f.take(MAX_FILE + 1)
+        .read_to_end(&mut text)
+        .map_err(|e| format!("cannot read file: {e}"))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(format!("file is larger than {MAX_FILE} bytes"));
+    }
+    Ok(text)
 }
 
 type Span = Option<Range<usize>>;
@@ -134,25 +219,61 @@ struct Loader {
     defined: HashMap<(Kind, String), (PathBuf, usize)>,
     crefs: BTreeMap<String, ContainerRefs>,
     net_pos: BTreeMap<String, Pos>,
+    /// See [`Loader::hint`].
+    hints_left: std::cell::Cell<usize>,
 }
+
+/// The longest `stop_timeout`: a stop holds the state directory's lock while it waits.
+pub const MAX_STOP_TIMEOUT: Duration = Duration(3_600_000);
+
+/// How many undeclared names get a did-you-mean hint.
+const HINTS: usize = 100;
 
 struct FileCtx<'a> {
     display: PathBuf,
     rel: PathBuf,
     text: &'a str,
+    /// Where each line starts (byte offsets), so that a position costs a binary search, not
+    /// a count from the file's start (10,000 diagnostics in a large file were quadratic).
+    line_starts: Vec<usize>,
+    /// The last position computed: (line, offset, column).
+    last: std::cell::Cell<(usize, usize, usize)>,
 }
 
-impl FileCtx<'_> {
+impl<'a> FileCtx<'a> {
+    fn new(display: PathBuf, rel: PathBuf, text: &'a str) -> FileCtx<'a> {
+        let line_starts = std::iter::once(0)
+            .chain(text.match_indices('\n').map(|(i, _)| i + 1))
+            .collect();
+        FileCtx {
+            display,
+            rel,
+            text,
+            line_starts,
+            last: std::cell::Cell::new((0, 0, 0)),
+        }
+    }
+
     fn pos(&self, span: &Option<Range<usize>>) -> Pos {
-        let off = span
+        let mut off = span
             .as_ref()
             .map(|s| s.start)
             .unwrap_or(0)
             .min(self.text.len());
-        let before = &self.text[..off];
-        let line = before.matches('\n').count() + 1;
-        let line_start = before.rfind('\n').map(|i| i + 1).unwrap_or(0);
-        let col = self.text[line_start..off].chars().count() + 1;
+        while !self.text.is_char_boundary(off) {
+            off -= 1;
+        }
+        let line = self.line_starts.partition_point(|&s| s <= off);
+        // columns count characters: from the last position asked on this line when it is
+        // before this one (positions come mostly in order: one long line stays linear)
+        let (mline, moff, mcol) = self.last.get();
+        let (from, base) = if mline == line && moff <= off {
+            (moff, mcol)
+        } else {
+            (self.line_starts[line - 1], 1)
+        };
+        let col = base + self.text[from..off].chars().count();
+        self.last.set((line, off, col));
         Pos {
             file: self.display.clone(),
             line,
@@ -162,6 +283,19 @@ impl FileCtx<'_> {
 }
 
 impl Loader {
+    /// A did-you-mean hint for an undeclared name among `names`, for the first
+    /// [`HINTS`] undeclared names only: each costs a pass over the declared names, and
+    /// 100,000 undeclared references against as many names would be quadratic.
+    fn hint<'n>(&self, word: &str, names: impl Iterator<Item = &'n String>) -> String {
+        let left = self.hints_left.get();
+        if left == 0 {
+            return String::new();
+        }
+        self.hints_left.set(left - 1);
+        let names: Vec<&str> = names.map(|s| s.as_str()).collect();
+        did_you_mean(word, &names)
+    }
+
     fn err_at(&mut self, pos: &Pos, message: String) {
         self.diags.push(Diagnostic {
             file: pos.file.clone(),
@@ -178,7 +312,7 @@ impl Loader {
 
     fn load_file(&mut self, path: &Path) {
         let rel = path.strip_prefix(&self.dir).unwrap_or(path).to_path_buf();
-        let text = match std::fs::read(path) {
+        let text = match read_manifest(path) {
             Ok(b) => match String::from_utf8(b) {
                 Ok(t) => t,
                 Err(_) => {
@@ -191,21 +325,17 @@ impl Loader {
                     return;
                 }
             },
-            Err(e) => {
+            Err(message) => {
                 self.diags.push(Diagnostic {
                     file: path.to_path_buf(),
                     line: 1,
                     col: 1,
-                    message: format!("cannot read file: {e}"),
+                    message,
                 });
                 return;
             }
         };
-        let f = FileCtx {
-            display: path.to_path_buf(),
-            rel,
-            text: &text,
-        };
+        let f = FileCtx::new(path.to_path_buf(), rel, &text);
         let doc = match toml_edit::Document::parse(text.as_str()) {
             Ok(d) => d,
             Err(e) => {
@@ -607,8 +737,9 @@ impl Loader {
                 );
             }
             c.networks = vec![];
+            let mut listed = HashSet::new();
             for (n, span) in nets {
-                if c.networks.contains(&n) {
+                if !listed.insert(n.clone()) {
                     self.err(f, &span, format!("networks: {n:?} is listed twice"));
                     continue;
                 }
@@ -637,12 +768,13 @@ impl Loader {
                 (_, Some(v)) => v as f64,
                 _ => return Err((None, format!("expected a number, found {}", i.type_name()))),
             };
-            if v > 0.0 && v <= 1024.0 {
+            // the kernel's least CFS quota is 1 ms of a 100 ms period
+            if (0.01..=1024.0).contains(&v) {
                 Ok(v)
             } else {
                 Err((
                     None,
-                    format!("{v} is out of range (more than 0, at most 1024)"),
+                    format!("{v} is out of range (at least 0.01, at most 1024)"),
                 ))
             }
         });
@@ -689,7 +821,19 @@ impl Loader {
         }) {
             c.stop_signal = s;
         }
-        if let Some(d) = self.field(f, tbl, "stop_timeout", duration) {
+        if let Some(d) = self.field(f, tbl, "stop_timeout", |i| {
+            let d = duration(i)?;
+            if d > MAX_STOP_TIMEOUT {
+                return Err((
+                    None,
+                    format!(
+                        "{:?} is out of range (at most \"{MAX_STOP_TIMEOUT}\")",
+                        i.as_str().unwrap_or_default()
+                    ),
+                ));
+            }
+            Ok(d)
+        }) {
             c.stop_timeout = d;
         }
         if let Some(item) = tbl.get("depends_on") {
@@ -809,14 +953,12 @@ impl Loader {
                         }
                     }
                     None => {
-                        let names: Vec<&str> =
-                            self.desired.images.keys().map(|s| s.as_str()).collect();
                         let msg = format!(
                             "image {:?} is not declared: add [image.{}] or write a full reference such as \"docker.io/library/{}:latest\"{}",
                             c.image,
                             c.image,
                             c.image,
-                            did_you_mean(&c.image, &names)
+                            self.hint(&c.image, self.desired.images.keys())
                         );
                         if let Some(p) = &refs.image {
                             self.err_at(p, msg);
@@ -828,11 +970,9 @@ impl Loader {
                 if let MountSource::Volume(v) = &m.source
                     && !self.desired.volumes.contains_key(v)
                 {
-                    let names: Vec<&str> =
-                        self.desired.volumes.keys().map(|s| s.as_str()).collect();
                     let msg = format!(
                         "volume {v:?} is not declared: add [volume.{v}]{}",
-                        did_you_mean(v, &names)
+                        self.hint(v, self.desired.volumes.keys())
                     );
                     self.err_at(p, msg);
                 }
@@ -845,16 +985,10 @@ impl Loader {
                 {
                     continue;
                 }
-                let names: Vec<&str> = self
-                    .desired
-                    .networks
-                    .keys()
-                    .map(|s| s.as_str())
-                    .chain(["default", "host", "none"])
-                    .collect();
+                let builtin = ["default", "host", "none"].map(String::from);
                 let msg = format!(
                     "network {n:?} is not declared: add [network.{n}]{}",
-                    did_you_mean(n, &names)
+                    self.hint(n, self.desired.networks.keys().chain(&builtin))
                 );
                 self.err_at(p, msg);
             }
@@ -878,11 +1012,9 @@ impl Loader {
                 }
                 match self.desired.containers.get(dep) {
                     None => {
-                        let names: Vec<&str> =
-                            self.desired.containers.keys().map(|s| s.as_str()).collect();
                         let msg = format!(
                             "depends_on: container {dep:?} is not declared{}",
-                            did_you_mean(dep, &names)
+                            self.hint(dep, self.desired.containers.keys())
                         );
                         self.err_at(p, msg);
                     }
@@ -907,22 +1039,47 @@ impl Loader {
                 let p = p.clone();
                 let mut path = cycle.clone();
                 path.push(first.clone());
-                self.err_at(
-                    &p,
-                    format!("depends_on: dependency cycle: {}", path.join(" → ")),
-                );
+                // a long cycle is shown by its ends
+                let shown = if path.len() > 12 {
+                    format!(
+                        "{} → … ({} containers) → {}",
+                        path[..8].join(" → "),
+                        cycle.len(),
+                        path[path.len() - 3..].join(" → ")
+                    )
+                } else {
+                    path.join(" → ")
+                };
+                self.err_at(&p, format!("depends_on: dependency cycle: {shown}"));
             }
         }
         // port clashes between containers (and within one)
         let mut published: Vec<(String, PortSpec, Pos)> = vec![];
+        // by protocol and port: the first publication on 0.0.0.0 and the first on each address
+        // (the first that collides is named, found without a pass over all of them)
+        #[derive(Default)]
+        struct Bucket {
+            first: Option<usize>,
+            any: Option<usize>,
+            by_ip: HashMap<std::net::Ipv4Addr, usize>,
+        }
+        let mut buckets: HashMap<(Proto, u16), Bucket> = HashMap::new();
         for cname in &names {
             let Some(refs) = crefs.get(cname) else {
                 continue;
             };
             let ports = self.desired.containers[cname].spec.ports.clone();
             for (p, pos) in ports.iter().zip(&refs.ports) {
-                if let Some((other, op, opos)) = published.iter().find(|(_, op, _)| op.collides(p))
-                {
+                let b = buckets.entry((p.proto, p.host_port)).or_default();
+                let clash = if p.host_ip.is_unspecified() {
+                    b.first
+                } else {
+                    match (b.by_ip.get(&p.host_ip).copied(), b.any) {
+                        (Some(x), Some(y)) => Some(x.min(y)),
+                        (x, y) => x.or(y),
+                    }
+                };
+                if let Some((other, op, opos)) = clash.map(|i| &published[i]) {
                     let msg = format!(
                         "ports: {p} clashes with {op} published by container {other:?} at {}:{}:{}",
                         opos.file.display(),
@@ -932,6 +1089,13 @@ impl Loader {
                     let pos = pos.clone();
                     self.err_at(&pos, msg);
                 } else {
+                    let i = published.len();
+                    b.first.get_or_insert(i);
+                    if p.host_ip.is_unspecified() {
+                        b.any.get_or_insert(i);
+                    } else {
+                        b.by_ip.entry(p.host_ip).or_insert(i);
+                    }
                     published.push((cname.clone(), *p, pos.clone()));
                 }
             }
@@ -943,16 +1107,29 @@ impl Loader {
             .iter()
             .filter_map(|(n, d)| d.spec.subnet.map(|s| (n.clone(), s)))
             .collect();
-        for (i, (a, sa)) in nets.iter().enumerate() {
-            for (b, sb) in &nets[..i] {
-                if sa.overlaps(*sb)
-                    && let Some(p) = self.net_pos.get(a).cloned()
-                {
-                    self.err_at(
-                        &p,
-                        format!("subnet {sa} of network {a:?} overlaps {sb} of network {b:?}"),
-                    );
-                }
+        // CIDRs overlap only by one containing the other: swept in address order, the ones
+        // still open at a subnet's start are a chain of at most 33, each overlapping it
+        let mut order: Vec<usize> = (0..nets.len()).collect();
+        order.sort_by_key(|&i| (nets[i].1.network(), nets[i].1.prefix));
+        let mut open: Vec<usize> = vec![];
+        let mut pairs: Vec<(usize, usize)> = vec![];
+        for i in order {
+            let start = u64::from(nets[i].1.network());
+            open.retain(|&j| u64::from(nets[j].1.network()) + nets[j].1.size() > start);
+            for &j in &open {
+                // reported at the later network (by name), naming the earlier
+                pairs.push((i.max(j), i.min(j)));
+            }
+            open.push(i);
+        }
+        pairs.sort();
+        for (i, j) in pairs {
+            let ((a, sa), (b, sb)) = (&nets[i], &nets[j]);
+            if let Some(p) = self.net_pos.get(a).cloned() {
+                self.err_at(
+                    &p,
+                    format!("subnet {sa} of network {a:?} overlaps {sb} of network {b:?}"),
+                );
             }
         }
         // implicit images and the default network
@@ -994,47 +1171,56 @@ pub fn is_bare_word(image: &str) -> bool {
     !image.contains(['/', ':', '@'])
 }
 
-/// Every elementary cycle found by DFS, each reported once (rotated to start at its least name).
+/// The cycles a depth-first search meets (each back edge's), each reported once, rotated to
+/// start at its least name. Iterative, with the path's positions in a map: a dependency chain
+/// of any length costs linear time and no call stack.
 fn find_cycles(containers: &BTreeMap<String, Declared<ContainerSpec>>) -> Vec<Vec<String>> {
-    fn dfs(
-        n: &str,
-        cs: &BTreeMap<String, Declared<ContainerSpec>>,
-        stack: &mut Vec<String>,
-        done: &mut std::collections::BTreeSet<String>,
-        out: &mut Vec<Vec<String>>,
-    ) {
-        if let Some(i) = stack.iter().position(|s| s == n) {
-            let mut cyc: Vec<String> = stack[i..].to_vec();
-            let min = cyc
-                .iter()
-                .enumerate()
-                .min_by_key(|(_, s)| s.as_str())
-                .map(|(i, _)| i)
-                .unwrap_or(0);
-            cyc.rotate_left(min);
-            if !out.contains(&cyc) {
-                out.push(cyc);
-            }
-            return;
-        }
-        if done.contains(n) {
-            return;
-        }
-        stack.push(n.to_string());
-        if let Some(c) = cs.get(n) {
-            for d in c.spec.depends_on.keys() {
-                if d != n && cs.contains_key(d) {
-                    dfs(d, cs, stack, done, out);
-                }
-            }
-        }
-        stack.pop();
-        done.insert(n.to_string());
-    }
+    let deps = |n: &str| -> Vec<&str> {
+        containers.get(n).map_or_else(Vec::new, |c| {
+            c.spec
+                .depends_on
+                .keys()
+                .map(String::as_str)
+                .filter(|d| *d != n && containers.contains_key(*d))
+                .collect()
+        })
+    };
     let mut out = vec![];
-    let mut done = std::collections::BTreeSet::new();
-    for n in containers.keys() {
-        dfs(n, containers, &mut vec![], &mut done, &mut out);
+    let mut reported: HashSet<Vec<String>> = HashSet::new();
+    let mut done: HashSet<&str> = HashSet::new();
+    for root in containers.keys() {
+        if done.contains(root.as_str()) {
+            continue;
+        }
+        // the path: (name, its dependencies, the next one to visit); positions by name
+        let mut path: Vec<(&str, Vec<&str>, usize)> = vec![(root, deps(root), 0)];
+        let mut on_path: HashMap<&str, usize> = HashMap::from([(root.as_str(), 0)]);
+        while let Some((n, ds, next)) = path.last_mut() {
+            let Some(&d) = ds.get(*next) else {
+                let n = *n;
+                path.pop();
+                on_path.remove(n);
+                done.insert(n);
+                continue;
+            };
+            *next += 1;
+            if let Some(&i) = on_path.get(d) {
+                let mut cyc: Vec<String> = path[i..].iter().map(|(n, ..)| n.to_string()).collect();
+                let min = cyc
+                    .iter()
+                    .enumerate()
+                    .min_by_key(|(_, s)| s.as_str())
+                    .map(|(i, _)| i)
+                    .unwrap_or(0);
+                cyc.rotate_left(min);
+                if reported.insert(cyc.clone()) {
+                    out.push(cyc);
+                }
+            } else if !done.contains(d) {
+                on_path.insert(d, path.len());
+                path.push((d, deps(d), 0));
+            }
+        }
     }
     out
 }
@@ -1190,6 +1376,7 @@ pub fn load_dir(dir: &Path) -> Result<Desired, LoadError> {
         defined: HashMap::new(),
         crefs: BTreeMap::new(),
         net_pos: BTreeMap::new(),
+        hints_left: std::cell::Cell::new(HINTS),
     };
     for f in &files {
         l.load_file(f);
@@ -1299,5 +1486,54 @@ cpus = 0.5
         ])
         .unwrap();
         assert_eq!(d.volumes.len(), 2);
+    }
+}
+
+#[cfg(test)]
+mod directory_tests {
+    use super::*;
+    use std::os::unix::fs::symlink;
+
+    /// Symlink loops end (each directory read once); files that are not regular, on /proc,
+    /// or too large are each a diagnostic naming the file, and nothing blocks.
+    #[test]
+    fn loops_pseudo_files_fifos_and_large_files_are_refused_by_name() {
+        let d = tempfile::tempdir().unwrap();
+        let root = d.path();
+        std::fs::write(root.join("a.toml"), "[volume.v]\n").unwrap();
+        std::fs::create_dir(root.join("sub")).unwrap();
+        std::fs::write(root.join("sub/b.toml"), "[volume.w]\n").unwrap();
+        symlink(".", root.join("loop")).unwrap();
+        symlink("..", root.join("sub/up")).unwrap();
+        symlink("sub", root.join("again")).unwrap();
+        let files = manifest_files(root).unwrap();
+        assert_eq!(
+            files,
+            vec![root.join("a.toml"), root.join("sub/b.toml")],
+            "each directory once"
+        );
+        assert_eq!(load_dir(root).unwrap().volumes.len(), 2);
+
+        symlink("/proc/self/pagemap", root.join("pagemap.toml")).unwrap();
+        symlink("/proc/kmsg", root.join("kmsg.toml")).unwrap();
+        symlink("/nonexistent", root.join("dangling.toml")).unwrap();
+        nix::unistd::mkfifo(&root.join("fifo.toml"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+        std::fs::write(root.join("big.toml"), vec![b'#'; (MAX_FILE + 1) as usize]).unwrap();
+        let Err(LoadError::Invalid(diags)) = load_dir(root) else {
+            panic!("must fail");
+        };
+        let msg = |name: &str| {
+            diags
+                .iter()
+                .find(|d| d.file == root.join(name))
+                .map(|d| d.message.clone())
+                .unwrap_or_else(|| panic!("no diagnostic for {name}: {diags:?}"))
+        };
+        assert!(msg("pagemap.toml").contains("kernel pseudo-file"));
+        assert!(msg("kmsg.toml").contains("kernel pseudo-file"));
+        assert!(msg("dangling.toml").contains("cannot read file"));
+        assert!(msg("fifo.toml").contains("a FIFO"));
+        assert!(msg("big.toml").contains("manifests are at most 4194304 bytes"));
+        assert_eq!(diags.len(), 5, "{diags:?}");
     }
 }

@@ -590,6 +590,9 @@ impl FromStr for VolumeMount {
                 "invalid volume {s:?}: the target may not contain \"..\""
             ));
         }
+        if let Some(why) = reserved_target(target) {
+            return Err(format!("invalid volume {s:?}: {why}"));
+        }
         let source = if src.starts_with('/') {
             MountSource::Bind(PathBuf::from(src))
         } else if src.starts_with('.') || src.contains('/') || src.starts_with('~') {
@@ -654,6 +657,9 @@ impl FromStr for TmpfsMount {
                 "invalid tmpfs {s:?}: the target {target:?} must be an absolute path without \"..\""
             ));
         }
+        if let Some(why) = reserved_target(target) {
+            return Err(format!("invalid tmpfs {s:?}: {why}"));
+        }
         let mut m = TmpfsMount {
             target: PathBuf::from(target),
             size: None,
@@ -707,6 +713,23 @@ impl fmt::Display for TmpfsMount {
     }
 }
 
+/// Why a mount target is not allowed, if it is not: the container's root, and the kernel file
+/// systems berth mounts itself (a mount there would hide them, or be hidden by them).
+pub fn reserved_target(target: &str) -> Option<String> {
+    let parts: Vec<&str> = target
+        .split('/')
+        .filter(|c| !c.is_empty() && *c != ".")
+        .collect();
+    match parts.as_slice() {
+        [] => Some("the target \"/\" is the container's root file system".into()),
+        ["proc" | "sys", ..] | ["dev"] => Some(format!(
+            "the target {target:?} is where berth mounts /{} itself; use another path",
+            parts[0]
+        )),
+        _ => None,
+    }
+}
+
 /// Levenshtein distance, for did-you-mean hints.
 pub fn edit_distance(a: &str, b: &str) -> usize {
     let a: Vec<char> = a.chars().collect();
@@ -733,16 +756,22 @@ fn max_typo_distance(len: usize) -> usize {
 }
 
 /// `"; did you mean \"x\"?"` when one candidate is close, else empty.
+/// Candidates too long or too far in length to be a typo are not compared, and a word longer
+/// than any name gets no hint: the cost stays linear in the candidates.
 pub fn did_you_mean(word: &str, candidates: &[&str]) -> String {
+    let len = word.chars().count();
+    if len > 128 {
+        return String::new();
+    }
+    let max = max_typo_distance(len);
     let lw = word.to_ascii_lowercase();
     let best = candidates
         .iter()
+        .filter(|c| c.len().abs_diff(word.len()) <= max.max(1) * 4 && c.len() <= 256)
         .map(|c| (edit_distance(&lw, &c.to_ascii_lowercase()), *c))
         .min();
     match best {
-        Some((d, c)) if d <= max_typo_distance(word.chars().count()) => {
-            format!("; did you mean {c:?}?")
-        }
+        Some((d, c)) if d <= max => format!("; did you mean {c:?}?"),
         _ => String::new(),
     }
 }
