@@ -10,9 +10,11 @@
 //! insecure = true                   # plain HTTP (loopback registries never need this)
 //! mirrors = ["mirror.example:5000"] # tried in order, then the registry itself
 //! ca_file = "/etc/berth/ca.pem"     # extra CA for this registry
+//! [store]
+//! min_free = "2GiB"                 # free space kept; default 10% of the fs or 2 GiB if less
 //! ```
 
-use crate::manifest::units::Duration;
+use crate::manifest::units::{Duration, Size};
 use serde::Deserialize;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -28,6 +30,27 @@ pub struct Config {
     pub pull: PullConfig,
     #[serde(default)]
     pub registry: BTreeMap<String, RegistryConfig>,
+    #[serde(default)]
+    pub store: StoreConfig,
+}
+
+#[derive(Debug, Clone, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// Free space the state directory's file system keeps: unpacking a layer fails rather
+    /// than leave less. Default: 10% of the file system or 2 GiB, whichever is smaller.
+    #[serde(default)]
+    pub min_free: Option<Size>,
+}
+
+impl StoreConfig {
+    /// The reserve in bytes on a file system of `total` bytes.
+    pub fn min_free_bytes(&self, total: u64) -> u64 {
+        match self.min_free {
+            Some(s) => s.0,
+            None => (total / 10).min(2 << 30),
+        }
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]

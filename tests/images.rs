@@ -880,3 +880,150 @@ fn hostile_registries_are_bounded_in_memory_and_time() {
         t.join().unwrap();
     }
 }
+
+/// `image prune` while a pull is in progress (its layers delayed by the registry) waits for
+/// the pull: the config and layers the pull stored but had not yet tagged are not collected,
+/// and the pulled image is whole.
+#[test]
+fn prune_during_a_pull_waits_for_it_and_collects_nothing_the_pull_stored() {
+    let reg = Registry::start();
+    let name = "lease/app:1";
+    push_image(&format!("{}/{name}", reg.addr), &[second_layer()]);
+    let proxy = FaultProxy::start(&reg.addr, Fault::VerySlowBlobs, usize::MAX);
+    let state = tempfile::tempdir().unwrap();
+    let r = format!("{}/{name}", proxy.addr);
+    let mut pull = Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["image", "pull", "-q", &r])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // the pull has stored the config and waits for its layers
+    let blobs = state.path().join("store/blobs/sha256");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while paths_in(&blobs).is_empty() || proxy.blobs_in_flight.0.load(Ordering::SeqCst) == 0 {
+        assert!(std::time::Instant::now() < end, "the pull did not start");
+        assert!(pull.try_wait().unwrap().is_none(), "the pull ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    let config = paths_in(&blobs);
+    let prune = berth(state.path(), &["image", "prune", "--json"]);
+    ok(&prune);
+    let st = pull.wait().unwrap();
+    let mut err = String::new();
+    pull.stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    assert!(st.success(), "{err}");
+    for p in &config {
+        assert!(p.exists(), "{} was collected under the pull", p.display());
+    }
+    assert_unpacked(state.path(), &r);
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+}
+
+/// A pull killed mid-download leaves its partial blob in the ingest area; `image prune`
+/// removes it (no live process holds it) and counts it as freed.
+#[test]
+fn prune_removes_what_a_killed_pull_left_in_ingest() {
+    let reg = Registry::start();
+    let name = "ingest/app:1";
+    push_image(&format!("{}/{name}", reg.addr), &[]);
+    let proxy = FaultProxy::start(&reg.addr, Fault::StallBlobs, usize::MAX);
+    let state = tempfile::tempdir().unwrap();
+    let mut pull = Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["image", "pull", "-q", &format!("{}/{name}", proxy.addr)])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let ingest = state.path().join("store/ingest");
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while paths_in(&ingest).is_empty() {
+        assert!(std::time::Instant::now() < end, "no ingest file appeared");
+        assert!(pull.try_wait().unwrap().is_none(), "the pull ended early");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    assert!(
+        !paths_in(&ingest).is_empty(),
+        "the killed pull left its file"
+    );
+    let out: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "prune", "--json"]))).unwrap();
+    assert!(paths_in(&ingest).is_empty(), "{:?}", paths_in(&ingest));
+    assert!(out["bytes_freed"].as_u64().unwrap() > 0, "{out}");
+}
+
+/// A manifest that names a blob the store already holds, with another size, is refused (it
+/// would otherwise be accepted with the lie, and `image ls` showed its sizes); `image ls`
+/// sizes come from the stored blobs.
+#[test]
+fn a_manifest_lying_about_a_stored_blobs_size_is_refused() {
+    let layout = tempfile::tempdir().unwrap();
+    let state = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
+    ok(&berth(
+        state.path(),
+        &[
+            "image",
+            "import",
+            "--tag",
+            "example.com/lie/a:1",
+            layout.path().to_str().unwrap(),
+        ],
+    ));
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
+    let honest = ls[0]["size"].as_u64().unwrap();
+    let stored: u64 = paths_in(&state.path().join("store/blobs/sha256"))
+        .iter()
+        .map(|p| std::fs::metadata(p).unwrap().len())
+        .sum();
+    // the blobs of the image: all but its manifest
+    assert!(honest > 0 && honest < stored, "{honest} of {stored}");
+    // the same layer claimed to be 1 PB
+    let idx: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(layout.path().join("index.json")).unwrap()).unwrap();
+    let mdigest = idx["manifests"][0]["digest"].as_str().unwrap().to_string();
+    let mpath = layout.path().join("blobs/sha256").join(&mdigest[7..]);
+    let mut m: serde_json::Value = serde_json::from_slice(&std::fs::read(&mpath).unwrap()).unwrap();
+    m["layers"][0]["size"] = serde_json::json!(1u64 << 50);
+    let desc = put_blob(layout.path(), &serde_json::to_vec(&m).unwrap());
+    let size = std::fs::metadata(layout.path().join("blobs/sha256").join(&desc[7..]))
+        .unwrap()
+        .len();
+    tag_in_layout(
+        layout.path(),
+        "t",
+        &serde_json::json!({
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "digest": desc, "size": size
+        }),
+    );
+    let out = berth(
+        state.path(),
+        &[
+            "image",
+            "import",
+            "--tag",
+            "example.com/lie/b:1",
+            layout.path().to_str().unwrap(),
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("1125899906842624"), "{err}");
+    let ls: serde_json::Value =
+        serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
+    assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
+}

@@ -31,6 +31,7 @@ fn main() {
         debugging_commands_and_stop_settings,
         cgroups_go_below_berths_own_cgroup_or_the_configured_parent,
         cgroup_v2_on_the_unified_hierarchy,
+        an_image_of_many_layers_runs,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1194,4 +1195,46 @@ impl Drop for SubtreeControl {
             }
         }
     }
+}
+
+/// An image of 200 layers (more than the overlay mount options held as absolute paths: 45
+/// failed before) runs, every layer visible, the bottom one overridden by the top one.
+fn an_image_of_many_layers_runs() {
+    let extra: Vec<Vec<u8>> = (0..200)
+        .map(|i| {
+            LayerBuilder::new()
+                .dir("layers", 0o755)
+                .file(&format!("layers/{i}"), b"x", 0o644)
+                .file("top", format!("{i}\n").as_bytes(), 0o644)
+                .build()
+        })
+        .collect();
+    let h = Host::with_layers("lay", extra);
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    h.wait_for("a", "running", |r| state(r) == "running");
+    assert_eq!(h.sh("a", "ls /layers | wc -l; cat /top"), "200\n199\n");
+    // an image the runtime cannot mount is refused when it is imported
+    let layout = tempfile::tempdir().unwrap();
+    let too_many: Vec<Vec<u8>> = (0..501)
+        .map(|i| {
+            LayerBuilder::new()
+                .file(&format!("f{i}"), b"x", 0o644)
+                .build()
+        })
+        .collect();
+    write_layout(layout.path(), "t", &too_many, &["/bin/sh"]);
+    let out = h.run(&[
+        "image",
+        "import",
+        "--tag",
+        "example.com/e2e/many:1",
+        layout.path().to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("the image has 501 layers; berth runs images of at most 500"),
+        "{err}"
+    );
 }

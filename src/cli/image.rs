@@ -72,11 +72,19 @@ pub fn store(c: &Ctx) -> Store {
     Store::new(c.state.store_dir(), c.state.snapshots_dir())
 }
 
-pub fn unpack_options() -> UnpackOptions {
+pub fn unpack_options(c: &Ctx) -> UnpackOptions {
     let root = nix::unistd::geteuid().is_root();
+    // the file system the snapshots will be on (the nearest directory that exists yet)
+    let snapshots = c.state.snapshots_dir();
+    let total = snapshots
+        .ancestors()
+        .find_map(|d| nix::sys::statvfs::statvfs(d).ok())
+        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
+        .unwrap_or(0);
     UnpackOptions {
         preserve_ownership: root,
         allow_devices: root,
+        min_free: c.config.store.min_free_bytes(total),
     }
 }
 
@@ -113,7 +121,7 @@ pub fn puller(c: &Ctx, quiet: bool) -> Result<Puller> {
         store: store(c),
         concurrency: c.config.pull.concurrency,
         progress: Progress::auto(quiet),
-        unpack: unpack_options(),
+        unpack: unpack_options(c),
     })
 }
 
@@ -151,7 +159,7 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
             for (r, d) in st.references()? {
                 match st.load(&r, &d) {
                     Ok(img) => rows.push(serde_json::json!({
-                        "reference": r, "digest": d.digest, "size": img.size(),
+                        "reference": r, "digest": d.digest, "size": st.image_size(&img),
                         "created": img.config.created, "layers": img.manifest.layers.len(),
                     })),
                     Err(e) => rows.push(serde_json::json!({"reference": r, "digest": d.digest, "error": e.to_string()})),
@@ -201,7 +209,7 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
                 .collect();
             let v = serde_json::json!({
                 "reference": img.reference, "digest": img.digest(), "media_type": img.descriptor.media_type,
-                "size": img.size(), "tags": tags, "config_digest": img.manifest.config.digest,
+                "size": st.image_size(&img), "tags": tags, "config_digest": img.manifest.config.digest,
                 "config": config, "layers": layers,
             });
             println!("{}", serde_json::to_string_pretty(&v)?);
@@ -259,7 +267,7 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
         }
         ImageCommand::Import { file, tag } => {
             let tag = tag.as_deref().map(parse_ref).transpose()?;
-            let out = import::import(&st, &file, tag.as_ref(), &unpack_options())?;
+            let out = import::import(&st, &file, tag.as_ref(), &unpack_options(c))?;
             for (r, d) in out {
                 println!("imported {r}: {d}");
             }

@@ -19,8 +19,8 @@ use std::io::{BufRead, Read, Write};
 use std::path::Path;
 use std::sync::Arc;
 
-/// Largest image config berth accepts.
-const MAX_CONFIG: usize = 16 << 20;
+/// Largest image config berth accepts (pull and import alike).
+pub const MAX_CONFIG: usize = 16 << 20;
 
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct PullOutcome {
@@ -382,6 +382,9 @@ async fn blocking<T: Send + 'static>(
 impl Puller {
     pub async fn pull(&self, r: &Reference) -> Result<PullOutcome, ImageError> {
         self.store.init()?;
+        // nothing this pull stores is collected before it is tagged
+        let store = self.store.clone();
+        let _lease = blocking(move || store.lease()).await??;
         let doc = self.client.fetch_manifest(r, r.object()).await?;
         if let Some(pin) = &r.digest
             && &doc.digest != pin
@@ -453,7 +456,10 @@ impl Puller {
             }
         };
         // config
-        let cfg_bytes = if self.store.has_blob(&manifest.config.digest) {
+        let cfg_bytes = if self
+            .store
+            .has_blob_sized(&manifest.config.digest, manifest.config.size)?
+        {
             self.store.read_blob(&manifest.config.digest)?
         } else {
             let bytes = self.fetch_small_blob(r, &manifest.config).await?;
@@ -576,10 +582,11 @@ impl Puller {
         let key = layer.digest.clone();
         // one puller per layer at a time, across threads and processes
         let _lock = blocking(move || store.lock_key(&key)).await??;
-        if self.store.has_blob(&layer.digest) && self.store.has_snapshot(chain_id) {
+        let have_blob = self.store.has_blob_sized(&layer.digest, layer.size)?;
+        if have_blob && self.store.has_snapshot(chain_id) {
             return Ok((0, true));
         }
-        if self.store.has_blob(&layer.digest) {
+        if have_blob {
             let (store, layer, d, c, o) = (
                 self.store.clone(),
                 layer.clone(),
@@ -713,6 +720,7 @@ mod tests {
     const OPTS: UnpackOptions = UnpackOptions {
         preserve_ownership: false,
         allow_devices: false,
+        min_free: 0,
     };
 
     /// A tar of one file of `size` bytes at `path` (no validation of the path: hostile ones

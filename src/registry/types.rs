@@ -146,7 +146,14 @@ pub enum DocumentError {
     Unsupported(String),
     #[error("malformed {what}: {message}")]
     Malformed { what: &'static str, message: String },
+    #[error(
+        "the image has {0} layers; berth runs images of at most {MAX_LAYERS} (overlayfs's limit)"
+    )]
+    TooManyLayers(usize),
 }
+
+/// The most layers an image may have: overlayfs stacks at most 500 lower directories.
+pub const MAX_LAYERS: usize = 500;
 
 fn strip_params(ct: &str) -> &str {
     ct.split(';').next().unwrap_or("").trim()
@@ -209,6 +216,9 @@ pub fn parse_document(bytes: &[u8], served: Option<&str>) -> Result<Document, Do
                 return Err(DocumentError::Ambiguous);
             }
             let m: Manifest = serde_json::from_value(v).map_err(malformed)?;
+            if m.layers.len() > MAX_LAYERS {
+                return Err(DocumentError::TooManyLayers(m.layers.len()));
+            }
             for d in std::iter::once(&m.config).chain(&m.layers) {
                 if !crate::registry::reference::valid_digest(&d.digest) {
                     return Err(DocumentError::Malformed {

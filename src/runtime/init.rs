@@ -289,23 +289,40 @@ pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
         None::<&str>,
     )
     .map_err(|e| fail("make / private", e))?;
-    // overlayfs: image snapshots below, the container's own upper layer on top
-    let lower: Vec<String> = cfg
-        .layers
-        .iter()
-        .rev()
-        .map(|p| p.display().to_string())
-        .collect();
-    let opts = if lower.is_empty() {
+    // overlayfs: image snapshots below, the container's own upper layer on top. The options
+    // must fit in one page: the layers are named by short links in the container's
+    // directory (`l/0`, `l/1`, …) and every path is given relative to that directory, the
+    // mount made from there (docker's overlay2 does the same), so that images of up to
+    // MAX_LAYERS layers mount whatever the state directory's path.
+    if cfg.layers.is_empty() {
         return Err(fail("rootfs", "the image has no layers"));
-    } else {
-        format!(
-            "lowerdir={},upperdir={},workdir={}",
-            lower.join(":"),
-            cd.upper().display(),
-            cd.work().display()
-        )
-    };
+    }
+    if cfg.layers.len() > crate::registry::types::MAX_LAYERS {
+        return Err(fail(
+            "rootfs",
+            format!(
+                "the image has {} layers; overlayfs mounts at most {}",
+                cfg.layers.len(),
+                crate::registry::types::MAX_LAYERS
+            ),
+        ));
+    }
+    let links = cd.0.join("l");
+    if links.exists() {
+        std::fs::remove_dir_all(&links).map_err(|e| fail("clear the layer links", e))?;
+    }
+    std::fs::create_dir(&links).map_err(|e| fail("make the layer links", e))?;
+    let mut lower = vec![];
+    // the top layer first, as overlayfs wants them
+    for (i, p) in cfg.layers.iter().rev().enumerate() {
+        let name = format!("{i:x}");
+        std::os::unix::fs::symlink(p, links.join(&name))
+            .map_err(|e| fail(format!("link layer {}", p.display()), e))?;
+        lower.push(format!("l/{name}"));
+    }
+    let opts = format!("lowerdir={},upperdir=upper,workdir=work", lower.join(":"));
+    let back = std::env::current_dir().unwrap_or_else(|_| "/".into());
+    std::env::set_current_dir(&cd.0).map_err(|e| fail("enter the container's directory", e))?;
     let rootfs = cd.rootfs();
     mount(
         Some("overlay"),
@@ -315,6 +332,7 @@ pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
         Some(opts.as_str()),
     )
     .map_err(|e| fail("mount overlay root filesystem", e))?;
+    std::env::set_current_dir(&back).map_err(|e| fail("leave the container's directory", e))?;
     let root: OwnedFd = nix::fcntl::open(
         &rootfs,
         OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,

@@ -67,10 +67,6 @@ impl StoredImage {
     pub fn chain_ids(&self) -> Vec<String> {
         chain_ids(&self.config.rootfs.diff_ids)
     }
-    /// Compressed size of config and layers.
-    pub fn size(&self) -> u64 {
-        self.manifest.config.size + self.manifest.layers.iter().map(|l| l.size).sum::<u64>()
-    }
 }
 
 #[derive(Debug, Clone)]
@@ -91,7 +87,40 @@ pub struct KeyLock {
     _lock: nix::fcntl::Flock<File>,
 }
 
+/// Held by a pull or an import for as long as it writes to the store (a shared lock on
+/// `gc.lock`): [`Store::gc`] takes the lock exclusively, so it never collects what a writer has
+/// stored but not yet tagged, and the ingest files it finds are no live writer's. containerd's
+/// leases, coarse: a collection waits for the writers in progress, and new ones wait for it.
+pub struct Lease {
+    _lock: nix::fcntl::Flock<File>,
+}
+
 impl Store {
+    /// Take a [`Lease`] (blocking while a collection runs).
+    pub fn lease(&self) -> Result<Lease, StoreError> {
+        let f = self.gc_lock_file()?;
+        Ok(Lease {
+            _lock: flock(
+                f,
+                nix::fcntl::FlockArg::LockShared,
+                &self.root.join("gc.lock"),
+            )?,
+        })
+    }
+
+    fn gc_lock_file(&self) -> Result<File, StoreError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&self.root).map_err(at("create directory", &self.root))?;
+        let p = self.root.join("gc.lock");
+        std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&p)
+            .map_err(|e| PathError::new("open", &p, e).into())
+    }
+
     pub fn new(root: impl Into<PathBuf>, snapshots: impl Into<PathBuf>) -> Self {
         Store {
             root: root.into(),
@@ -126,6 +155,40 @@ impl Store {
 
     pub fn has_blob(&self, digest: &str) -> bool {
         self.blob_path(digest).map(|p| p.is_file()).unwrap_or(false)
+    }
+
+    /// The size of a stored blob, if the store has it.
+    pub fn blob_size(&self, digest: &str) -> Option<u64> {
+        let p = self.blob_path(digest).ok()?;
+        std::fs::metadata(p)
+            .ok()
+            .filter(|m| m.is_file())
+            .map(|m| m.len())
+    }
+
+    /// Whether the store has the blob a descriptor names: the blob is present only if it is
+    /// also of the descriptor's size (a manifest that lies about the size of a blob the store
+    /// already holds is refused, as a download of a wrong size would be).
+    pub fn has_blob_sized(&self, digest: &str, size: u64) -> Result<bool, StoreError> {
+        match self.blob_size(digest) {
+            None => Ok(false),
+            Some(actual) if actual == size => Ok(true),
+            Some(actual) => Err(StoreError::SizeMismatch {
+                digest: digest.to_string(),
+                expected: size,
+                actual,
+            }),
+        }
+    }
+
+    /// The bytes an image's config and layers take in the store (each blob once), from the
+    /// blobs themselves, not from what its manifest claims.
+    pub fn image_size(&self, img: &StoredImage) -> u64 {
+        let digests: BTreeSet<&str> = std::iter::once(&img.manifest.config)
+            .chain(&img.manifest.layers)
+            .map(|d| d.digest.as_str())
+            .collect();
+        digests.iter().filter_map(|d| self.blob_size(d)).sum()
     }
 
     pub fn read_blob(&self, digest: &str) -> Result<Vec<u8>, StoreError> {
@@ -376,6 +439,17 @@ impl Store {
     /// Remove blobs and snapshots no reference needs (also leftovers in ingest/).
     /// `keep_chains` adds snapshots in use by containers. Returns bytes freed.
     pub fn gc(&self, keep_chains: &BTreeSet<String>) -> Result<u64, StoreError> {
+        // no writer in progress (before the index lock: a writer takes that one under its lease)
+        let lock_path = self.root.join("gc.lock");
+        let f = self.gc_lock_file()?;
+        let _gc = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+            Ok(l) => l,
+            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
+                tracing::warn!("waiting for the pulls and imports in progress to finish");
+                flock(f, nix::fcntl::FlockArg::LockExclusive, &lock_path)?
+            }
+            Err((_, e)) => return Err(PathError::new("lock", &lock_path, e.into()).into()),
+        };
         let _l = self.lock_key("index")?;
         let mut blobs: BTreeSet<String> = BTreeSet::new();
         let mut chains: BTreeSet<String> = keep_chains
@@ -408,6 +482,17 @@ impl Store {
                 let p = self.snapshots.join(&e);
                 freed += tree_size(&p);
                 remove_tree(&p)?;
+            }
+        }
+        // what a killed pull or import left (every live writer holds a lease)
+        let ingest = self.root.join("ingest");
+        for e in read_dir_names(&ingest)? {
+            let p = ingest.join(&e);
+            freed += tree_size(&p);
+            match std::fs::symlink_metadata(&p) {
+                Ok(m) if m.is_dir() => remove_tree(&p)?,
+                Ok(_) => std::fs::remove_file(&p).map_err(at("remove", &p))?,
+                Err(_) => {}
             }
         }
         self.prune_locks("index")?;
@@ -682,6 +767,21 @@ impl Drop for Ingest {
     fn drop(&mut self) {
         // after a successful commit the temp name no longer exists; otherwise it is garbage
         let _ = std::fs::remove_file(&self.tmp);
+    }
+}
+
+/// Lock `f` as `arg` (blocking), retrying on EINTR.
+fn flock(
+    mut f: File,
+    arg: nix::fcntl::FlockArg,
+    path: &Path,
+) -> Result<nix::fcntl::Flock<File>, StoreError> {
+    loop {
+        match nix::fcntl::Flock::lock(f, arg) {
+            Ok(l) => return Ok(l),
+            Err((back, nix::errno::Errno::EINTR)) => f = back,
+            Err((_, e)) => return Err(PathError::new("lock", path, e.into()).into()),
+        }
     }
 }
 

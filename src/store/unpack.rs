@@ -56,12 +56,16 @@
 //!   `.wh..wh.` name, `.wh..` and `.wh...` are
 //!   [`UnpackError::InvalidWhiteout`]. Whiteout entries are never written as
 //!   files.
-//! * **Entry types.** Regular, Continuous, old-style GNU sparse (`S`, read by
-//!   the `tar` crate, holes written out as zeros, so the file is not sparse on
-//!   disk), Directory (also a Regular entry whose name ends in `/`), Symlink,
-//!   Link, Char, Block, Fifo. PAX global headers are skipped. PAX-format GNU
-//!   sparse files (`GNU.sparse.*` records) and every other type are
-//!   [`UnpackError::Unsupported`].
+//! * **Entry types.** Regular, Continuous, Directory (also a Regular entry
+//!   whose name ends in `/`), Symlink, Link, Char, Block, Fifo. PAX global
+//!   headers are skipped. GNU sparse files, old-style (`S`: the `tar` crate
+//!   would write the holes out as zeros, a 2 KB entry becoming a 2 GiB file)
+//!   and PAX-format (`GNU.sparse.*` records), and every other type are
+//!   [`UnpackError::Unsupported`]; image builders do not write them.
+//! * **Space.** With [`UnpackOptions::min_free`], each entry (its contents
+//!   and a fixed cost for its inode) is counted against the file system's
+//!   free space before it is written; an entry that would leave less than the
+//!   reserve fails the unpack with [`UnpackError::NoSpace`].
 //! * **Stream.** The reader is always read to its end on success: bytes after
 //!   the end-of-archive marker are drained, so a caller hashing the stream
 //!   sees all of it.
@@ -100,6 +104,9 @@ pub struct UnpackOptions {
     pub preserve_ownership: bool,
     /// Create char/block devices (needs `CAP_MKNOD`); when false they are skipped.
     pub allow_devices: bool,
+    /// Bytes the snapshot's file system must keep free: an entry that would leave less fails
+    /// the unpack with [`UnpackError::NoSpace`] before it is written. 0: no check.
+    pub min_free: u64,
 }
 
 /// What [`unpack_layer`] did.
@@ -169,6 +176,16 @@ pub enum UnpackError {
     Whiteout { path: PathBuf, source: io::Error },
     #[error("unsupported entry {path:?}: {kind}")]
     Unsupported { path: PathBuf, kind: String },
+    /// Unpacking `path` would leave less than the reserve free.
+    #[error(
+        "unpacking {path:?} ({needed} bytes) would leave less than the reserve of {reserve} bytes free on the store's file system ({available} bytes available)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+        reserve: u64,
+    },
 }
 
 /// The overlayfs xattr marking a directory opaque.
@@ -179,6 +196,10 @@ const FORBIDDEN_XATTR_PREFIXES: [&[u8]; 2] = [b"trusted.overlay.", b"user.overla
 const MAX_SYMLINKS: u32 = 40;
 /// Bytes gathered before each write of a regular file's contents.
 const WRITE_BUF: usize = 1 << 20;
+/// Bytes written between two looks at the free space (the budget is counted down between).
+const RESTAT_EVERY: u64 = 64 << 20;
+/// What an entry is charged beyond its contents (an inode, a directory entry).
+const ENTRY_COST: u64 = 512;
 /// Retries of `openat2` on `EAGAIN` (a concurrent rename elsewhere on the fs).
 const OPENAT2_RETRIES: u32 = 16;
 
@@ -213,6 +234,8 @@ pub fn unpack_layer<R: Read>(
         last_dir: RefCell::new(None),
         born_owner: (!setgid_root).then(|| (nix::unistd::geteuid(), nix::unistd::getegid())),
         umask: current_umask(),
+        budget: None,
+        since_stat: 0,
     };
 
     let mut archive = tar::Archive::new(reader);
@@ -280,6 +303,10 @@ struct Extractor {
     born_owner: Option<(Uid, Gid)>,
     /// This process's umask (None: not known).
     umask: Option<u32>,
+    /// Bytes that may still be written before the reserve is reached (None: look first).
+    budget: Option<u64>,
+    /// Bytes charged since the free space was last looked at.
+    since_stat: u64,
 }
 
 impl Extractor {
@@ -316,11 +343,22 @@ impl Extractor {
                 why: format!("a {kind:?} entry cannot replace the layer root"),
             });
         }
+        let size = if matches!(kind, tar::EntryType::Regular | tar::EntryType::Continuous) {
+            entry.size()
+        } else {
+            0
+        };
+        self.charge(path, size + ENTRY_COST)?;
         match kind {
             tar::EntryType::Directory => self.directory(path, comps, &meta),
-            tar::EntryType::Regular | tar::EntryType::Continuous | tar::EntryType::GNUSparse => {
+            tar::EntryType::Regular | tar::EntryType::Continuous => {
                 self.regular(entry, path, &comps, &meta)
             }
+            // the tar crate writes the holes out as zeros: a 2 KB entry can be a 2 GiB file
+            tar::EntryType::GNUSparse => Err(unsupported(
+                path,
+                "old-style GNU sparse file (its holes would be written out in full)",
+            )),
             tar::EntryType::Symlink => self.symlink(path, &comps, link, &meta),
             tar::EntryType::Link => self.hardlink(path, &comps, link),
             tar::EntryType::Char | tar::EntryType::Block | tar::EntryType::Fifo => {
@@ -366,6 +404,36 @@ impl Extractor {
             atime: meta.atime,
             mtime: meta.mtime,
         });
+        Ok(())
+    }
+
+    /// Count `n` bytes against the reserve: fail if writing them would leave less than
+    /// `min_free` free. The free space is looked at first, then every [`RESTAT_EVERY`] bytes
+    /// (others may be writing too), and counted down in between.
+    fn charge(&mut self, path: &Path, n: u64) -> Result<(), UnpackError> {
+        let reserve = self.opts.min_free;
+        if reserve == 0 {
+            return Ok(());
+        }
+        let stale = self.budget.is_none_or(|b| b < n) || self.since_stat >= RESTAT_EVERY;
+        if stale {
+            let available = nix::sys::statvfs::fstatvfs(&self.root)
+                .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
+                .unwrap_or(u64::MAX);
+            self.budget = Some(available.saturating_sub(reserve));
+            self.since_stat = 0;
+        }
+        let budget = self.budget.unwrap_or(0);
+        if n > budget {
+            return Err(UnpackError::NoSpace {
+                path: path.to_owned(),
+                needed: n,
+                available: budget.saturating_add(reserve),
+                reserve,
+            });
+        }
+        self.budget = Some(budget - n);
+        self.since_stat += n;
         Ok(())
     }
 
@@ -1044,6 +1112,7 @@ mod tests {
     const OPTS: UnpackOptions = UnpackOptions {
         preserve_ownership: true,
         allow_devices: true,
+        min_free: 0,
     };
 
     /// (guard, root, outside). Under /var/tmp: tmpfs may lack `trusted.*`.
@@ -1208,6 +1277,7 @@ mod tests {
         let opts = UnpackOptions {
             preserve_ownership: true,
             allow_devices: false,
+            min_free: 0,
         };
         unpack_layer(data.as_slice(), &root2, &opts).unwrap();
         assert!(!root2.join("dev/null").exists());
@@ -1504,6 +1574,85 @@ mod tests {
         assert!(s.file_type().is_file());
         assert_eq!(fs::read(root.join("f")).unwrap(), b"new");
         assert_empty(&outside);
+    }
+
+    #[test]
+    fn old_gnu_sparse_entries_are_refused_before_anything_is_written() {
+        let (_t, root, _) = setup();
+        let mut b = Builder::new(Vec::new());
+        // a 2 GiB file of one byte at its end, in 512 bytes of archive
+        let mut h = Header::new_gnu();
+        h.set_path("holes").unwrap();
+        h.set_entry_type(EntryType::GNUSparse);
+        h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h.set_size(1);
+        let gnu = h.as_gnu_mut().unwrap();
+        gnu.sparse[0].set_offset((2 << 30) - 1);
+        gnu.sparse[0].set_length(1);
+        gnu.set_real_size(2 << 30);
+        h.set_cksum();
+        b.append(&h, &[7u8][..]).unwrap();
+        let err = unpack(b, &root).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::Unsupported { kind, .. } if kind.contains("GNU sparse")),
+            "{err:?}"
+        );
+        assert!(!root.join("holes").exists());
+    }
+
+    #[test]
+    fn an_entry_that_would_eat_into_the_reserve_fails_before_it_is_written() {
+        // a file system of its own, so that no one else's writes change its free space
+        let t = tempfile::tempdir().unwrap();
+        nix::mount::mount(
+            Some("tmpfs"),
+            t.path(),
+            Some("tmpfs"),
+            nix::mount::MsFlags::empty(),
+            Some("size=8m"),
+        )
+        .unwrap();
+        struct Unmount<'a>(&'a Path);
+        impl Drop for Unmount<'_> {
+            fn drop(&mut self) {
+                let _ = nix::mount::umount2(self.0, nix::mount::MntFlags::MNT_DETACH);
+            }
+        }
+        let _u = Unmount(t.path());
+        let root = t.path().join("root");
+        fs::create_dir(&root).unwrap();
+        let free = {
+            let v = nix::sys::statvfs::statvfs(&root).unwrap();
+            v.blocks_available().saturating_mul(v.fragment_size())
+        };
+        let mut b = Builder::new(Vec::new());
+        file(&mut b, "small", b"fits");
+        file(&mut b, "big", &vec![1u8; 1 << 20]);
+        let data = b.into_inner().unwrap();
+        // a reserve that leaves room for the first entry, not the second
+        let opts = UnpackOptions {
+            min_free: free - (64 << 10),
+            ..OPTS
+        };
+        let err = unpack_layer(data.as_slice(), &root, &opts).unwrap_err();
+        assert!(
+            matches!(&err, UnpackError::NoSpace { path, needed, .. }
+                if path == Path::new("big") && *needed > 1 << 20),
+            "{err}"
+        );
+        assert_eq!(fs::read(root.join("small")).unwrap(), b"fits");
+        assert!(!root.join("big").exists(), "nothing of it written");
+        // with a reserve it leaves, the same layer unpacks
+        let root2 = t.path().join("root2");
+        fs::create_dir(&root2).unwrap();
+        let opts = UnpackOptions {
+            min_free: 1 << 20,
+            ..OPTS
+        };
+        unpack_layer(data.as_slice(), &root2, &opts).unwrap();
     }
 
     struct Counting<R> {

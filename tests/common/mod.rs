@@ -401,8 +401,11 @@ pub enum Fault {
     EndlessToken,
     /// Manifest bodies are sent one byte per second.
     TrickleManifests,
-    /// Blob bodies stop after their first 100 bytes; the connection stays open.
+    /// Blob bodies over 4 KiB (layers, not configs) stop after their first 100 bytes; the
+    /// connection stays open.
     StallBlobs,
+    /// Blob bodies over 4 KiB (layers) are answered after 3 s.
+    VerySlowBlobs,
     /// Requests are read and never answered.
     Silent,
 }
@@ -663,6 +666,7 @@ fn proxy_one(
         | Fault::BearerAuth
         | Fault::Forbidden
         | Fault::SlowBlobs
+        | Fault::VerySlowBlobs
         | Fault::EndlessError
         | Fault::EndlessToken
         | Fault::Silent => false,
@@ -721,7 +725,10 @@ fn proxy_one(
         }
         return Ok(());
     }
-    if take && fault == Fault::StallBlobs {
+    if fault == Fault::VerySlowBlobs && is_blob_get && rb.len() > 4096 {
+        std::thread::sleep(std::time::Duration::from_secs(3));
+    }
+    if take && fault == Fault::StallBlobs && rb.len() > 4096 {
         client.write_all(&rb[..rb.len().min(100)])?;
         // until the client closes
         let mut b = [0u8; 1];
