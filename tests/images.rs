@@ -1027,3 +1027,134 @@ fn a_manifest_lying_about_a_stored_blobs_size_is_refused() {
         serde_json::from_str(&ok(&berth(state.path(), &["image", "ls", "--json"]))).unwrap();
     assert_eq!(ls.as_array().unwrap().len(), 1, "{ls}");
 }
+
+/// A gzip-compressed tar of the directory `dir` plus `extra` members streamed from readers
+/// (name, size, reader).
+fn archive_of(dir: &Path, extra: Vec<(&str, u64, Box<dyn std::io::Read>)>) -> Vec<u8> {
+    let gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    let mut b = tar::Builder::new(gz);
+    b.append_dir_all(".", dir).unwrap();
+    for (name, size, r) in extra {
+        let mut h = tar::Header::new_gnu();
+        h.set_size(size);
+        h.set_mode(0o644);
+        h.set_cksum();
+        b.append_data(&mut h, name, r).unwrap();
+    }
+    b.into_inner().unwrap().finish().unwrap()
+}
+
+/// An archive holding 300 MiB of members no image names (zeros: a 300 KB archive) imports
+/// into a 64 MiB state directory: only the members the image names are read to disk. A
+/// config over the pull limit is refused like a pulled one, and errors name the user's file,
+/// printably.
+#[test]
+fn import_reads_only_what_the_image_names_within_the_pull_limits() {
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(
+        layout.path(),
+        "example.com/imp/junk:1",
+        &[busybox_layer()],
+        &["/bin/sh"],
+    );
+    let work = tempfile::tempdir().unwrap();
+    let junk = work.path().join("junk.tar.gz");
+    std::fs::write(
+        &junk,
+        archive_of(
+            layout.path(),
+            vec![
+                (
+                    "junk/zeros",
+                    200 << 20,
+                    Box::new(std::io::repeat(0).take(200 << 20)),
+                ),
+                (
+                    "blobs/sha256/unreferenced",
+                    100 << 20,
+                    Box::new(std::io::repeat(0).take(100 << 20)),
+                ),
+            ],
+        ),
+    )
+    .unwrap();
+    // the archive itself fits the disk many times over; what it unpacks to would not
+    assert!(std::fs::metadata(&junk).unwrap().len() < 16 << 20);
+    let disk = SmallDisk::new("64m");
+    let state = disk.0.path().join("state");
+    ok(&berth(&state, &["image", "import", junk.to_str().unwrap()]));
+    assert_unpacked(&state, "example.com/imp/junk:1");
+    assert!(paths_in(&state.join("store/ingest")).is_empty());
+
+    // a config of 17 MiB, over the 16 MiB a pull accepts
+    let big = tempfile::tempdir().unwrap();
+    let mut config =
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]},"pad":""#
+            .to_vec();
+    config.extend(std::iter::repeat_n(b'x', 17 << 20));
+    config.extend(b"\"}");
+    let cdigest = put_blob(big.path(), &config);
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": cdigest, "size": config.len()},
+        "layers": []
+    });
+    let mbytes = serde_json::to_vec(&manifest).unwrap();
+    let mdigest = put_blob(big.path(), &mbytes);
+    tag_in_layout(
+        big.path(),
+        "example.com/imp/big:1",
+        &serde_json::json!({"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                            "digest": mdigest, "size": mbytes.len()}),
+    );
+    let big_tar = work.path().join("big.tar.gz");
+    std::fs::write(&big_tar, archive_of(big.path(), vec![])).unwrap();
+    let out = berth(&state, &["image", "import", big_tar.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(big_tar.to_str().unwrap()),
+        "names the file: {err}"
+    );
+    assert!(err.contains("more than the 16777216 allowed"), "{err}");
+    assert!(!err.contains("ingest/"), "no internal paths: {err}");
+
+    // random bytes: refused, named, and nothing of them printed raw
+    let noise_file = work.path().join("noise.tar");
+    std::fs::write(&noise_file, noise(1 << 20, 7)).unwrap();
+    let out = berth(&state, &["image", "import", noise_file.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("noise.tar"), "{err}");
+    assert!(err.len() < 2000, "{err}");
+    assert!(!err.chars().any(|c| c.is_control() && c != '\n'), "{err:?}");
+}
+
+/// A `docker save` archive whose tags are all unusable says why each was refused.
+#[test]
+fn import_says_why_each_tag_was_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let save = work.path().join("save");
+    std::fs::create_dir(&save).unwrap();
+    std::fs::write(
+        save.join("config.json"),
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        save.join("manifest.json"),
+        br#"[{"Config":"config.json","RepoTags":["latest","Bad Name:1","ex.com/ok:\u001b[2J"],"Layers":[]}]"#,
+    )
+    .unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(state.path(), &["image", "import", save.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("\"latest\" is a bare tag"), "{err}");
+    assert!(err.contains("\"Bad Name:1\""), "{err}");
+    assert!(err.contains("\\u{1b}"), "escaped: {err}");
+    assert!(!err.contains('\u{1b}'), "{err:?}");
+    assert!(err.contains("pass --tag REF"), "{err}");
+}

@@ -226,6 +226,9 @@ struct Loader {
 /// The longest `stop_timeout`: a stop holds the state directory's lock while it waits.
 pub const MAX_STOP_TIMEOUT: Duration = Duration(3_600_000);
 
+/// The most characters of a diagnostic's message (the rest is cut, with the length given).
+const MAX_MESSAGE: usize = 400;
+
 /// How many undeclared names get a did-you-mean hint.
 const HINTS: usize = 100;
 
@@ -301,7 +304,8 @@ impl Loader {
             file: pos.file.clone(),
             line: pos.line,
             col: pos.col,
-            message,
+            // messages quote the manifest's values, which may be any length
+            message: crate::text::printable(&message, MAX_MESSAGE),
         });
     }
 
@@ -1493,6 +1497,27 @@ cpus = 0.5
 mod directory_tests {
     use super::*;
     use std::os::unix::fs::symlink;
+
+    /// A huge value is quoted cut, with its length, never in full.
+    #[test]
+    fn messages_quote_values_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let host = "a".repeat(1 << 20);
+        std::fs::write(
+            d.path().join("a.toml"),
+            format!(
+                "[container.a]\nimage = \"docker.io/library/busybox:1\"\nhostname = \"{host}\"\n"
+            ),
+        )
+        .unwrap();
+        let Err(LoadError::Invalid(diags)) = load_dir(d.path()) else {
+            panic!("must fail");
+        };
+        assert_eq!(diags.len(), 1, "{diags:?}");
+        let m = &diags[0].message;
+        assert!(m.starts_with("hostname: \"aaa"), "{m}");
+        assert!(m.len() < 600 && m.ends_with("bytes in all)"), "{m}");
+    }
 
     /// Symlink loops end (each directory read once); files that are not regular, on /proc,
     /// or too large are each a diagnostic naming the file, and nothing blocks.
