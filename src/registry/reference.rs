@@ -138,7 +138,14 @@ pub fn valid_digest(d: &str) -> bool {
 impl FromStr for Reference {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {
-        let bad = |why: &str| format!("invalid image reference {s:?}: {why}");
+        // the input may be any length: quoted cut
+        let bad = |why: &str| {
+            format!(
+                "invalid image reference \"{}\": {}",
+                crate::text::printable(s, 200),
+                crate::text::printable(why, 200)
+            )
+        };
         if s.is_empty() {
             return Err(bad("empty"));
         }
