@@ -285,7 +285,11 @@ impl Executor<'_> {
             Op::RemoveNetwork => self.remove_network(name, st.action == Action::Destroy)?,
             Op::CreateContainer => self.create_container(name)?,
             Op::StartContainer => {
-                self.runtime.start(name)?;
+                match self.runtime.start(name) {
+                    // its supervisor got there first: it starts it after the backoff
+                    Ok(_) | Err(crate::runtime::RuntimeError::Restarting { .. }) => {}
+                    Err(e) => return Err(e.into()),
+                }
                 if let Some(mut rec) = self.record(name)?
                     && rec.stopped_by_user
                 {
@@ -314,6 +318,11 @@ impl Executor<'_> {
                     .ok_or_else(|| ApplyError::Invalid("no record".into()))?;
                 if self.runtime.exists(name) {
                     self.runtime.update_limits(name, &limits(&c.spec))?;
+                    self.runtime.update_supervision(
+                        name,
+                        restart_policy(&c.spec),
+                        backoff(&c.spec),
+                    )?;
                 }
                 rec.spec = c.spec.clone();
                 rec.source = c.source.clone();
@@ -769,7 +778,31 @@ pub fn runtime_config(
         log_max_files: rc::LOG_MAX_FILES,
         stop_signal: spec.stop_signal.clone(),
         stop_timeout_ms: spec.stop_timeout.0,
+        restart: restart_policy(spec),
+        backoff: backoff(spec),
     })
+}
+
+/// The manifest's restart policy as the runtime's supervisor carries it.
+pub fn restart_policy(spec: &ContainerSpec) -> crate::runtime::supervise::RestartPolicy {
+    use crate::manifest::units::Restart;
+    use crate::runtime::supervise::RestartPolicy;
+    match spec.restart {
+        Restart::No => RestartPolicy::No,
+        Restart::OnFailure(max) => RestartPolicy::OnFailure { max },
+        Restart::Always => RestartPolicy::Always,
+        Restart::UnlessStopped => RestartPolicy::UnlessStopped,
+    }
+}
+
+/// The manifest's backoff (kubelet's defaults when not declared).
+pub fn backoff(spec: &ContainerSpec) -> crate::runtime::supervise::Backoff {
+    let b = spec.backoff.unwrap_or_default();
+    crate::runtime::supervise::Backoff {
+        initial_ms: b.initial.0,
+        max_ms: b.max.0,
+        reset_after_ms: b.reset_after.0,
+    }
 }
 
 /// Group the plan's steps into waves that must run one after another; steps within a wave

@@ -163,6 +163,13 @@ pub fn now_unix() -> u64 {
         .unwrap_or(0)
 }
 
+pub fn now_unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
 /// Read into `buf` until it is full or the reader ends; returns the bytes read (short only at
 /// the end). Decompressors hand out a few kilobytes per call; their consumers work best on
 /// large pieces (one large write costs the page cache much less than many small ones).

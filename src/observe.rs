@@ -61,6 +61,17 @@ pub enum ContainerStatus {
         #[serde(default)]
         restarts: u32,
     },
+    /// Exited; its supervisor starts it again at `restart_at_ms` (Unix milliseconds), by
+    /// its restart policy, after backing off.
+    Restarting {
+        code: Option<i32>,
+        signal: Option<i32>,
+        #[serde(default)]
+        oom: bool,
+        finished_at: u64,
+        restarts: u32,
+        restart_at_ms: u64,
+    },
     /// Stopped with `berth stop`: stays stopped until started or reconfigured.
     StoppedByUser,
     /// Something berth needs is gone (process killed with its shim, rootfs or cgroup removed).

@@ -149,6 +149,16 @@ fn ago(secs: u64) -> String {
     }
 }
 
+/// How a container ended: `code 1`, `signal 9`, `OOM killed`.
+fn how(oom: bool, code: Option<i32>, signal: Option<i32>) -> String {
+    match (oom, code, signal) {
+        (true, _, _) => "OOM killed".to_string(),
+        (_, Some(c), _) => format!("code {c}"),
+        (_, _, Some(s)) => format!("signal {s}"),
+        _ => "?".into(),
+    }
+}
+
 pub fn describe_status(s: &ContainerStatus) -> (String, String) {
     match s {
         ContainerStatus::Created => ("created".into(), "-".into()),
@@ -161,14 +171,29 @@ pub fn describe_status(s: &ContainerStatus) -> (String, String) {
             oom,
             finished_at,
             ..
+        } => (
+            "exited".into(),
+            format!("{}, {} ago", how(*oom, *code, *signal), ago(*finished_at)),
+        ),
+        ContainerStatus::Restarting {
+            code,
+            signal,
+            oom,
+            restarts,
+            restart_at_ms,
+            ..
         } => {
-            let how = match (oom, code, signal) {
-                (true, _, _) => "OOM killed".to_string(),
-                (_, Some(c), _) => format!("code {c}"),
-                (_, _, Some(s)) => format!("signal {s}"),
-                _ => "?".into(),
-            };
-            ("exited".into(), format!("{how}, {} ago", ago(*finished_at)))
+            let secs = restart_at_ms
+                .saturating_sub(crate::fsutil::now_unix_ms())
+                .div_ceil(1000);
+            (
+                "restarting".into(),
+                format!(
+                    "in {secs}s, {restarts} restart{}; last {}",
+                    if *restarts == 1 { "" } else { "s" },
+                    how(*oom, *code, *signal)
+                ),
+            )
         }
         ContainerStatus::StoppedByUser => ("stopped by user".into(), "-".into()),
         ContainerStatus::Lost { reason } => ("lost".into(), reason.clone()),
@@ -180,8 +205,12 @@ pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
     let o = observe::observe(&c.state, &image::store(c), &rt)?;
     let mut rows = vec![];
     for (name, oc) in &o.containers {
-        let running = matches!(oc.status, ContainerStatus::Running { .. });
-        if !all && !running {
+        // as docker's ps: running containers and those about to run again
+        let live = matches!(
+            oc.status,
+            ContainerStatus::Running { .. } | ContainerStatus::Restarting { .. }
+        );
+        if !all && !live {
             continue;
         }
         let st = rt.state(name);
@@ -328,12 +357,17 @@ pub fn start_cmd(c: &Ctx, name: &str, restart: bool) -> Result<ExitCode> {
     if restart {
         rt.stop(name, &rec.spec.stop_signal, rec.spec.stop_timeout.as_std())?;
     }
-    let pid = rt.start(name)?;
+    let started = rt.start(name);
     if rec.stopped_by_user {
         rec.stopped_by_user = false;
         c.state.write_record(Kind::Container, name, &rec)?;
     }
-    println!("{name}: running, pid {pid}");
+    match started {
+        Ok(pid) => println!("{name}: running, pid {pid}"),
+        // backing off: its supervisor starts it when the delay is over
+        Err(e @ crate::runtime::RuntimeError::Restarting { .. }) => println!("{e}"),
+        Err(e) => return Err(e.into()),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

@@ -610,6 +610,7 @@ impl Loader {
             "depends_on",
             "labels",
             "health",
+            "backoff",
         ];
         self.check_keys(f, &format!("[container.{name}]"), tbl, KEYS);
         let mut refs = ContainerRefs::default();
@@ -886,7 +887,66 @@ impl Loader {
                 ),
             }
         }
+        if let Some(item) = tbl.get("backoff") {
+            match item.as_table_like() {
+                Some(b) => c.backoff = Some(self.backoff(f, name, b)),
+                None => self.err(
+                    f,
+                    &item.span(),
+                    format!(
+                        "backoff: expected a table ([container.{name}.backoff]), found {}",
+                        item.type_name()
+                    ),
+                ),
+            }
+        }
         Some((c, refs))
+    }
+
+    /// `[container.NAME.backoff]`: each of `initial`, `max`, `reset_after` optional (kubelet's
+    /// defaults), `initial` at least 100ms and at most `max`, all at most a day.
+    fn backoff(&mut self, f: &FileCtx, name: &str, b: &dyn TableLike) -> BackoffSpec {
+        self.check_keys(
+            f,
+            &format!("[container.{name}.backoff]"),
+            b,
+            &["initial", "max", "reset_after"],
+        );
+        let d = BackoffSpec::default();
+        let day = Duration::from_secs(86_400);
+        let ranged = |i: &Item| {
+            let v = duration(i)?;
+            if v < Duration(100) || v > day {
+                return Err((
+                    None,
+                    format!(
+                        "{:?} is out of range (100ms to 24h)",
+                        i.as_str().unwrap_or_default()
+                    ),
+                ));
+            }
+            Ok(v)
+        };
+        let spec = BackoffSpec {
+            initial: self.field(f, b, "initial", ranged).unwrap_or(d.initial),
+            max: self.field(f, b, "max", ranged).unwrap_or(d.max),
+            reset_after: self
+                .field(f, b, "reset_after", ranged)
+                .unwrap_or(d.reset_after),
+        };
+        if spec.initial > spec.max {
+            self.err(
+                f,
+                &b.get("initial")
+                    .or_else(|| b.get("max"))
+                    .and_then(|i| i.span()),
+                format!(
+                    "backoff: initial \"{}\" is longer than max \"{}\"",
+                    spec.initial, spec.max
+                ),
+            );
+        }
+        spec
     }
 
     fn health(

@@ -114,6 +114,25 @@ pub struct HealthSpec {
     pub start_period: Duration,
 }
 
+/// Delays between a container's restarts (`[container.NAME.backoff]`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BackoffSpec {
+    pub initial: Duration,
+    pub max: Duration,
+    pub reset_after: Duration,
+}
+
+impl Default for BackoffSpec {
+    /// kubelet's: 10 s doubling to 5 min, reset after 10 min running.
+    fn default() -> Self {
+        BackoffSpec {
+            initial: Duration::from_secs(10),
+            max: Duration::from_secs(300),
+            reset_after: Duration::from_secs(600),
+        }
+    }
+}
+
 /// The system-call filter a container runs under.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -168,6 +187,9 @@ pub struct ContainerSpec {
     pub depends_on: BTreeMap<String, DependCondition>,
     pub labels: BTreeMap<String, String>,
     pub health: Option<HealthSpec>,
+    /// Absent from records made before it existed and when not declared.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backoff: Option<BackoffSpec>,
 }
 
 impl ContainerSpec {
@@ -199,6 +221,7 @@ impl ContainerSpec {
             depends_on: BTreeMap::new(),
             labels: BTreeMap::new(),
             health: None,
+            backoff: None,
         }
     }
 
@@ -213,6 +236,7 @@ impl ContainerSpec {
         "stop_timeout",
         "depends_on",
         "health",
+        "backoff",
     ];
 
     pub fn field_forces_replacement(field: &str) -> bool {

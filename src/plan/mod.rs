@@ -710,7 +710,8 @@ fn container_step(
                 });
             }
         }
-        ContainerStatus::Running { .. } => {}
+        // its supervisor starts it again after the backoff: as its policy wants
+        ContainerStatus::Running { .. } | ContainerStatus::Restarting { .. } => {}
     }
     if reasons.is_empty() {
         return None;

@@ -118,6 +118,12 @@ pub struct RuntimeConfig {
     /// Published ports, proxied by the shim to the first bridge address.
     #[serde(default)]
     pub ports: Vec<crate::net::proxy::PortMap>,
+    /// What the shim does when the container exits (read again after every exit, so an
+    /// in-place update applies to the next decision).
+    #[serde(default)]
+    pub restart: super::supervise::RestartPolicy,
+    #[serde(default)]
+    pub backoff: super::supervise::Backoff,
 }
 
 /// Files and folders of one container under `STATE/containers/NAME`.
@@ -148,6 +154,11 @@ impl ContainerDir {
     }
     pub fn log(&self) -> PathBuf {
         self.0.join("container.log")
+    }
+    /// Present while the container is stopped by intent (`berth stop`, a removal): its
+    /// supervisor does not start it again.
+    pub fn stop_intent(&self) -> PathBuf {
+        self.0.join("stop-intent")
     }
 }
 

@@ -14,6 +14,7 @@ pub mod logs;
 pub mod seccomp;
 pub mod shim;
 pub mod state;
+pub mod supervise;
 
 use crate::fsutil::{self, PathError};
 use crate::observe::{ContainerStatus, LiveLimits};
@@ -45,6 +46,8 @@ pub enum RuntimeError {
     StopTimeout { name: String, secs: u64 },
     #[error("container {name}: invalid stop signal {signal}")]
     BadSignal { name: String, signal: String },
+    #[error("container {name} is restarting: its supervisor starts it again in {in_secs}s")]
+    Restarting { name: String, in_secs: u64 },
 }
 
 pub struct Runtime {
@@ -134,16 +137,36 @@ impl Runtime {
         if !d.config().exists() {
             return Err(RuntimeError::NotCreated { name: name.into() });
         }
-        if let ContainerStatus::Running { pid, .. } = self.status(name)? {
-            return Ok(pid);
+        // a start resumes supervision
+        match std::fs::remove_file(d.stop_intent()) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(PathError::new("remove", &d.stop_intent(), e).into());
+            }
+            _ => {}
         }
-        // a restart after an exit counts
-        let prior = state::read_state(&d.state())?;
-        let exited = d.exit().exists();
-        if let (Some(mut s), true) = (prior, exited) {
-            s.restarts += 1;
-            fsutil::write_json(&d.state(), &s)?;
+        match self.status(name)? {
+            ContainerStatus::Running { pid, .. } => return Ok(pid),
+            ContainerStatus::Restarting { restart_at_ms, .. } => {
+                return Err(RuntimeError::Restarting {
+                    name: name.into(),
+                    in_secs: restart_at_ms
+                        .saturating_sub(fsutil::now_unix_ms())
+                        .div_ceil(1000),
+                });
+            }
+            _ => {}
         }
+        // a shim that has recorded the exit may still be cleaning up (the cgroup, veths):
+        // one container, one supervisor
+        if let Some(st) = state::read_state(&d.state())? {
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end
+                && state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0))
+            {
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        // (the restart count is the shim's to keep: it counts a start after an exit)
         let exe = self
             .unwritable_exe()
             .map_err(|source| RuntimeError::Spawn {
@@ -208,9 +231,24 @@ impl Runtime {
                 None => ContainerStatus::Created,
             });
         };
+        let shim_alive =
+            || state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0));
         if let Some(e) = ex
             && e.started_at >= st.started_at
         {
+            // backing off before a restart, if its supervisor still lives to make it
+            if let Some(at) = e.restart_at_ms
+                && shim_alive()
+            {
+                return Ok(ContainerStatus::Restarting {
+                    code: e.code,
+                    signal: e.signal,
+                    oom: e.oom,
+                    finished_at: e.finished_at,
+                    restarts: st.restarts,
+                    restart_at_ms: at,
+                });
+            }
             return Ok(exited(&e, st.restarts));
         }
         if state::alive(st.pid, st.pid_start_time) {
@@ -230,12 +268,13 @@ impl Runtime {
             });
         }
         // the exit may be being written right now: give the shim a moment if it lives
-        if state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0)) {
+        if shim_alive() {
             for _ in 0..50 {
-                if let Some(e) = state::read_exit(&d.exit())?
-                    && e.started_at >= st.started_at
+                if state::read_exit(&d.exit())?.is_some_and(|e| e.started_at >= st.started_at)
+                    || state::read_state(&d.state())?.is_some_and(|n| n.pid != st.pid)
                 {
-                    return Ok(exited(&e, st.restarts));
+                    // recorded, or started again: read it all afresh
+                    return self.status(name);
                 }
                 std::thread::sleep(Duration::from_millis(20));
             }
@@ -276,11 +315,30 @@ impl Runtime {
         Ok(())
     }
 
-    /// Send the stop signal, wait up to the timeout, then SIGKILL. Returns once the process is
-    /// gone and its exit recorded.
+    /// Change a container's restart policy and backoff in its config: its supervisor reads
+    /// them again after the next exit.
+    pub fn update_supervision(
+        &self,
+        name: &str,
+        restart: supervise::RestartPolicy,
+        backoff: supervise::Backoff,
+    ) -> Result<(), RuntimeError> {
+        let mut cfg = self.config(name)?;
+        if cfg.restart != restart || cfg.backoff != backoff {
+            cfg.restart = restart;
+            cfg.backoff = backoff;
+            fsutil::write_json(&self.dir(name).config(), &cfg)?;
+        }
+        Ok(())
+    }
+
+    /// Tell the supervisor to stop supervising (a stop intent it reads), send the stop signal,
+    /// wait up to the timeout, then SIGKILL. Returns once the process and its shim are gone
+    /// and the exit is recorded. A container its supervisor starts again meanwhile is
+    /// signalled too.
     pub fn stop(&self, name: &str, signal: &str, timeout: Duration) -> Result<(), RuntimeError> {
         let d = self.dir(name);
-        let Some(st) = state::read_state(&d.state())? else {
+        let Some(first) = state::read_state(&d.state())? else {
             return Ok(());
         };
         let sig: nix::sys::signal::Signal =
@@ -288,37 +346,57 @@ impl Runtime {
                 name: name.into(),
                 signal: signal.into(),
             })?;
-        let pid = nix::unistd::Pid::from_raw(st.pid);
-        let done = |d: &ContainerDir| -> bool {
-            let recorded = state::read_exit(&d.exit())
+        if d.0.is_dir() {
+            fsutil::write_mode(&d.stop_intent(), b"", 0o600)
+                .map_err(|e| PathError::new("write", &d.stop_intent(), e))?;
+        }
+        let shim_alive = |st: &state::ContainerState| {
+            state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0))
+        };
+        let mut signalled: Option<(i32, u64)> = None;
+        // the current state, and whether all is over: no process, no shim
+        let mut look = |kill: Option<nix::sys::signal::Signal>| -> (state::ContainerState, bool) {
+            let st = state::read_state(&d.state())
                 .ok()
                 .flatten()
-                .is_some_and(|e| e.started_at >= st.started_at);
-            recorded
-                || (!state::alive(st.pid, st.pid_start_time)
-                    && !state::alive(st.shim_pid, state::pid_start_time(st.shim_pid).unwrap_or(0)))
+                .unwrap_or(first.clone());
+            let running = state::alive(st.pid, st.pid_start_time);
+            if running
+                && let Some(k) = kill
+                && (signalled != Some((st.pid, st.pid_start_time))
+                    || k == nix::sys::signal::Signal::SIGKILL)
+            {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(st.pid), k);
+                signalled = Some((st.pid, st.pid_start_time));
+            }
+            let over = !running && !shim_alive(&st);
+            (st, over)
         };
-        if done(&d) {
-            return self.finish_lost(name, &st);
-        }
-        let _ = nix::sys::signal::kill(pid, sig);
-        let deadline = Instant::now() + timeout;
-        while Instant::now() < deadline && !done(&d) {
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        if !done(&d) {
-            let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL);
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline && !done(&d) {
+        let mut wait = |until: Instant, kill: nix::sys::signal::Signal| {
+            loop {
+                let (st, over) = look(Some(kill));
+                if over || Instant::now() >= until {
+                    return (st, over);
+                }
                 std::thread::sleep(Duration::from_millis(20));
             }
-            if !done(&d) {
+        };
+        let (st, over) = wait(Instant::now() + timeout, sig);
+        let st = if over {
+            st
+        } else {
+            let (st, over) = wait(
+                Instant::now() + Duration::from_secs(10),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+            if !over {
                 return Err(RuntimeError::StopTimeout {
                     name: name.into(),
                     secs: 10,
                 });
             }
-        }
+            st
+        };
         self.finish_lost(name, &st)
     }
 
@@ -337,6 +415,7 @@ impl Runtime {
                 started_at: st.started_at,
                 finished_at: fsutil::now_unix(),
                 error: Some("the shim was gone; berth stopped the container".into()),
+                restart_at_ms: None,
             };
             fsutil::write_json(&d.exit(), &rec)?;
         }

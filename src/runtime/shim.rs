@@ -116,7 +116,7 @@ fn devnull_stdio() {
 
 fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let cd = ContainerDir(dir.to_path_buf());
-    let cfg: RuntimeConfig = fsutil::read_json(&cd.config())
+    let mut cfg: RuntimeConfig = fsutil::read_json(&cd.config())
         .map_err(|e| e.to_string())?
         .ok_or("no config.json")?;
     // diagnostics of the shim itself
@@ -132,10 +132,91 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     for d in [cd.upper(), cd.work(), cd.rootfs()] {
         fsutil::create_dir_mode(&d, 0o755).map_err(|e| e.to_string())?;
     }
-    write_etc(&cd, &cfg).map_err(|e| format!("write /etc files: {e}"))?;
+    // the restart count has one writer, the supervisor: a start after an exit counts
+    let mut restarts = fsutil::read_json::<ContainerState>(&cd.state())
+        .ok()
+        .flatten()
+        .map(|s| s.restarts + u32::from(cd.exit().exists()))
+        .unwrap_or(0);
     let _ = std::fs::remove_file(cd.exit());
-    // published ports are bound before the container exists: a port in use fails the start
+    // published ports are bound before the container exists, once for all its restarts: a
+    // port in use fails the start
     let ports = crate::net::proxy::bind(&cfg.ports)?;
+    let mut failures = 0u32;
+    let mut first = true;
+    loop {
+        let started = write_etc(&cd, &cfg)
+            .map_err(|e| format!("write /etc files: {e}"))
+            .and_then(|()| run_once(&cd, &cfg, &ports, restarts, ready));
+        match started {
+            // the first start's failure is the starter's to report: nothing to supervise
+            Err(e) if first => return Err(e),
+            Err(e) => eprintln!("shim: restart {restarts} failed: {e}"),
+            Ok(()) => {}
+        }
+        first = false;
+        // the container has exited and its exit is recorded: start it again?
+        if !cd.0.is_dir() {
+            break;
+        }
+        if let Ok(Some(c)) = fsutil::read_json::<RuntimeConfig>(&cd.config()) {
+            cfg = c;
+        }
+        let Some(mut exit) = super::state::read_exit(&cd.exit()).ok().flatten() else {
+            break;
+        };
+        if cd.stop_intent().exists()
+            || !super::supervise::should_restart(cfg.restart, &exit, restarts)
+        {
+            break;
+        }
+        let ran_ms = exit.finished_at.saturating_sub(exit.started_at) * 1000;
+        failures = cfg.backoff.next_failures(failures, ran_ms);
+        let delay = cfg
+            .backoff
+            .delay(failures.saturating_sub(1), super::supervise::clock_jitter());
+        exit.restart_at_ms = Some(fsutil::now_unix_ms() + delay.as_millis() as u64);
+        let _ = fsutil::write_json(&cd.exit(), &exit);
+        if !wait_unless_stopped(&cd, delay) {
+            // stopped while waiting: the exit stands, with no restart to come
+            exit.restart_at_ms = None;
+            if cd.0.is_dir() {
+                let _ = fsutil::write_json(&cd.exit(), &exit);
+            }
+            break;
+        }
+        restarts += 1;
+    }
+    Ok(())
+}
+
+/// Sleep `delay` in short steps (a crash loop costs no CPU to speak of), returning false as
+/// soon as a stop intent appears or the container's directory goes.
+fn wait_unless_stopped(cd: &ContainerDir, delay: std::time::Duration) -> bool {
+    let end = std::time::Instant::now() + delay;
+    loop {
+        if cd.stop_intent().exists() || !cd.0.is_dir() {
+            return false;
+        }
+        let left = end.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return true;
+        }
+        std::thread::sleep(left.min(std::time::Duration::from_millis(200)));
+    }
+}
+
+/// Start the container once and supervise it until it exits: its output into the log, its
+/// exit recorded, its cgroup and veths removed. `ready`, if still there, hears the pid (or
+/// the failure) of this start.
+fn run_once(
+    cd: &ContainerDir,
+    cfg: &RuntimeConfig,
+    ports: &[crate::net::proxy::Bound],
+    restarts: u32,
+    ready: &mut Option<std::fs::File>,
+) -> Result<(), String> {
+    let dir = cd.0.as_path();
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -260,7 +341,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         if failure.is_empty() {
             return Err(e);
         }
-        record_start_failure(&cd, started_at, &failure);
+        record_start_failure(cd, started_at, &failure);
         return Err(failure);
     }
     let mut go = std::fs::File::from(go_w);
@@ -269,7 +350,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     let failure = child_failure(fail_r);
     if !failure.is_empty() {
         abandon(pid, Some(&cg), &cfg.net);
-        record_start_failure(&cd, started_at, &failure);
+        record_start_failure(cd, started_at, &failure);
         return Err(failure);
     }
     let state = ContainerState {
@@ -278,11 +359,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         started_at,
         pid_start_time: pid_start_time(pid.as_raw()).unwrap_or(0),
         cgroup: loc.clone(),
-        restarts: fsutil::read_json::<ContainerState>(&cd.state())
-            .ok()
-            .flatten()
-            .map(|s| s.restarts)
-            .unwrap_or(0),
+        restarts,
     };
     // a pid means nothing after a reboot: atomic, but not worth an fsync on the start path;
     // without its state or its log the container could not be managed: it does not start
@@ -301,9 +378,9 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     };
     if let Some(mut r) = ready.take() {
         report(&mut r, &format!("ok {}\n", pid.as_raw()));
+        // the starter reads until EOF: no copy of the readiness pipe may stay open
+        devnull_stdio();
     }
-    // the starter reads until EOF: no copy of the readiness pipe may stay open
-    devnull_stdio();
     let proxy = match (&cfg.net, ports.is_empty()) {
         (NetMode::Bridge { ifaces, .. }, false) => ifaces
             .first()
@@ -333,6 +410,7 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         started_at,
         finished_at: now_unix(),
         error: None,
+        restart_at_ms: None,
     };
     if let Some(p) = proxy {
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
@@ -371,6 +449,7 @@ fn record_start_failure(cd: &ContainerDir, started_at: u64, failure: &str) {
         started_at,
         finished_at: now_unix(),
         error: Some(failure.to_string()),
+        restart_at_ms: None,
     };
     let _ = fsutil::write_json(&cd.exit(), &rec);
 }
@@ -400,7 +479,7 @@ fn detach_network(net: &NetMode) {
 /// Fork the port proxy: it dies with the shim (parent-death signal) and is killed when the
 /// container exits.
 fn start_proxy(
-    ports: Vec<crate::net::proxy::Bound>,
+    ports: &[crate::net::proxy::Bound],
     target: std::net::Ipv4Addr,
     close: [i32; 2],
 ) -> Option<nix::unistd::Pid> {
@@ -414,7 +493,21 @@ fn start_proxy(
             for fd in close {
                 let _ = nix::unistd::close(fd);
             }
-            crate::net::proxy::serve(ports, target)
+            // the shim keeps its sockets for the next start; the proxy serves copies
+            let copies: Vec<crate::net::proxy::Bound> = ports
+                .iter()
+                .filter_map(|b| match b {
+                    crate::net::proxy::Bound::Tcp(l, p) => l
+                        .try_clone()
+                        .ok()
+                        .map(|l| crate::net::proxy::Bound::Tcp(l, *p)),
+                    crate::net::proxy::Bound::Udp(u, p) => u
+                        .try_clone()
+                        .ok()
+                        .map(|u| crate::net::proxy::Bound::Udp(u, *p)),
+                })
+                .collect();
+            crate::net::proxy::serve(copies, target)
         }
         Err(e) => {
             eprintln!("shim: cannot start the port proxy: {e}");

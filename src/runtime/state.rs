@@ -31,6 +31,10 @@ pub struct ExitRecord {
     /// Set when the container never got to exec its process.
     #[serde(default)]
     pub error: Option<String>,
+    /// When the supervisor starts the container again (Unix milliseconds), if it does;
+    /// written with the exit, so that no reader sees the exit without the decision.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restart_at_ms: Option<u64>,
 }
 
 pub fn read_state(p: &Path) -> Result<Option<ContainerState>, PathError> {
