@@ -55,65 +55,120 @@ pub struct Executor<'a> {
     pub config: &'a Config,
     /// Container steps run at once.
     pub parallel: usize,
+    /// How long a container's start waits for its `depends_on` conditions.
+    pub wait_timeout: Duration,
     /// Serialises IPAM and hosts-file updates between parallel container steps, and holds
     /// the IPAM files written without fsync since the wave began (made durable after it).
     pub net_lock: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>>,
 }
 
 impl Executor<'_> {
-    /// Run the plan. `report` is called as each step completes. Stops after the first failing
-    /// wave; the error names the resource and the step.
+    /// Run the plan. `report` is called as each step completes. A failed step does not stop
+    /// the others: what depends on it (a container on its image, volume, network or a
+    /// container it depends on) is skipped and reported so, everything else is carried out;
+    /// the error then names every failed step.
     pub fn execute(
         &self,
         plan: &Plan,
         report: &(dyn Fn(&StepOutcome) + Sync),
     ) -> Result<Vec<StepOutcome>, ApplyError> {
         self.preflight(plan)?;
-        let mut outcomes = vec![];
+        let mut outcomes: Vec<StepOutcome> = vec![];
+        let mut failed: BTreeMap<String, String> = BTreeMap::new();
         for wave in waves(plan, self.desired) {
             let touches_containers = wave.iter().any(|s| s.kind == Kind::Container);
+            let mut runnable = vec![];
+            for st in wave {
+                match self.blocked_by(st, &failed) {
+                    Some(dep) => {
+                        let o = StepOutcome {
+                            address: st.address.clone(),
+                            action: st.action,
+                            ok: false,
+                            error: Some(format!("skipped: {dep} failed")),
+                            millis: 0,
+                        };
+                        report(&o);
+                        outcomes.push(o);
+                    }
+                    None => runnable.push(st),
+                }
+            }
             let results: Vec<StepOutcome> =
-                if wave.len() > 1 && wave.iter().all(|s| s.kind == Kind::Image) {
-                    self.pull_all(&wave, report)
-                } else if wave.len() > 1
-                    && wave
+                if runnable.len() > 1 && runnable.iter().all(|s| s.kind == Kind::Image) {
+                    self.pull_all(&runnable, report)
+                } else if runnable.len() > 1
+                    && runnable
                         .iter()
                         .all(|s| s.kind == Kind::Container && s.action != Action::Destroy)
                 {
-                    self.parallel_steps(&wave, report)
+                    self.parallel_steps(&runnable, report)
                 } else {
-                    let mut v = vec![];
-                    for st in wave {
-                        let o = self.timed(st);
-                        report(&o);
-                        let failed = !o.ok;
-                        v.push(o);
-                        if failed {
-                            break;
-                        }
-                    }
-                    v
+                    runnable
+                        .iter()
+                        .map(|st| {
+                            let o = self.timed(st);
+                            report(&o);
+                            o
+                        })
+                        .collect()
                 };
-            let failed = results.iter().find(|o| !o.ok).cloned();
             outcomes.extend(results);
+            for o in outcomes.iter().filter(|o| !o.ok) {
+                failed
+                    .entry(o.address.clone())
+                    .or_insert_with(|| o.error.clone().unwrap_or_default());
+            }
             // the wave's leases durable; names of containers that came or went, everywhere
             if touches_containers
                 && let Err(e) = self
                     .sync_leases()
                     .and_then(|()| refresh_hosts(self.state, None))
-                && failed.is_none()
             {
-                return Err(e);
-            }
-            if let Some(f) = failed {
-                return Err(ApplyError::Invalid(format!(
-                    "{}: {}",
-                    f.address,
-                    f.error.unwrap_or_default()
-                )));
+                failed.insert("hosts files".into(), e.to_string());
             }
         }
-        Ok(outcomes)
+        if failed.is_empty() {
+            return Ok(outcomes);
+        }
+        let skipped = failed
+            .values()
+            .filter(|e| e.starts_with("skipped: "))
+            .count();
+        let errors: Vec<String> = failed
+            .iter()
+            .filter(|(_, e)| !e.starts_with("skipped: "))
+            .map(|(a, e)| format!("{a}: {e}"))
+            .collect();
+        Err(ApplyError::Invalid(format!(
+            "{}{}",
+            errors.join("\n"),
+            if skipped > 0 {
+                format!("\n{skipped} step(s) that depend on them skipped")
+            } else {
+                String::new()
+            }
+        )))
+    }
+
+    /// The failed step, if any, this step needs: a container's image, networks, volumes and
+    /// the containers it depends on.
+    fn blocked_by(&self, st: &Step, failed: &BTreeMap<String, String>) -> Option<String> {
+        if failed.is_empty() || st.kind != Kind::Container || st.action == Action::Destroy {
+            return None;
+        }
+        let c = self.desired.containers.get(&st.name)?;
+        let mut needs = vec![
+            format!("image.{}", c.spec.image),
+            format!("image.{}", c.spec.image_ref),
+        ];
+        needs.extend(c.spec.networks.iter().map(|n| format!("network.{n}")));
+        needs.extend(c.spec.volumes.iter().filter_map(|m| match &m.source {
+            MountSource::Volume(v) => Some(format!("volume.{v}")),
+            _ => None,
+        }));
+        needs.extend(c.spec.depends_on.keys().map(|d| format!("container.{d}")));
+        needs.into_iter().find(|a| failed.contains_key(a))
     }
 
     fn timed(&self, st: &Step) -> StepOutcome {
@@ -159,11 +214,7 @@ impl Executor<'_> {
                     })
                     .collect()
             });
-            let failed = results.iter().any(|o| !o.ok);
             out.extend(results);
-            if failed {
-                break;
-            }
         }
         out
     }
@@ -245,6 +296,9 @@ impl Executor<'_> {
     }
 
     fn run_step(&self, st: &Step) -> Result<(), ApplyError> {
+        if st.kind == Kind::Container && st.ops.contains(&Op::StartContainer) {
+            self.wait_for_dependencies(&st.name)?;
+        }
         for op in &st.ops {
             self.run_op(st, *op).map_err(|e| {
                 ApplyError::Invalid(format!("{}: {}", op_name(*op), error_chain(&e)))
@@ -322,11 +376,50 @@ impl Executor<'_> {
                         name,
                         restart_policy(&c.spec),
                         backoff(&c.spec),
+                        health(&c.spec),
                     )?;
                 }
                 rec.spec = c.spec.clone();
                 rec.source = c.source.clone();
                 self.state.write_record(Kind::Container, name, &rec)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Wait until each of `name`'s dependencies meets its condition (started, healthy,
+    /// completed), saying what it waits for; fail, naming the dependency and its state, when
+    /// one cannot meet it any more or the wait timeout passes.
+    fn wait_for_dependencies(&self, name: &str) -> Result<(), ApplyError> {
+        let Some(c) = self.desired.containers.get(name) else {
+            return Ok(());
+        };
+        let deadline = Instant::now() + self.wait_timeout;
+        for (dep, cond) in &c.spec.depends_on {
+            let mut said = false;
+            loop {
+                let status = self.runtime.status(dep)?;
+                let health = crate::runtime::health::read(&self.runtime.dir(dep));
+                let why = match dependency_met(*cond, &status, health.as_ref()) {
+                    Ok(true) => break,
+                    Ok(false) => describe_dependency(&status, health.as_ref()),
+                    Err(never) => {
+                        return Err(ApplyError::Invalid(format!(
+                            "depends_on: {dep} cannot become {cond}: {never}"
+                        )));
+                    }
+                };
+                if Instant::now() >= deadline {
+                    return Err(ApplyError::Invalid(format!(
+                        "depends_on: {dep} did not become {cond} within {} ({why})",
+                        crate::manifest::units::Duration(self.wait_timeout.as_millis() as u64)
+                    )));
+                }
+                if !said {
+                    eprintln!("container.{name}: waiting for {dep} to be {cond} ({why})");
+                    said = true;
+                }
+                std::thread::sleep(Duration::from_millis(100));
             }
         }
         Ok(())
@@ -780,7 +873,70 @@ pub fn runtime_config(
         stop_timeout_ms: spec.stop_timeout.0,
         restart: restart_policy(spec),
         backoff: backoff(spec),
+        health: health(spec),
     })
+}
+
+/// The manifest's health check as the runtime's prober runs it.
+pub fn health(spec: &ContainerSpec) -> Option<crate::runtime::health::HealthConfig> {
+    spec.health
+        .as_ref()
+        .map(|h| crate::runtime::health::HealthConfig {
+            cmd: h.cmd.clone(),
+            interval_ms: h.interval.0,
+            timeout_ms: h.timeout.0,
+            retries: h.retries,
+            start_period_ms: h.start_period.0,
+            restart_on_unhealthy: h.on_unhealthy == crate::manifest::spec::OnUnhealthy::Restart,
+        })
+}
+
+/// Whether a dependency in `status` meets `cond` now (`Ok(true)`), may still (`Ok(false)`),
+/// or cannot any more (`Err`, why).
+pub fn dependency_met(
+    cond: crate::manifest::spec::DependCondition,
+    status: &crate::observe::ContainerStatus,
+    health: Option<&crate::runtime::health::Health>,
+) -> Result<bool, String> {
+    use crate::manifest::spec::DependCondition as C;
+    use crate::observe::ContainerStatus as S;
+    use crate::runtime::health::HealthStatus as H;
+    match (cond, status) {
+        (C::Started, S::Running { .. } | S::Restarting { .. } | S::Exited { .. }) => Ok(true),
+        (C::Healthy, S::Running { .. }) => Ok(health.is_some_and(|h| h.status == H::Healthy)),
+        (C::Healthy | C::Started, S::Restarting { .. } | S::Created) => Ok(false),
+        (C::Completed, S::Exited { code: Some(0), .. }) => Ok(true),
+        (C::Completed, S::Running { .. } | S::Restarting { .. } | S::Created) => Ok(false),
+        (_, S::Exited { code, signal, .. }) => Err(match (code, signal) {
+            (Some(c), _) => format!("it exited with code {c}"),
+            (_, Some(s)) => format!("it was killed by signal {s}"),
+            _ => "it exited".into(),
+        }),
+        (_, S::StoppedByUser) => Err("it is stopped by the user".into()),
+        (_, S::Lost { reason }) => Err(format!("it is lost: {reason}")),
+    }
+}
+
+/// A dependency's state in a waiting message.
+fn describe_dependency(
+    status: &crate::observe::ContainerStatus,
+    health: Option<&crate::runtime::health::Health>,
+) -> String {
+    use crate::observe::ContainerStatus as S;
+    match (status, health) {
+        (S::Running { .. }, Some(h)) => {
+            let last = h.log.last().map_or(String::new(), |p| {
+                format!(", last check exit {}", p.exit_code)
+            });
+            format!("it is running, {}{last}", h.status)
+        }
+        (S::Running { .. }, None) => "it is running".into(),
+        (S::Restarting { restarts, .. }, _) => {
+            format!("it is restarting after {restarts} restarts")
+        }
+        (S::Created, _) => "it is created, not started".into(),
+        (s, _) => format!("{s:?}"),
+    }
 }
 
 /// The manifest's restart policy as the runtime's supervisor carries it.

@@ -186,6 +186,52 @@ pub fn read_full(r: &mut impl std::io::Read, buf: &mut [u8]) -> std::io::Result<
     Ok(n)
 }
 
+/// Open a regular file for reading with no side effect on anything else: the path is first
+/// opened `O_PATH` (which opens no device, FIFO or terminal: a link to `/dev/watchdog` arms
+/// nothing), checked to be a regular file, and only then opened for reading, through that
+/// descriptor. With `beneath`, `path` is relative to that directory and resolved inside it,
+/// through no symlink at all.
+pub fn open_regular(path: &Path, beneath: Option<&Path>) -> std::io::Result<std::fs::File> {
+    use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+    use std::os::fd::AsRawFd;
+    use std::os::unix::fs::OpenOptionsExt;
+    let flags = OFlag::O_PATH | OFlag::O_CLOEXEC;
+    let fd = match beneath {
+        Some(dir) => {
+            let d = nix::fcntl::open(
+                dir,
+                OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+                nix::sys::stat::Mode::empty(),
+            )?;
+            let how = OpenHow::new().flags(flags).resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+            nix::fcntl::openat2(&d, path, how)?
+        }
+        None => nix::fcntl::open(path, flags, nix::sys::stat::Mode::empty())?,
+    };
+    let st = nix::sys::stat::fstat(&fd)?;
+    if st.st_mode & libc::S_IFMT != libc::S_IFREG {
+        let what = match st.st_mode & libc::S_IFMT {
+            libc::S_IFIFO => "a FIFO",
+            libc::S_IFSOCK => "a socket",
+            libc::S_IFCHR | libc::S_IFBLK => "a device",
+            libc::S_IFDIR => "a directory",
+            _ => "not a regular file",
+        };
+        return Err(std::io::Error::new(
+            std::io::ErrorKind::InvalidInput,
+            format!("{what}; only regular files are read"),
+        ));
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOCTTY)
+        .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

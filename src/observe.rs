@@ -39,6 +39,9 @@ pub struct ObservedContainer {
     /// Limits read from the live cgroup, when it could be read.
     #[serde(default)]
     pub live_limits: Option<LiveLimits>,
+    /// The health check's verdict, while it runs.
+    #[serde(default)]
+    pub health: Option<crate::runtime::health::Health>,
 }
 
 /// The live state of a container berth created.
@@ -136,6 +139,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
                         record,
                         status,
                         live_limits: None,
+                        health: None,
                     },
                 )
             })
@@ -167,6 +171,7 @@ pub fn observe(
         };
         if matches!(oc.status, ContainerStatus::Running { .. }) {
             oc.live_limits = runtime.live_limits(name);
+            oc.health = crate::runtime::health::read(&runtime.dir(name));
         }
     }
     o.unrecorded = runtime

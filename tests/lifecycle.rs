@@ -32,6 +32,8 @@ fn main() {
         cgroups_go_below_berths_own_cgroup_or_the_configured_parent,
         cgroup_v2_on_the_unified_hierarchy,
         an_image_of_many_layers_runs,
+        health_checks_run_as_the_container_and_restart_it_when_unhealthy,
+        dependents_wait_for_their_conditions_and_a_failure_skips_only_them,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1279,4 +1281,114 @@ fn an_image_of_many_layers_runs() {
         err.contains("the image has 501 layers; berth runs images of at most 500"),
         "{err}"
     );
+}
+
+/// Health checks run by the supervisor through the exec mechanism (the container's user and
+/// namespaces): healthy when the check passes; unhealthy after `retries` failures, then
+/// stopped and started again whatever the restart policy (`on_unhealthy = "restart"`, the
+/// default), or only reported (`"none"`: shown by plan, left running).
+fn health_checks_run_as_the_container_and_restart_it_when_unhealthy() {
+    let h = Host::new("hlt");
+    let check = |cmd: &str, extra: &str| {
+        format!(
+            "health = {{ cmd = {cmd}, interval = \"200ms\", timeout = \"5s\", retries = 2{extra} }}\nbackoff = {{ initial = \"200ms\" }}"
+        )
+    };
+    let a = format!(
+        "command = [\"sh\", \"-c\", \"touch /tmp/ok; exec sleep 1000\"]\nuser = \"1000:1000\"\n{}",
+        check(r#"["sh", "-c", "id -u; test -f /tmp/ok"]"#, "")
+    );
+    let b = format!(
+        "command = [\"sleep\", \"1000\"]\n{}",
+        check(r#"["false"]"#, ", on_unhealthy = \"none\"")
+    );
+    h.declare(&[("a", &a), ("b", &b)]);
+    h.apply();
+    let r = h.wait_for("a", "healthy", |r| state(r) == "running (healthy)");
+    let probe = &r["health"]["log"][0];
+    assert_eq!(probe["exit_code"], 0, "{r}");
+    assert_eq!(
+        probe["output"], "1000\n",
+        "the check runs as the container's user: {r}"
+    );
+    let pid = r["pid"].as_i64().unwrap();
+    // failing now: unhealthy, stopped, started again (restart = "no" notwithstanding)
+    h.sh("a", "rm /tmp/ok");
+    let r = h.wait_for("a", "restarted for being unhealthy", |r| {
+        r["restarts"].as_u64().is_some_and(|n| n >= 1) && state(r) == "running (healthy)"
+    });
+    assert_ne!(r["pid"].as_i64().unwrap(), pid, "{r}");
+    // b: unhealthy, reported, left running
+    let r = h.wait_for("b", "unhealthy", |r| state(r) == "running (unhealthy)");
+    assert!(r["health"]["failing_streak"].as_u64().unwrap() >= 2, "{r}");
+    assert_eq!(r["restarts"], 0, "{r}");
+    let o = h.run(&["plan", h.d()]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(
+        out.contains(&format!("container.{}", h.name("b"))) && out.contains("unhealthy ("),
+        "{out}"
+    );
+}
+
+/// `depends_on` conditions hold when apply starts a container: it waits (saying so) for a
+/// dependency to be healthy or completed; a dependency that cannot meet its condition fails
+/// its dependents with the reason, and everything else converges.
+fn dependents_wait_for_their_conditions_and_a_failure_skips_only_them() {
+    let h = Host::new("dep");
+    let db = "command = [\"sh\", \"-c\", \"sleep 1; touch /tmp/ready; exec sleep 1000\"]\nhealth = { cmd = [\"test\", \"-f\", \"/tmp/ready\"], interval = \"200ms\" }";
+    let web = format!(
+        "command = [\"sleep\", \"1000\"]\ndepends_on = {{ {} = \"healthy\", {} = \"completed\" }}",
+        h.name("db"),
+        h.name("migrate")
+    );
+    let bad = format!(
+        "command = [\"sleep\", \"1000\"]\ndepends_on = {{ {} = \"completed\" }}",
+        h.name("broken")
+    );
+    let after_bad = format!(
+        "command = [\"sleep\", \"1000\"]\ndepends_on = {{ {} = \"started\" }}",
+        h.name("bad")
+    );
+    h.declare(&[
+        ("db", db),
+        ("migrate", "command = [\"sh\", \"-c\", \"sleep 0.5\"]"),
+        ("web", &web),
+        ("broken", "command = [\"sh\", \"-c\", \"exit 3\"]"),
+        ("bad", &bad),
+        ("afterbad", &after_bad),
+        ("lone", "command = [\"sleep\", \"1000\"]"),
+    ]);
+    let o = h.run(&["apply", h.d()]);
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert_eq!(o.status.code(), Some(1), "{out}{err}");
+    assert!(
+        err.contains(&format!("waiting for {} to be healthy", h.name("db"))),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "depends_on: {} cannot become completed: it exited with code 3",
+            h.name("broken")
+        )),
+        "{err}"
+    );
+    assert!(
+        format!("{out}{err}").contains(&format!("skipped: container.{} failed", h.name("bad"))),
+        "{out}{err}"
+    );
+    // the dependent started only once its conditions held
+    let web = h.ps("web");
+    assert_eq!(state(&web), "running", "{web}");
+    let db = h.ps("db");
+    assert_eq!(state(&db), "running (healthy)", "{db}");
+    let migrate = h.ps("migrate");
+    assert!(
+        migrate["status"].as_str().unwrap().contains("code 0"),
+        "{migrate}"
+    );
+    assert_eq!(state(&h.ps("lone")), "running");
+    assert_eq!(h.ps("afterbad"), Value::Null, "never created");
 }

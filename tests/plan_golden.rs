@@ -74,6 +74,7 @@ fn converged(d: &Desired) -> Observed {
                     started_at: 1,
                 },
                 live_limits: None,
+                health: None,
             },
         );
     }

@@ -43,7 +43,12 @@ pub fn lock(c: &Ctx) -> Result<StateLock> {
     }
 }
 
-pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> {
+pub fn apply_cmd(
+    c: &Ctx,
+    args: &PlanArgs,
+    parallel: usize,
+    wait_timeout: Duration,
+) -> Result<ExitCode> {
     let _lock = lock(c)?;
     let desired = load_desired(&args.dir, args.allow_empty)?;
     let rt = runtime(c)?;
@@ -83,6 +88,7 @@ pub fn apply_cmd(c: &Ctx, args: &PlanArgs, parallel: usize) -> Result<ExitCode> 
         desired: &desired,
         config: &c.config,
         parallel,
+        wait_timeout,
         net_lock: Default::default(),
     };
     let json = args.json;
@@ -214,9 +220,17 @@ pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
             continue;
         }
         let st = rt.state(name);
-        let (state, detail) = describe_status(&oc.status);
+        let (mut state, detail) = describe_status(&oc.status);
+        // the health check's verdict, while the container runs
+        let health = live
+            .then(|| crate::runtime::health::read(&rt.dir(name)))
+            .flatten();
+        if let (Some(h), ContainerStatus::Running { .. }) = (&health, &oc.status) {
+            state = format!("{state} ({})", h.status);
+        }
         rows.push(serde_json::json!({
             "name": name, "image": oc.record.spec.image_ref.to_string(), "state": state, "status": detail,
+            "health": health,
             "restarts": st.as_ref().map(|s| s.restarts).unwrap_or(0),
             "pid": match oc.status { ContainerStatus::Running { pid, .. } => Some(pid), _ => None },
             "detail": oc.status,
@@ -500,6 +514,7 @@ pub fn inspect_cmd(c: &Ctx, name: &str) -> Result<ExitCode> {
         "status": status,
         "state": st,
         "exit": rt.exit(name),
+        "health": crate::runtime::health::read(&rt.dir(name)),
         "config": config,
         "directory": rt.dir(name).0,
         "log": rt.log_path(name),

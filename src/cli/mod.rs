@@ -73,6 +73,10 @@ pub enum Command {
         /// Container steps run at once.
         #[arg(long, default_value_t = 4)]
         parallel: usize,
+        /// How long a container waits for its `depends_on` conditions (a dependency healthy,
+        /// completed, started) before it fails; e.g. "30s", "5m".
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        wait_timeout: crate::manifest::units::Duration,
     },
     /// Manage images in berth's store: pull, ls, inspect, tag, rm, push, import, prune.
     Image {
@@ -178,6 +182,10 @@ pub struct PlanArgs {
     pub detailed_exitcode: bool,
 }
 
+fn parse_duration(s: &str) -> Result<crate::manifest::units::Duration, String> {
+    s.parse()
+}
+
 pub fn main() -> ExitCode {
     crate::sys::reset_sigpipe();
     crate::sys::tune_malloc();
@@ -230,7 +238,11 @@ fn ctx(cli: &Cli) -> Result<Ctx> {
         Some(p) => (p.clone(), true),
         None => (PathBuf::from(DEFAULT_CONFIG), false),
     };
-    let state = StateDir::new(&cli.state_dir);
+    // absolute: the runtime links layers and mounts from the container's directory, and
+    // gc compares snapshot paths (a relative --state-dir broke both)
+    let root = std::path::absolute(&cli.state_dir)
+        .with_context(|| format!("state directory {}", cli.state_dir.display()))?;
+    let state = StateDir::new(root);
     state.make_private()?;
     Ok(Ctx {
         state,
@@ -244,7 +256,11 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Validate { dir, json } => validate(&dir, json),
         Command::Plan(args) => plan_cmd(&c, &args),
         Command::Image { command } => image::run(&c, command),
-        Command::Apply { plan, parallel } => containers::apply_cmd(&c, &plan, parallel),
+        Command::Apply {
+            plan,
+            parallel,
+            wait_timeout,
+        } => containers::apply_cmd(&c, &plan, parallel, wait_timeout.as_std()),
         Command::Ps { all, json } => containers::ps(&c, all, json),
         Command::Logs {
             name,

@@ -134,29 +134,16 @@ fn walk(
 /// pseudo file system; opened without blocking (a FIFO) or following into a terminal.
 fn read_manifest(path: &Path) -> Result<Vec<u8>, String> {
     use std::io::Read;
-    use std::os::unix::fs::OpenOptionsExt;
-    let f = std::fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
-        .open(path)
-        .map_err(|e| format!("cannot read file: {e}"))?;
-    let meta = f.metadata().map_err(|e| format!("cannot read file: {e}"))?;
-    let ft = meta.file_type();
-    if !ft.is_file() {
-        use std::os::unix::fs::FileTypeExt;
-        let what = if ft.is_fifo() {
-            "a FIFO"
-        } else if ft.is_socket() {
-            "a socket"
-        } else if ft.is_char_device() || ft.is_block_device() {
-            "a device"
+    // checked to be a regular file before it is opened for reading: opening a device or a
+    // FIFO can have effects of its own
+    let f = crate::fsutil::open_regular(path, None).map_err(|e| {
+        if e.kind() == std::io::ErrorKind::InvalidInput {
+            format!("not a manifest: {e}")
         } else {
-            "not a regular file"
-        };
-        return Err(format!(
-            "not a manifest: {what}; only regular files are read"
-        ));
-    }
+            format!("cannot read file: {e}")
+        }
+    })?;
+    let meta = f.metadata().map_err(|e| format!("cannot read file: {e}"))?;
     if let Ok(fs) = nix::sys::statfs::fstatfs(&f) {
         use nix::sys::statfs::*;
         let t = fs.filesystem_type();
@@ -960,7 +947,14 @@ impl Loader {
             f,
             &format!("[container.{name}.health]"),
             h,
-            &["cmd", "interval", "timeout", "retries", "start_period"],
+            &[
+                "cmd",
+                "interval",
+                "timeout",
+                "retries",
+                "start_period",
+                "on_unhealthy",
+            ],
         );
         let cmd = self.field(f, h, "cmd", string_array);
         if h.get("cmd").is_none() {
@@ -995,6 +989,19 @@ impl Loader {
             start_period: self
                 .field(f, h, "start_period", duration)
                 .unwrap_or(Duration(0)),
+            on_unhealthy: self
+                .field(f, h, "on_unhealthy", |i| match string(i)?.as_str() {
+                    "restart" => Ok(OnUnhealthy::Restart),
+                    "none" => Ok(OnUnhealthy::None),
+                    other => Err((
+                        None,
+                        format!(
+                            "{other:?} is not \"restart\" or \"none\"{}",
+                            did_you_mean(other, &["restart", "none"])
+                        ),
+                    )),
+                })
+                .unwrap_or_default(),
         })
     }
 

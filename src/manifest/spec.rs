@@ -112,6 +112,26 @@ pub struct HealthSpec {
     pub timeout: Duration,
     pub retries: u32,
     pub start_period: Duration,
+    /// Absent from records made before it existed; left out when default.
+    #[serde(default, skip_serializing_if = "OnUnhealthy::is_default")]
+    pub on_unhealthy: OnUnhealthy,
+}
+
+/// What the supervisor does with an unhealthy container.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum OnUnhealthy {
+    /// Stop it and start it again through the restart backoff.
+    #[default]
+    Restart,
+    /// Only report it.
+    None,
+}
+
+impl OnUnhealthy {
+    pub fn is_default(&self) -> bool {
+        *self == OnUnhealthy::Restart
+    }
 }
 
 /// Delays between a container's restarts (`[container.NAME.backoff]`).

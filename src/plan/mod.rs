@@ -710,8 +710,31 @@ fn container_step(
                 });
             }
         }
+        ContainerStatus::Running { .. } => {
+            // an unhealthy container its supervisor leaves running (on_unhealthy = "none")
+            if let Some(h) = &oc.health
+                && h.status == crate::runtime::health::HealthStatus::Unhealthy
+                && reasons.is_empty()
+            {
+                let last = h.log.last().map_or(String::new(), |p| {
+                    format!("; last check: exit {} {}", p.exit_code, p.output.trim())
+                });
+                kept.push(Kept {
+                    address: format!("container.{name}"),
+                    kind: Kind::Container,
+                    name: name.clone(),
+                    message: crate::text::printable(
+                        &format!(
+                            "unhealthy ({} failed checks in a row{last})",
+                            h.failing_streak
+                        ),
+                        300,
+                    ),
+                });
+            }
+        }
         // its supervisor starts it again after the backoff: as its policy wants
-        ContainerStatus::Running { .. } | ContainerStatus::Restarting { .. } => {}
+        ContainerStatus::Restarting { .. } => {}
     }
     if reasons.is_empty() {
         return None;

@@ -124,6 +124,8 @@ pub struct RuntimeConfig {
     pub restart: super::supervise::RestartPolicy,
     #[serde(default)]
     pub backoff: super::supervise::Backoff,
+    #[serde(default)]
+    pub health: Option<super::health::HealthConfig>,
 }
 
 /// Files and folders of one container under `STATE/containers/NAME`.
@@ -159,6 +161,10 @@ impl ContainerDir {
     /// supervisor does not start it again.
     pub fn stop_intent(&self) -> PathBuf {
         self.0.join("stop-intent")
+    }
+    /// The health check's state, kept by the prober.
+    pub fn health(&self) -> PathBuf {
+        self.0.join("health.json")
     }
 }
 

@@ -9,6 +9,7 @@ pub mod cgroup;
 pub mod config;
 pub mod devices;
 pub mod exec;
+pub mod health;
 pub mod init;
 pub mod logs;
 pub mod seccomp;
@@ -315,18 +316,20 @@ impl Runtime {
         Ok(())
     }
 
-    /// Change a container's restart policy and backoff in its config: its supervisor reads
-    /// them again after the next exit.
+    /// Change a container's restart policy, backoff and health check in its config: its
+    /// supervisor reads them again after the next exit (the check from the next start on).
     pub fn update_supervision(
         &self,
         name: &str,
         restart: supervise::RestartPolicy,
         backoff: supervise::Backoff,
+        health: Option<health::HealthConfig>,
     ) -> Result<(), RuntimeError> {
         let mut cfg = self.config(name)?;
-        if cfg.restart != restart || cfg.backoff != backoff {
+        if cfg.restart != restart || cfg.backoff != backoff || cfg.health != health {
             cfg.restart = restart;
             cfg.backoff = backoff;
+            cfg.health = health;
             fsutil::write_json(&self.dir(name).config(), &cfg)?;
         }
         Ok(())

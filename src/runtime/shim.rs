@@ -165,8 +165,10 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
         let Some(mut exit) = super::state::read_exit(&cd.exit()).ok().flatten() else {
             break;
         };
+        // an unhealthy container its prober stopped is started again whatever the policy
+        let unhealthy = super::health::read(&cd).is_some_and(|h| h.stopped_unhealthy);
         if cd.stop_intent().exists()
-            || !super::supervise::should_restart(cfg.restart, &exit, restarts)
+            || !(unhealthy || super::supervise::should_restart(cfg.restart, &exit, restarts))
         {
             break;
         }
@@ -217,6 +219,8 @@ fn run_once(
     ready: &mut Option<std::fs::File>,
 ) -> Result<(), String> {
     let dir = cd.0.as_path();
+    // the last run's health says nothing of this one
+    let _ = std::fs::remove_file(cd.health());
     let pipe = || nix::unistd::pipe2(OFlag::O_CLOEXEC).map_err(|e| format!("pipe: {e}"));
     let (out_r, out_w) = pipe()?;
     let (err_r, err_w) = pipe()?;
@@ -369,6 +373,8 @@ fn run_once(
             LogWriter::open(&cd.log(), cfg.log_max_size, cfg.log_max_files)
                 .map_err(|e| e.to_string())
         });
+    // the last run's exit is over (the new state is written first: no reader sees neither)
+    let _ = std::fs::remove_file(cd.exit());
     let mut log = match opened {
         Ok(log) => log,
         Err(e) => {
@@ -387,6 +393,16 @@ fn run_once(
             .and_then(|i| start_proxy(ports, i.addr, [out_r.as_raw_fd(), err_r.as_raw_fd()])),
         _ => None,
     };
+
+    let prober = cfg.health.as_ref().and_then(|h| {
+        start_prober(
+            cd,
+            h,
+            pid.as_raw(),
+            (&cfg.stop_signal, cfg.stop_timeout_ms),
+            [out_r.as_raw_fd(), err_r.as_raw_fd()],
+        )
+    });
 
     // capture output until both pipes close
     pump(&mut log, out_r, err_r);
@@ -412,7 +428,7 @@ fn run_once(
         error: None,
         restart_at_ms: None,
     };
-    if let Some(p) = proxy {
+    for p in [proxy, prober].into_iter().flatten() {
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(p, None);
     }
@@ -472,6 +488,30 @@ fn detach_network(net: &NetMode) {
             if crate::net::link::exists(&i.host_veth) {
                 let _ = crate::net::link::delete(&i.host_veth);
             }
+        }
+    }
+}
+
+/// Fork the health prober ([`super::health::probe_loop`]): it dies with the shim and is
+/// killed when the container exits.
+fn start_prober(
+    cd: &ContainerDir,
+    h: &super::health::HealthConfig,
+    pid: i32,
+    stop: (&str, u64),
+    close: [i32; 2],
+) -> Option<nix::unistd::Pid> {
+    match crate::sys::fork_process() {
+        Ok(Some(child)) => Some(child),
+        Ok(None) => {
+            for fd in close {
+                let _ = nix::unistd::close(fd);
+            }
+            super::health::probe_loop(cd, h, pid, stop)
+        }
+        Err(e) => {
+            eprintln!("shim: cannot start the health prober: {e}");
+            None
         }
     }
 }
