@@ -6,6 +6,7 @@
 //! concurrency = 4                   # layers downloaded at once
 //! timeout = "60s"                   # a response's headers; a manifest, config, token or error body
 //! stall_timeout = "30s"             # a layer download that moves under 64 KiB this long fails
+//! max_time = "1h"                   # the longest one layer download may take
 //! [registry."registry.example:5000"]
 //! insecure = true                   # plain HTTP (loopback registries never need this)
 //! mirrors = ["mirror.example:5000"] # tried in order, then the registry itself
@@ -66,6 +67,11 @@ pub struct PullConfig {
     /// attempt (a registry trickling bytes to hold berth forever).
     #[serde(default = "default_stall_timeout")]
     pub stall_timeout: Duration,
+    /// The longest a layer download may take, however large the layer says it is (a
+    /// registry declaring 1 TiB and trickling it just above the stall rate would otherwise
+    /// hold a pull, and the state directory's lock, for years).
+    #[serde(default = "default_max_time")]
+    pub max_time: Duration,
 }
 
 /// See [`PullConfig::stall_timeout`].
@@ -77,6 +83,7 @@ impl Default for PullConfig {
             concurrency: default_concurrency(),
             timeout: default_timeout(),
             stall_timeout: default_stall_timeout(),
+            max_time: default_max_time(),
         }
     }
 }
@@ -91,6 +98,10 @@ fn default_timeout() -> Duration {
 
 fn default_stall_timeout() -> Duration {
     Duration::from_secs(30)
+}
+
+fn default_max_time() -> Duration {
+    Duration::from_secs(3600)
 }
 
 #[derive(Debug, Clone, Deserialize, Default)]
@@ -162,6 +173,15 @@ impl Config {
                     message: format!("{name} = \"{d}\" must be between 100ms and 1h"),
                 });
             }
+        }
+        if !(1_000..=7 * 86_400_000).contains(&cfg.pull.max_time.0) {
+            return Err(ConfigError::Parse {
+                path: path.into(),
+                message: format!(
+                    "pull.max_time = \"{}\" must be between 1s and 7d",
+                    cfg.pull.max_time
+                ),
+            });
         }
         if let Some(p) = &cfg.cgroup_parent
             && !p.is_absolute()

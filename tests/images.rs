@@ -391,12 +391,25 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     push_image(&r, &[big]);
     let disk = SmallDisk::new("8m");
     let state = disk.0.path().join("state");
+    // the layer would eat into the reserve (10% of the disk): refused before it is written
     let err = pull_error(&state, &r);
-    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains("would keep less than its reserve"), "{err}");
     assert!(
         err.contains(&state.display().to_string()),
         "names the path: {err}"
     );
+    assert_store_clean(&state);
+    // without a reserve, the disk fills: the pull fails cleanly all the same
+    let cfg = disk.0.path().join("no-reserve.toml");
+    std::fs::write(&cfg, "[store]\nmin_free = \"0\"\n").unwrap();
+    let out = berth(
+        &state,
+        &["--config", cfg.to_str().unwrap(), "image", "pull", "-q", &r],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(err.contains(&state.display().to_string()), "{err}");
     assert_store_clean(&state);
     // room again: the same pull completes, nothing half-written got in its way
     disk.resize("64m");
@@ -1157,4 +1170,44 @@ fn import_says_why_each_tag_was_refused() {
     assert!(err.contains("\\u{1b}"), "escaped: {err}");
     assert!(!err.contains('\u{1b}'), "{err:?}");
     assert!(err.contains("pass --tag REF"), "{err}");
+}
+
+/// A directory import reads only regular files inside the directory, through no symlink:
+/// a member linked to a file outside is refused (it would be copied into an image), and a
+/// FIFO is refused without blocking.
+#[test]
+fn a_directory_import_reads_nothing_outside_it_and_opens_no_fifo() {
+    let work = tempfile::tempdir().unwrap();
+    let secret = work.path().join("secret.tar");
+    std::fs::write(
+        &secret,
+        LayerBuilder::new().file("secret", b"s3cret", 0o600).build(),
+    )
+    .unwrap();
+    let save = work.path().join("save");
+    std::fs::create_dir(&save).unwrap();
+    std::fs::write(
+        save.join("config.json"),
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        save.join("manifest.json"),
+        br#"[{"Config":"config.json","RepoTags":["example.com/leak:1"],"Layers":["layer.tar"]}]"#,
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(&secret, save.join("layer.tar")).unwrap();
+    let state = tempfile::tempdir().unwrap();
+    let out = berth(state.path(), &["image", "import", save.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("layer.tar"), "{err}");
+    assert!(paths_in(&state.path().join("store/blobs/sha256")).is_empty());
+    // a FIFO manifest.json: refused at once, not waited on
+    std::fs::remove_file(save.join("manifest.json")).unwrap();
+    nix::unistd::mkfifo(&save.join("manifest.json"), nix::sys::stat::Mode::S_IRWXU).unwrap();
+    let out = berth(state.path(), &["image", "import", save.to_str().unwrap()]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("a FIFO"), "{err}");
 }

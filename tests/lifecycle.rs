@@ -34,6 +34,8 @@ fn main() {
         an_image_of_many_layers_runs,
         health_checks_run_as_the_container_and_restart_it_when_unhealthy,
         dependents_wait_for_their_conditions_and_a_failure_skips_only_them,
+        prune_keeps_what_a_container_stands_on_after_its_tag_moved,
+        a_relative_state_directory_works,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1391,4 +1393,49 @@ fn dependents_wait_for_their_conditions_and_a_failure_skips_only_them() {
     );
     assert_eq!(state(&h.ps("lone")), "running");
     assert_eq!(h.ps("afterbad"), Value::Null, "never created");
+}
+
+/// `image prune` after the container's tag was moved to another image (a re-pull, a
+/// re-import) keeps the layers the running container stands on: it can still exec and be
+/// restarted.
+fn prune_keeps_what_a_container_stands_on_after_its_tag_moved() {
+    let h = Host::new("prn");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    h.apply();
+    h.wait_for("a", "running", |r| state(r) == "running");
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(
+        layout.path(),
+        "t",
+        &[LayerBuilder::new().file("other", b"x", 0o644).build()],
+        &["/other"],
+    );
+    ok(&h.run(&[
+        "image",
+        "import",
+        "--tag",
+        IMAGE,
+        layout.path().to_str().unwrap(),
+    ]));
+    ok(&h.run(&["image", "prune"]));
+    assert_eq!(h.sh("a", "ls /bin/sleep"), "/bin/sleep\n");
+    ok(&h.run(&["restart", &h.name("a")]));
+    h.wait_for("a", "running again", |r| state(r) == "running");
+    assert_eq!(h.sh("a", "echo still"), "still\n");
+}
+
+/// A relative --state-dir: containers start (the runtime names layers and mounts from the
+/// container's directory; a relative state directory once broke every start).
+fn a_relative_state_directory_works() {
+    let h = Host::new("rel");
+    h.declare(&[("a", "command = [\"sleep\", \"1000\"]")]);
+    let rel = h.s().file_name().unwrap().to_str().unwrap().to_string();
+    let out = Command::new(berth_bin())
+        .current_dir(h.s().parent().unwrap())
+        .args(["--state-dir", &rel, "apply", h.d()])
+        .env("BERTH_CONFIG", "/dev/null")
+        .output()
+        .unwrap();
+    ok(&out);
+    h.wait_for("a", "running", |r| state(r) == "running");
 }

@@ -69,22 +69,27 @@ pub enum ImageCommand {
 }
 
 pub fn store(c: &Ctx) -> Store {
-    Store::new(c.state.store_dir(), c.state.snapshots_dir())
+    Store::new(c.state.store_dir(), c.state.snapshots_dir()).with_min_free(reserve(c))
 }
 
-pub fn unpack_options(c: &Ctx) -> UnpackOptions {
-    let root = nix::unistd::geteuid().is_root();
-    // the file system the snapshots will be on (the nearest directory that exists yet)
+/// The free space the state directory's file system keeps (`[store] min_free`).
+fn reserve(c: &Ctx) -> u64 {
+    // the file system the store will be on (the nearest directory that exists yet)
     let snapshots = c.state.snapshots_dir();
     let total = snapshots
         .ancestors()
         .find_map(|d| nix::sys::statvfs::statvfs(d).ok())
         .map(|v| v.blocks().saturating_mul(v.fragment_size()))
         .unwrap_or(0);
+    c.config.store.min_free_bytes(total)
+}
+
+pub fn unpack_options(c: &Ctx) -> UnpackOptions {
+    let root = nix::unistd::geteuid().is_root();
     UnpackOptions {
         preserve_ownership: root,
         allow_devices: root,
-        min_free: c.config.store.min_free_bytes(total),
+        min_free: reserve(c),
     }
 }
 
@@ -309,8 +314,29 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
 }
 
 /// Snapshots containers still use (their images may have been untagged).
+/// The snapshots containers stand on: every layer of every container's runtime config (what
+/// its root file system is mounted from), whatever the tags say now (a re-pulled tag no
+/// longer names the image a running container was made from), and, for containers not yet
+/// made, their recorded image's.
 fn keep_chains(c: &Ctx, st: &Store) -> Result<BTreeSet<String>> {
     let mut keep = BTreeSet::new();
+    let rt = super::containers::runtime(c)?;
+    for name in rt.names() {
+        let Ok(cfg) = rt.config(&name) else {
+            continue;
+        };
+        for layer in &cfg.layers {
+            // STATE/snapshots/<chain hex>/fs
+            if let Some(hex) = layer
+                .parent()
+                .filter(|p| p.parent() == Some(st.snapshots.as_path()))
+                .and_then(|p| p.file_name())
+                .and_then(|h| h.to_str())
+            {
+                keep.insert(format!("sha256:{hex}"));
+            }
+        }
+    }
     let refs = st.references()?;
     for rec in containers(c)?.values() {
         if let Some(d) = &rec.image_digest

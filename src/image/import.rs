@@ -26,6 +26,9 @@ fn import_err(path: &Path, message: impl Into<String>) -> ImageError {
     }
 }
 
+/// The most images one import takes: each costs passes over the archive.
+const MAX_IMAGES: usize = 64;
+
 /// Largest `index.json`, `oci-layout` or `manifest.json` berth reads (a manifest's limit).
 const MAX_METADATA: usize = MAX_MANIFEST;
 
@@ -70,7 +73,7 @@ impl Source<'_> {
                 } else {
                     Box::new(open()?)
                 };
-                let mut ar = tar::Archive::new(reader);
+                let mut ar = tar::Archive::new(crate::store::targuard::TarGuard::new(reader));
                 let entries = ar
                     .entries()
                     .map_err(|e| import_err(path, format!("not a tar archive: {e}")))?;
@@ -111,13 +114,12 @@ impl Source<'_> {
             Source::Dir(dir) => {
                 for n in names {
                     let p = dir.join(n);
-                    let Ok(f) = std::fs::File::open(&p) else {
-                        continue;
+                    let f = match open_member(dir, n) {
+                        Ok(f) => f,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(import_err(&p, e.to_string())),
                     };
                     let meta = f.metadata().map_err(|e| import_err(&p, e.to_string()))?;
-                    if !meta.is_file() {
-                        continue;
-                    }
                     if meta.len() > limit as u64 {
                         return Err(too_large(n));
                     }
@@ -192,6 +194,9 @@ impl Source<'_> {
                 missing.insert(n.clone(), (digest.clone(), *size));
             }
         }
+        if missing.is_empty() {
+            return Ok(());
+        }
         let path = self.path();
         let copy = |n: &str, r: &mut dyn Read| -> Result<(), ImageError> {
             let (digest, size) = &missing[n];
@@ -208,9 +213,8 @@ impl Source<'_> {
         match self {
             Source::Dir(dir) => {
                 for n in missing.keys() {
-                    let p = dir.join(n);
                     let mut f =
-                        std::fs::File::open(&p).map_err(|e| import_err(&p, e.to_string()))?;
+                        open_member(dir, n).map_err(|e| import_err(&dir.join(n), e.to_string()))?;
                     copy(n, &mut f)?;
                 }
             }
@@ -258,9 +262,8 @@ impl Source<'_> {
         match self {
             Source::Dir(dir) => {
                 for n in names {
-                    let p = dir.join(n);
                     let mut f =
-                        std::fs::File::open(&p).map_err(|e| import_err(&p, e.to_string()))?;
+                        open_member(dir, n).map_err(|e| import_err(&dir.join(n), e.to_string()))?;
                     hash(n, &mut f)?;
                 }
             }
@@ -273,6 +276,13 @@ impl Source<'_> {
         }
         Ok(out)
     }
+}
+
+/// A member of a directory source: a regular file inside `dir`, reached through no symlink
+/// (an import of a directory someone else controls reads nothing outside it, and opens no
+/// device or FIFO).
+fn open_member(dir: &Path, name: &str) -> std::io::Result<std::fs::File> {
+    crate::fsutil::open_regular(Path::new(name), Some(dir))
 }
 
 /// An archive member's path, normalised (`./a//b` → `a/b`); None for paths that leave the
@@ -439,6 +449,12 @@ fn import_oci_layout(
         }
     };
     let count = index.manifests.len();
+    if count > MAX_IMAGES {
+        return Err(import_err(
+            orig,
+            format!("index.json names {count} images; at most {MAX_IMAGES} are imported at once"),
+        ));
+    }
     let mut out = vec![];
     for top in &index.manifests {
         let reference = name_for(orig, tag, count, &top.annotations)?;
@@ -516,6 +532,15 @@ fn import_docker_save(
     let orig = src.path();
     let entries: Vec<SaveEntry> = serde_json::from_slice(manifest_json)
         .map_err(|e| import_err(orig, format!("manifest.json: {e}")))?;
+    if entries.len() > MAX_IMAGES {
+        return Err(import_err(
+            orig,
+            format!(
+                "manifest.json names {} images; at most {MAX_IMAGES} are imported at once",
+                entries.len()
+            ),
+        ));
+    }
     if tag.is_some() && entries.len() != 1 {
         return Err(import_err(
             orig,

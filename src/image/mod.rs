@@ -40,7 +40,7 @@ pub enum ImageError {
         expected: String,
         actual: String,
     },
-    #[error("layer {digest}: unsupported media type {media_type:?}")]
+    #[error("layer {digest}: unsupported media type \"{}\"", crate::text::printable(.media_type, 200))]
     LayerMediaType { digest: String, media_type: String },
     #[error(
         "image {reference}: config lists {diff_ids} layer diff IDs but the manifest has {layers} layers"

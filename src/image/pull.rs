@@ -523,7 +523,7 @@ impl Puller {
             let res: Result<Vec<u8>, ImageError> = async {
                 let mut resp = self
                     .client
-                    .blob(r, &d.digest, d.size, "config download")
+                    .blob(r, &d.digest, d.size, "config download", true)
                     .await?;
                 let mut out = Vec::with_capacity(d.size as usize);
                 while let Some(c) = resp.chunk().await? {
@@ -639,6 +639,7 @@ impl Puller {
                 &layer.digest,
                 layer.size,
                 &format!("layer {} download", layer.digest),
+                false,
             )
             .await?;
         let tmp = self.store.prepare_snapshot(chain_id)?;

@@ -322,6 +322,8 @@ pub struct RegistryClient {
     pub timeout: Duration,
     /// A blob body moving under [`STALL_MIN_BYTES`] in this long fails.
     pub stall_timeout: Duration,
+    /// The longest one blob download may take.
+    pub max_time: Duration,
 }
 
 /// A fetched manifest or index.
@@ -368,6 +370,7 @@ impl RegistryClient {
             retry: RetryPolicy::default(),
             timeout: config.pull.timeout.as_std(),
             stall_timeout: config.pull.stall_timeout.as_std(),
+            max_time: config.pull.max_time.as_std(),
         })
     }
 
@@ -654,14 +657,18 @@ impl RegistryClient {
         // itself is spoken to in plain HTTP (loopback, or `insecure`)
         let realm_url = reqwest::Url::parse(realm).map_err(|e| RegistryError::Auth {
             registry: host.into(),
-            message: format!("Bearer realm {realm:?} is not a URL: {e}"),
+            message: format!(
+                "Bearer realm \"{}\" is not a URL: {e}",
+                crate::text::printable(realm, 200)
+            ),
         })?;
         if realm_url.scheme() != "https" && !self.allows_plain_http(host) {
             return Err(RegistryError::Auth {
                 registry: host.into(),
                 message: format!(
-                    "Bearer realm {realm:?} is not HTTPS; credentials are sent only over HTTPS \
-                     (set `insecure = true` for this registry to allow it)"
+                    "Bearer realm \"{}\" is not HTTPS; credentials are sent only over HTTPS \
+                     (set `insecure = true` for this registry to allow it)",
+                    crate::text::printable(realm, 200)
                 ),
             });
         }
@@ -809,13 +816,15 @@ impl RegistryClient {
     }
 
     /// Start downloading a blob of `size` bytes; the caller streams (with the stall and overall
-    /// deadlines of [`BlobBody`]) and verifies it.
+    /// deadlines of [`BlobBody`]) and verifies it. A `small` blob (a config) must come whole
+    /// within the timeout, as a manifest must.
     pub async fn blob(
         &self,
         r: &Reference,
         digest: &str,
         size: u64,
         what: &str,
+        small: bool,
     ) -> Result<BlobBody, RegistryError> {
         let (resp, host) = self
             .on_hosts(r, |host| async move {
@@ -826,12 +835,20 @@ impl RegistryClient {
                 Ok((resp, host))
             })
             .await?;
+        let overall = if small {
+            self.timeout
+        } else {
+            // at the least rate a download may keep up, the whole blob, plus the timeout;
+            // never more than max_time
+            let least_rate = STALL_MIN_BYTES as f64 / self.stall_timeout.as_secs_f64().max(0.001);
+            (self.timeout + Duration::from_secs_f64((size as f64 / least_rate).min(1e9)))
+                .min(self.max_time)
+        };
         Ok(BlobBody::new(
             resp,
             host,
             what.to_string(),
-            size,
-            self.timeout,
+            overall,
             self.stall_timeout,
         ))
     }
@@ -960,14 +977,10 @@ impl BlobBody {
         resp: Response,
         registry: String,
         what: String,
-        size: u64,
-        timeout: Duration,
+        overall: Duration,
         stall: Duration,
     ) -> BlobBody {
         let now = Instant::now();
-        // at the least rate a download may keep up, the whole blob, plus the deadline
-        let least_rate = STALL_MIN_BYTES as f64 / stall.as_secs_f64().max(0.001);
-        let overall = timeout + Duration::from_secs_f64((size as f64 / least_rate).min(1e9));
         BlobBody {
             resp,
             registry,
@@ -994,7 +1007,7 @@ impl BlobBody {
             let now = Instant::now();
             if now >= self.deadline {
                 return Err(self.timed_out(format!(
-                    "not complete within {} (the deadline for its size)",
+                    "not complete within {} (the deadline for its size, at most pull.max_time)",
                     secs(self.overall)
                 )));
             }

@@ -7,6 +7,7 @@
 //! references (the `org.opencontainers.image.ref.name` annotation holds the full normalised
 //! reference) to image manifests; it is rewritten atomically under a lock.
 
+pub mod targuard;
 pub mod unpack;
 
 use crate::fsutil::{self, PathError, at};
@@ -36,10 +37,24 @@ pub enum StoreError {
     },
     #[error("blob {digest}: content hashes to {actual}; the bytes were discarded")]
     DigestMismatch { digest: String, actual: String },
-    #[error("invalid digest {0:?}")]
+    #[error("invalid digest \"{}\"", crate::text::printable(.0, 100))]
     BadDigest(String),
+    /// Writing a blob would leave less than the reserve free.
+    #[error(
+        "writing {path}: the store's file system would keep less than its reserve of {reserve} bytes free ({available} available, {needed} needed)"
+    )]
+    NoSpace {
+        path: PathBuf,
+        needed: u64,
+        available: u64,
+        reserve: u64,
+    },
     #[error("image {0} is not in the store")]
     NotFound(String),
+    #[error(
+        "pulls or imports in progress held the store for {0}s; nothing was collected (try again)"
+    )]
+    Busy(u64),
     #[error("blob {0} is missing from the store")]
     MissingBlob(String),
     #[error("{what} {digest} is malformed: {message}")]
@@ -73,6 +88,9 @@ impl StoredImage {
 pub struct Store {
     pub root: PathBuf,
     pub snapshots: PathBuf,
+    /// Bytes the file system must keep free: a blob that would take them is refused
+    /// ([`StoreError::NoSpace`]); 0: no check.
+    pub min_free: u64,
 }
 
 fn hex_of(digest: &str) -> Result<&str, StoreError> {
@@ -125,7 +143,14 @@ impl Store {
         Store {
             root: root.into(),
             snapshots: snapshots.into(),
+            min_free: 0,
         }
+    }
+
+    /// The same store, keeping `bytes` free (see [`Store::min_free`]).
+    pub fn with_min_free(mut self, bytes: u64) -> Self {
+        self.min_free = bytes;
+        self
     }
 
     /// Create the layout files if missing.
@@ -260,6 +285,18 @@ impl Store {
         let dir = self.root.join("ingest");
         std::fs::create_dir_all(&dir).map_err(at("create directory", &dir))?;
         let tmp = tempfile_in(&dir, &digest["sha256:".len()..])?;
+        // a blob that would eat into the reserve is refused before a byte is written
+        if self.min_free > 0
+            && let Some(available) = free_bytes(&dir)
+            && size.unwrap_or(0).saturating_add(self.min_free) > available
+        {
+            return Err(StoreError::NoSpace {
+                path: tmp,
+                needed: size.unwrap_or(0),
+                available,
+                reserve: self.min_free,
+            });
+        }
         let (file, direct) = create_blob_file(&tmp, size)?;
         Ok(Ingest {
             final_path: self.blob_path(digest)?,
@@ -271,6 +308,8 @@ impl Store {
             queued: 0,
             digest: digest.to_string(),
             size,
+            min_free: self.min_free,
+            checked: 0,
         })
     }
 
@@ -442,13 +481,26 @@ impl Store {
         // no writer in progress (before the index lock: a writer takes that one under its lease)
         let lock_path = self.root.join("gc.lock");
         let f = self.gc_lock_file()?;
-        let _gc = match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-            Ok(l) => l,
-            Err((f, nix::errno::Errno::EWOULDBLOCK)) => {
-                tracing::warn!("waiting for the pulls and imports in progress to finish");
-                flock(f, nix::fcntl::FlockArg::LockExclusive, &lock_path)?
+        // waiting a bounded time: the caller may hold the state directory's lock
+        let end = std::time::Instant::now() + GC_WAIT;
+        let mut f = f;
+        let mut said = false;
+        let _gc = loop {
+            match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                Ok(l) => break l,
+                Err((back, nix::errno::Errno::EWOULDBLOCK | nix::errno::Errno::EINTR)) => {
+                    if std::time::Instant::now() >= end {
+                        return Err(StoreError::Busy(GC_WAIT.as_secs()));
+                    }
+                    if !said {
+                        tracing::warn!("waiting for the pulls and imports in progress to finish");
+                        said = true;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(100));
+                    f = back;
+                }
+                Err((_, e)) => return Err(PathError::new("lock", &lock_path, e.into()).into()),
             }
-            Err((_, e)) => return Err(PathError::new("lock", &lock_path, e.into()).into()),
         };
         let _l = self.lock_key("index")?;
         let mut blobs: BTreeSet<String> = BTreeSet::new();
@@ -515,6 +567,23 @@ pub struct Ingest {
     queued: u64,
     digest: String,
     size: Option<u64>,
+    /// The store's reserve, looked at again every [`RESERVE_STEP`] bytes (others write too).
+    min_free: u64,
+    /// `written` when the free space was last looked at.
+    checked: u64,
+}
+
+/// The longest a collection waits for the pulls and imports in progress.
+const GC_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
+/// Bytes an ingest writes between two looks at the free space.
+const RESERVE_STEP: u64 = 64 << 20;
+
+/// Bytes available to an unprivileged writer on the file system of `p`.
+fn free_bytes(p: &Path) -> Option<u64> {
+    nix::sys::statvfs::statvfs(p)
+        .ok()
+        .map(|v| v.blocks_available().saturating_mul(v.fragment_size()))
 }
 
 /// Every this many bytes, an ingest starts writing the blob back to disk, so that the fsync at
@@ -534,6 +603,18 @@ impl Write for Ingest {
                 "blob {} is larger than its declared size {s}",
                 self.digest
             )));
+        }
+        if self.min_free > 0 && self.written - self.checked >= RESERVE_STEP {
+            self.checked = self.written;
+            if let Some(dir) = self.tmp.parent()
+                && let Some(available) = free_bytes(dir)
+                && available < self.min_free
+            {
+                return Err(std::io::Error::other(format!(
+                    "the store's file system is down to {available} bytes free, below its reserve of {} bytes",
+                    self.min_free
+                )));
+            }
         }
         let n = match &mut self.direct {
             Some(d) => d.write(f, buf)?,
@@ -883,6 +964,26 @@ mod tests {
         assert!(w.write_all(&blob).is_err());
         drop(w);
         assert_eq!(std::fs::read_dir(s.root.join("ingest")).unwrap().count(), 0);
+    }
+
+    #[test]
+    fn a_blob_that_would_eat_into_the_reserve_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let s =
+            Store::new(d.path().join("store"), d.path().join("snap")).with_min_free(u64::MAX / 4);
+        s.init().unwrap();
+        let blob = b"hello";
+        let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(blob)));
+        match s.ingest(&digest, Some(5)) {
+            Err(StoreError::NoSpace { needed, .. }) => assert_eq!(needed, 5),
+            other => panic!("{:?}", other.map(|_| ())),
+        }
+        assert!(!s.has_blob(&digest));
+        assert!(
+            read_dir_names(&d.path().join("store/ingest"))
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]
