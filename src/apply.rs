@@ -75,7 +75,8 @@ impl Executor<'_> {
         self.preflight(plan)?;
         let mut outcomes: Vec<StepOutcome> = vec![];
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
-        for wave in waves(plan, self.desired) {
+        let destroy_levels = self.destroy_levels(plan);
+        for wave in waves(plan, self.desired, &destroy_levels) {
             let touches_containers = wave.iter().any(|s| s.kind == Kind::Container);
             let mut runnable = vec![];
             for st in wave {
@@ -97,12 +98,14 @@ impl Executor<'_> {
             let results: Vec<StepOutcome> =
                 if runnable.len() > 1 && runnable.iter().all(|s| s.kind == Kind::Image) {
                     self.pull_all(&runnable, report)
-                } else if runnable.len() > 1
-                    && runnable
-                        .iter()
-                        .all(|s| s.kind == Kind::Container && s.action != Action::Destroy)
-                {
-                    self.parallel_steps(&runnable, report)
+                } else if runnable.len() > 1 && runnable.iter().all(|s| s.kind == Kind::Container) {
+                    // stops mostly wait: destroys of independent containers go many at a time
+                    let bound = if runnable.iter().all(|s| s.action == Action::Destroy) {
+                        self.parallel.max(DESTROY_PARALLEL)
+                    } else {
+                        self.parallel
+                    };
+                    self.parallel_steps(&runnable, bound, report)
                 } else {
                     runnable
                         .iter()
@@ -151,6 +154,49 @@ impl Executor<'_> {
         )))
     }
 
+    /// For the containers the plan destroys: 0 for those no other destroyed container depends
+    /// on (by their records), then one more than the highest of their dependents: a
+    /// dependent goes before what it depends on, independent ones together.
+    fn destroy_levels(&self, plan: &Plan) -> BTreeMap<String, usize> {
+        let gone: Vec<&str> = plan
+            .steps
+            .iter()
+            .filter(|s| s.kind == Kind::Container && s.action == Action::Destroy)
+            .map(|s| s.name.as_str())
+            .collect();
+        let records: BTreeMap<String, ContainerRecord> =
+            self.state.read_records(Kind::Container).unwrap_or_default();
+        let deps = |n: &str| -> Vec<&str> {
+            records.get(n).map_or_else(Vec::new, |r| {
+                r.spec
+                    .depends_on
+                    .keys()
+                    .map(String::as_str)
+                    .filter(|d| gone.contains(d))
+                    .collect()
+            })
+        };
+        let mut level: BTreeMap<String, usize> = gone.iter().map(|n| (n.to_string(), 0)).collect();
+        // relax: a dependency is one level after its dependents (bounded: a cycle in old
+        // records stops at the number of containers)
+        for _ in 0..gone.len() {
+            let mut changed = false;
+            for n in &gone {
+                let l = level[*n];
+                for d in deps(n) {
+                    if level[d] < l + 1 {
+                        level.insert(d.to_string(), l + 1);
+                        changed = true;
+                    }
+                }
+            }
+            if !changed {
+                break;
+            }
+        }
+        level
+    }
+
     /// The failed step, if any, this step needs: a container's image, networks, volumes and
     /// the containers it depends on.
     fn blocked_by(&self, st: &Step, failed: &BTreeMap<String, String>) -> Option<String> {
@@ -186,10 +232,11 @@ impl Executor<'_> {
     fn parallel_steps(
         &self,
         wave: &[&Step],
+        bound: usize,
         report: &(dyn Fn(&StepOutcome) + Sync),
     ) -> Vec<StepOutcome> {
         let mut out = vec![];
-        for chunk in wave.chunks(self.parallel.max(1)) {
+        for chunk in wave.chunks(bound.max(1)) {
             let results: Vec<StepOutcome> = std::thread::scope(|s| {
                 let handles: Vec<_> = chunk
                     .iter()
@@ -317,6 +364,7 @@ impl Executor<'_> {
                     .build()
                     .map_err(|e| ApplyError::Invalid(e.to_string()))?;
                 rt.block_on(self.puller()?.pull(&r))?;
+                crate::fault::point("after-pull");
             }
             Op::CreateVolume => {
                 let v = self
@@ -334,8 +382,12 @@ impl Executor<'_> {
                     created_at: crate::fsutil::now_unix(),
                 };
                 self.state.write_record(Kind::Volume, name, &rec)?;
+                crate::fault::point("after-volume");
             }
-            Op::CreateNetwork => self.create_network(name)?,
+            Op::CreateNetwork => {
+                self.create_network(name)?;
+                crate::fault::point("after-network");
+            }
             Op::RemoveNetwork => self.remove_network(name, st.action == Action::Destroy)?,
             Op::CreateContainer => self.create_container(name)?,
             Op::StartContainer => {
@@ -344,6 +396,7 @@ impl Executor<'_> {
                     Ok(_) | Err(crate::runtime::RuntimeError::Restarting { .. }) => {}
                     Err(e) => return Err(e.into()),
                 }
+                crate::fault::point("after-start");
                 if let Some(mut rec) = self.record(name)?
                     && rec.stopped_by_user
                 {
@@ -354,11 +407,14 @@ impl Executor<'_> {
             Op::StopContainer => {
                 let (sig, timeout) = self.stop_settings(name)?;
                 self.runtime.stop(name, &sig, timeout)?;
+                crate::fault::point("after-stop");
             }
             Op::RemoveContainer => {
                 let (sig, timeout) = self.stop_settings(name)?;
                 self.runtime.remove(name, &sig, timeout)?;
+                crate::fault::point("after-remove");
                 self.release_addresses(name)?;
+                crate::fault::point("after-release");
                 self.state.remove_record(Kind::Container, name)?;
             }
             Op::UpdateContainer => {
@@ -459,6 +515,7 @@ impl Executor<'_> {
         let r = c.spec.image_ref.to_string();
         let img = self.store.get(&r)?;
         let net = self.attach(name, &c.spec)?;
+        crate::fault::point("after-attach");
         let cfg = runtime_config(
             self.store,
             self.state,
@@ -478,7 +535,9 @@ impl Executor<'_> {
         };
         // the record first: a crash after it shows up as drift and is repaired
         self.state.write_record(Kind::Container, name, &rec)?;
+        crate::fault::point("after-record");
         self.runtime.prepare(&cfg)?;
+        crate::fault::point("after-prepare");
         if matches!(cfg.net, NetMode::Bridge { .. }) {
             // its own hosts file now; its peers' after the wave (refresh_hosts in execute)
             let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -683,6 +742,35 @@ impl Executor<'_> {
         }
         Ok(())
     }
+}
+
+/// Release the leases of containers berth has no record of: left by a berth killed between
+/// leasing an address and writing the container's record, or between removing a container
+/// and releasing its address. Run by `apply` (under the state directory's lock) before it
+/// plans, so that no name stays in peers' /etc/hosts and no address is held for good.
+/// Returns the names released.
+pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
+    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    let mut released = vec![];
+    for (_, (path, mut ipam)) in net::ipam::all(&state.root.join("net"))? {
+        let orphans: Vec<String> = ipam
+            .leases
+            .keys()
+            .filter(|n| !records.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in &orphans {
+            ipam.release(n);
+        }
+        if !orphans.is_empty() {
+            ipam.save(&path)?;
+            released.extend(orphans);
+        }
+    }
+    if !released.is_empty() {
+        refresh_hosts(state, None)?;
+    }
+    Ok(released)
 }
 
 /// Rewrite, in place, the /etc/hosts of every container on a bridge network (or only of
@@ -961,10 +1049,17 @@ pub fn backoff(spec: &ContainerSpec) -> crate::runtime::supervise::Backoff {
     }
 }
 
+/// Destroys of independent containers run this many at a time (at least).
+const DESTROY_PARALLEL: usize = 32;
+
 /// Group the plan's steps into waves that must run one after another; steps within a wave
-/// are independent. Container destroys keep their plan order (dependents first); image pulls
-/// form one wave; containers go by dependency level.
-fn waves<'p>(plan: &'p Plan, desired: &Desired) -> Vec<Vec<&'p Step>> {
+/// are independent. Container destroys go by reverse dependency level (dependents first,
+/// independent ones together); image pulls form one wave; containers go by dependency level.
+fn waves<'p>(
+    plan: &'p Plan,
+    desired: &Desired,
+    destroy_levels: &BTreeMap<String, usize>,
+) -> Vec<Vec<&'p Step>> {
     let mut level: BTreeMap<String, usize> = BTreeMap::new();
     for c in desired.containers_in_order() {
         let l = c
@@ -983,7 +1078,9 @@ fn waves<'p>(plan: &'p Plan, desired: &Desired) -> Vec<Vec<&'p Step>> {
         .enumerate()
         .map(|(i, st)| {
             let key = match (st.kind, st.action) {
-                (Kind::Container, Action::Destroy) => (0, i),
+                (Kind::Container, Action::Destroy) => {
+                    (0, destroy_levels.get(&st.name).copied().unwrap_or(i))
+                }
                 (Kind::Image, _) => (1, 0),
                 (Kind::Volume, _) => (2, i),
                 (Kind::Network, Action::Destroy) => (5, i),

@@ -9,6 +9,7 @@
 pub mod apply;
 pub mod cli;
 pub mod config;
+pub mod fault;
 pub mod fsutil;
 pub mod hash;
 pub mod image;

@@ -318,6 +318,19 @@ pub fn dup_onto(fd: std::os::fd::BorrowedFd<'_>, target: i32) -> nix::Result<()>
     }
 }
 
+/// A pidfd for process `pid` (`pidfd_open`, Linux 5.3): readable once the process has
+/// exited, so its end can be waited for with poll instead of polling /proc.
+pub fn pidfd_open(pid: i32) -> std::io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: plain integer arguments; no pointers.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this new descriptor to us; nothing else owns it.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(r as i32) })
+}
+
 /// fork(2). Returns `Some(child pid)` in the parent and `None` in the child.
 pub fn fork_process() -> nix::Result<Option<nix::unistd::Pid>> {
     // SAFETY: only the single-threaded shim calls this (before it starts any thread), so the

@@ -7,6 +7,7 @@ mod common;
 use common::harness::{self, tests};
 use common::*;
 use serde_json::Value;
+use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -36,6 +37,8 @@ fn main() {
         dependents_wait_for_their_conditions_and_a_failure_skips_only_them,
         prune_keeps_what_a_container_stands_on_after_its_tag_moved,
         a_relative_state_directory_works,
+        killed_at_every_step_an_apply_converges_with_nothing_leaked,
+        dependents_that_ask_are_restarted_after_their_dependency,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -402,6 +405,22 @@ fn restart_policies_are_carried_out_by_the_supervisor() {
     assert!(r["detail"]["restart_at_ms"].as_u64().is_some(), "{r}");
     let (code, out) = h.plan();
     assert_eq!(code, Some(0), "the supervisor has it in hand: {out}");
+    // one supervisor, however often it is started meanwhile
+    let dir = h.s().join("containers").join(h.name("loop"));
+    for _ in 0..50 {
+        let _ = h.run(&["start", &h.name("loop")]);
+        let shims = std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c).replace('\0', " ");
+                    c.contains(" shim ") && c.trim_end().ends_with(dir.to_str().unwrap())
+                })
+            })
+            .count();
+        assert!(shims <= 1, "{shims} supervisors for one container");
+    }
     // stop ends the supervision: when it returns, the supervisor is gone
     let shim = h.shim_pid("loop");
     ok(&h.run(&["stop", &h.name("loop")]));
@@ -1330,6 +1349,36 @@ fn health_checks_run_as_the_container_and_restart_it_when_unhealthy() {
         out.contains(&format!("container.{}", h.name("b"))) && out.contains("unhealthy ("),
         "{out}"
     );
+    // a check past its timeout is killed with all it started; its output is read through
+    // a pipe, cut, and never written to the host's disk
+    let c = "command = [\"sleep\", \"1000\"]\nhealth = { cmd = [\"sh\", \"-c\", \"yes 0123456789 | head -c 50000000; trap '' TERM; sleep 1000\"], interval = \"300ms\", timeout = \"200ms\", retries = 100, on_unhealthy = \"none\" }";
+    h.declare(&[("a", &a), ("b", &b), ("c", c)]);
+    h.apply();
+    let r = h.wait_for("c", "five checks timed out", |r| {
+        r["health"]["failing_streak"]
+            .as_u64()
+            .is_some_and(|n| n >= 5)
+    });
+    let out = r["health"]["log"][0]["output"].as_str().unwrap();
+    assert!(
+        out.starts_with("timed out after 200 ms: 0123456789"),
+        "{out}"
+    );
+    assert!(out.len() < 4200, "output cut: {}", out.len());
+    // the container's own `sleep 1000`, and at most the check in flight
+    let left = h.sh("c", "ps -o args | grep -c '^sleep 1000' || true");
+    let n: u32 = left.trim().parse().unwrap();
+    assert!(
+        (1..=2).contains(&n),
+        "the checks' processes outlived them: {n}"
+    );
+    assert!(
+        !h.s()
+            .join("containers")
+            .join(h.name("c"))
+            .join("health.out")
+            .exists()
+    );
 }
 
 /// `depends_on` conditions hold when apply starts a container: it waits (saying so) for a
@@ -1438,4 +1487,174 @@ fn a_relative_state_directory_works() {
         .unwrap();
     ok(&out);
     h.wait_for("a", "running", |r| state(r) == "running");
+}
+
+/// berth killed with SIGKILL at each fault point of an apply (`BERTH_FAULT`, see
+/// `berth::fault`) converges on the next apply: the same containers, the volume's data kept;
+/// and killed at each point of the teardown, the next teardown leaves nothing: no container
+/// directory, record, cgroup, veth, bridge, nft table, address lease or mount. (The image is
+/// imported, so `after-pull` is not met here; the pull's own crash safety is the store's
+/// leases and ingest cleanup.)
+fn killed_at_every_step_an_apply_converges_with_nothing_leaked() {
+    for point in berth::fault::POINTS {
+        let h = Host::new("crs");
+        let port = free_port();
+        let manifests = format!(
+            "[network.n]\n[volume.v]\n[container.{db}]\nimage = \"bb\"\ncommand = [\"sh\", \"-c\", \"echo kept >> /data/log; exec sleep 1000\"]\nvolumes = [\"v:/data\"]\nnetworks = [\"n\"]\nstop_timeout = \"1s\"\n[container.{web}]\nimage = \"bb\"\ncommand = [\"sleep\", \"1000\"]\nnetworks = [\"n\"]\nports = [\"127.0.0.1:{port}:80\"]\ndepends_on = {{ {db} = \"started\" }}\nstop_timeout = \"1s\"\n",
+            db = h.name("db"),
+            web = h.name("web"),
+        );
+        h.declare(&[]);
+        let c = h.dir.path().join("c.toml");
+        let image = std::fs::read_to_string(&c).unwrap();
+        std::fs::write(&c, format!("{image}\n{manifests}")).unwrap();
+        let faulty = |args: &[&str]| {
+            Command::new(berth_bin())
+                .arg("--state-dir")
+                .arg(h.s())
+                .args(args)
+                .env("BERTH_CONFIG", "/dev/null")
+                .env("BERTH_FAULT", point)
+                .output()
+                .unwrap()
+        };
+        // killed while creating
+        let o = faulty(&["apply", h.d()]);
+        assert!(
+            o.status.success() || o.status.signal() == Some(9),
+            "{point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        h.apply();
+        let db = h.wait_for("db", "running", |r| state(r) == "running");
+        assert_eq!(state(&h.ps("web")), "running", "{point}");
+        assert_eq!(h.plan().0, Some(0), "{point}: converged");
+        // exactly one lease per container, one /etc/hosts line per peer
+        let ipam: Value =
+            serde_json::from_slice(&std::fs::read(h.s().join("net/n.json")).unwrap()).unwrap();
+        assert_eq!(
+            ipam["leases"].as_object().unwrap().len(),
+            2,
+            "{point}: {ipam}"
+        );
+        let hosts = h.sh("web", "cat /etc/hosts");
+        assert_eq!(hosts.matches(&h.name("db")).count(), 1, "{point}: {hosts}");
+        let data = h.sh("db", "cat /data/log");
+        assert!(data.starts_with("kept\n"), "{point}: {data}");
+        let _ = db;
+        // killed while tearing down, then torn down
+        h.declare(&[]);
+        std::fs::write(&c, "").unwrap();
+        let o = faulty(&["apply", "--allow-empty", h.d()]);
+        assert!(
+            o.status.success() || o.status.signal() == Some(9),
+            "{point}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        ok(&h.run(&["apply", "--allow-empty", h.d()]));
+        let o = h.run(&["plan", "--allow-empty", "--detailed-exitcode", h.d()]);
+        assert_eq!(o.status.code(), Some(0), "{point}: {o:?}");
+        let no_leaks = |when: &str| {
+            let root = h.s();
+            assert!(
+                paths_in(&root.join("containers")).is_empty(),
+                "{point} {when}"
+            );
+            assert!(
+                paths_in(&root.join("records/containers")).is_empty(),
+                "{point} {when}"
+            );
+            for n in ["db", "web"] {
+                assert!(
+                    cgroups_named(&h.name(n)).is_empty(),
+                    "{point} {when}: cgroup of {n}"
+                );
+                let veth = berth::net::veth_name(root, &h.name(n), 0);
+                assert!(
+                    !Path::new("/sys/class/net").join(&veth).exists(),
+                    "{point} {when}: {veth} left"
+                );
+            }
+            let bridge = berth::net::bridge_name(root, "n");
+            assert!(
+                !Path::new("/sys/class/net").join(&bridge).exists(),
+                "{point} {when}: {bridge}"
+            );
+            assert!(
+                !berth::net::nat::present(&bridge),
+                "{point} {when}: nft table {bridge}"
+            );
+            assert!(
+                !root.join("net/n.json").exists(),
+                "{point} {when}: the network's leases"
+            );
+            let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+            assert!(
+                !mounts.contains(root.to_str().unwrap()),
+                "{point} {when}: a mount under the state directory is left"
+            );
+        };
+        no_leaks("after the teardown");
+        // killed while creating, then no longer declared: nothing of it stays (an address
+        // leased before the kill included)
+        std::fs::write(&c, format!("{image}\n{manifests}")).unwrap();
+        let o = faulty(&["apply", h.d()]);
+        assert!(
+            o.status.success() || o.status.signal() == Some(9),
+            "{point}"
+        );
+        // the containers undeclared, their network kept: no address stays leased
+        std::fs::write(&c, format!("{image}\n[network.n]\n[volume.v]\n")).unwrap();
+        ok(&h.run(&["apply", h.d()]));
+        let ipam: Value =
+            serde_json::from_slice(&std::fs::read(h.s().join("net/n.json")).unwrap()).unwrap();
+        assert!(
+            ipam["leases"].as_object().unwrap().is_empty(),
+            "{point}: leases left: {ipam}"
+        );
+        std::fs::write(&c, "").unwrap();
+        ok(&h.run(&["apply", "--allow-empty", h.d()]));
+        no_leaks("after a create killed, then undeclared");
+        let root = h.s();
+        // volumes survive their manifest's removal
+        let vol = root.join("volumes/v/_data/log");
+        assert!(
+            std::fs::read_to_string(&vol).unwrap().starts_with("kept\n"),
+            "{point}"
+        );
+    }
+}
+
+/// `depends_on = { db = { condition = "started", restart = true } }`: when db is replaced,
+/// the dependent is restarted after it; a dependent that does not ask is left running.
+fn dependents_that_ask_are_restarted_after_their_dependency() {
+    let h = Host::new("rsw");
+    let db = h.name("db");
+    let declare = |db_cmd: &str| {
+        let asks = format!(
+            "command = [\"sleep\", \"1000\"]\ndepends_on = {{ {db} = {{ condition = \"started\", restart = true }} }}"
+        );
+        let quiet =
+            format!("command = [\"sleep\", \"1000\"]\ndepends_on = {{ {db} = \"started\" }}");
+        h.declare(&[("db", db_cmd), ("asks", &asks), ("quiet", &quiet)]);
+    };
+    declare("command = [\"sleep\", \"1000\"]");
+    h.apply();
+    let pid = |n: &str| {
+        h.wait_for(n, "running", |r| state(r) == "running")["pid"]
+            .as_i64()
+            .unwrap()
+    };
+    let (asks, quiet) = (pid("asks"), pid("quiet"));
+    declare("command = [\"sleep\", \"2000\"]");
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(
+        out.contains("is started again (depends_on restart = true)"),
+        "{out}"
+    );
+    h.apply();
+    assert_ne!(pid("asks"), asks, "restarted after its dependency");
+    assert_eq!(pid("quiet"), quiet, "left running");
+    assert_eq!(h.plan().0, Some(0));
 }

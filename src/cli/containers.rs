@@ -52,6 +52,14 @@ pub fn apply_cmd(
     let _lock = lock(c)?;
     let desired = load_desired(&args.dir, args.allow_empty)?;
     let rt = runtime(c)?;
+    // what a berth killed mid-apply left behind: addresses leased for no container
+    let released = crate::apply::release_orphan_leases(&c.state)?;
+    if !released.is_empty() && !args.json {
+        eprintln!(
+            "released the addresses of {} (no container of that name: an apply was interrupted)",
+            released.join(", ")
+        );
+    }
     let observed = super::observe_host(c, &desired, &rt)?;
     let plan = plan::diff(&desired, &observed)?;
     plan::check_deletions(&plan, args.max_deletions)?;

@@ -833,21 +833,44 @@ impl Loader {
                 Some(dt) => {
                     for (dep, v) in dt.iter() {
                         let kspan = dt.key(dep).and_then(|k| k.span());
-                        let cond = match v.as_str() {
+                        // `db = "healthy"`, or `db = { condition = "healthy", restart = true }`
+                        let (cv, restart) = match v.as_table_like() {
+                            Some(t) => {
+                                self.check_keys(
+                                    f,
+                                    &format!("depends_on.{dep}"),
+                                    t,
+                                    &["condition", "restart"],
+                                );
+                                let restart = self.field(f, t, "restart", boolean).unwrap_or(false);
+                                match t.get("condition") {
+                                    Some(c) => (c, restart),
+                                    None => {
+                                        self.err(f, &v.span(), format!("depends_on.{dep}: needs `condition`, e.g. {{ condition = \"healthy\", restart = true }}"));
+                                        continue;
+                                    }
+                                }
+                            }
+                            None => (v, false),
+                        };
+                        let cond = match cv.as_str() {
                             Some("started") => DependCondition::Started,
                             Some("healthy") => DependCondition::Healthy,
                             Some("completed") => DependCondition::Completed,
                             _ => {
-                                let shown = v
+                                let shown = cv
                                     .as_str()
                                     .map(|s| format!("{s:?}"))
-                                    .unwrap_or_else(|| v.type_name().to_string());
-                                self.err(f, &v.span(), format!("depends_on.{dep}: expected \"started\", \"healthy\" or \"completed\", found {shown}"));
+                                    .unwrap_or_else(|| cv.type_name().to_string());
+                                self.err(f, &cv.span(), format!("depends_on.{dep}: expected \"started\", \"healthy\" or \"completed\", found {shown}"));
                                 continue;
                             }
                         };
                         refs.depends.insert(dep.to_string(), f.pos(&kspan));
                         c.depends_on.insert(dep.to_string(), cond);
+                        if restart {
+                            c.restart_with.insert(dep.to_string());
+                        }
                     }
                 }
                 None => self.err(
@@ -969,13 +992,27 @@ impl Loader {
             );
             return None;
         }
+        // each check is a process on the host too: not more often than every 100ms
+        let ranged = |i: &Item| {
+            let v = duration(i)?;
+            if v < Duration(100) || v > Duration::from_secs(86_400) {
+                return Err((
+                    None,
+                    format!(
+                        "{:?} is out of range (100ms to 24h)",
+                        i.as_str().unwrap_or_default()
+                    ),
+                ));
+            }
+            Ok(v)
+        };
         Some(HealthSpec {
             cmd,
             interval: self
-                .field(f, h, "interval", duration)
+                .field(f, h, "interval", ranged)
                 .unwrap_or(Duration::from_secs(30)),
             timeout: self
-                .field(f, h, "timeout", duration)
+                .field(f, h, "timeout", ranged)
                 .unwrap_or(Duration::from_secs(30)),
             retries: self
                 .field(f, h, "retries", |i| {

@@ -210,6 +210,10 @@ pub struct ContainerSpec {
     /// Absent from records made before it existed and when not declared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffSpec>,
+    /// Dependencies whose replacement or restart restarts this container after them
+    /// (`depends_on = { db = { condition = "…", restart = true } }`).
+    #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
+    pub restart_with: std::collections::BTreeSet<String>,
 }
 
 impl ContainerSpec {
@@ -242,6 +246,7 @@ impl ContainerSpec {
             labels: BTreeMap::new(),
             health: None,
             backoff: None,
+            restart_with: Default::default(),
         }
     }
 
@@ -257,6 +262,7 @@ impl ContainerSpec {
         "depends_on",
         "health",
         "backoff",
+        "restart_with",
     ];
 
     pub fn field_forces_replacement(field: &str) -> bool {

@@ -471,15 +471,53 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
     }
 
     // 5. containers, dependencies first.
+    // (a container replaced or started again restarts, after it, the dependents that ask
+    // for it with `restart = true`)
+    let mut restarted: BTreeSet<String> = BTreeSet::new();
     for c in desired.containers_in_order() {
-        if let Some(st) = container_step(
+        let mut st = container_step(
             desired,
             observed,
             c,
             &image_digest,
             &replaced_networks,
             &mut plan.kept,
-        ) {
+        );
+        let starts = |s: &Step| {
+            s.action == Action::Replace
+                || s.action == Action::Create
+                || s.ops.contains(&Op::StartContainer)
+        };
+        let running = observed
+            .containers
+            .get(&c.name)
+            .is_some_and(|o| matches!(o.status, ContainerStatus::Running { .. }));
+        if let Some(d) = c.spec.restart_with.iter().find(|d| restarted.contains(*d))
+            && running
+            && !st.as_ref().is_some_and(starts)
+        {
+            let note = Reason::note(format!("{d} is started again (depends_on restart = true)"));
+            st = Some(match st {
+                Some(mut s) => {
+                    s.ops.push(Op::StopContainer);
+                    s.ops.push(Op::StartContainer);
+                    s.reasons.push(note);
+                    s
+                }
+                None => step(
+                    Kind::Container,
+                    &c.name,
+                    Action::Update,
+                    vec![Op::StopContainer, Op::StartContainer],
+                    vec![note],
+                    src(&c.source),
+                ),
+            });
+        }
+        if let Some(st) = st {
+            if starts(&st) {
+                restarted.insert(c.name.clone());
+            }
             plan.steps.push(st);
         }
     }

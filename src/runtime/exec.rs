@@ -86,6 +86,23 @@ pub fn exec(
         args,
         ..cfg.process.clone()
     };
+    // the process, pinned: a directory descriptor of /proc/<pid> names that process and no
+    // other that might later reuse its pid (it fails once the process is gone); checked to be
+    // the container's by its start time
+    let proc_dir = std::fs::File::open(format!("/proc/{pid}"))
+        .map_err(|_| RuntimeError::NotRunning { name: name.into() })?;
+    let started = {
+        use std::os::fd::AsRawFd;
+        std::fs::read_to_string(format!("/proc/self/fd/{}/stat", proc_dir.as_raw_fd()))
+            .ok()
+            .and_then(|s| {
+                let after = s[s.rfind(')')? + 2..].to_string();
+                after.split(' ').nth(19)?.parse::<u64>().ok()
+            })
+    };
+    if started != Some(st.pid_start_time) {
+        return Err(RuntimeError::NotRunning { name: name.into() });
+    }
     // namespaces to join, opened before anything changes
     let mut ns: Vec<(OwnedFd, CloneFlags)> = vec![];
     for (n, f) in [
@@ -96,7 +113,10 @@ pub fn exec(
         ("pid", CloneFlags::CLONE_NEWPID),
         ("mnt", CloneFlags::CLONE_NEWNS),
     ] {
-        let p = format!("/proc/{pid}/ns/{n}");
+        let p = {
+            use std::os::fd::AsRawFd;
+            format!("/proc/self/fd/{}/ns/{n}", proc_dir.as_raw_fd())
+        };
         let fd =
             std::fs::File::open(&p).map_err(crate::fsutil::at("open", std::path::Path::new(&p)))?;
         ns.push((fd.into(), f));
@@ -126,6 +146,7 @@ pub fn exec(
         Some((stdin, pipe()?, pipe()?))
     };
     let cg = st.cgroup.open();
+    let me = nix::unistd::getpid();
     let child = crate::sys::fork_process().map_err(|e| RuntimeError::StartFailed {
         name: name.into(),
         message: format!("fork: {e}"),
@@ -142,6 +163,12 @@ pub fn exec(
         // the command resets it.
         if let Err(e) = nix::sys::prctl::set_dumpable(false) {
             die(format!("set non-dumpable: {e}"));
+        }
+        // killed with `berth exec` (a health check past its timeout): nothing outlives it
+        if nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL).is_err()
+            || nix::unistd::getppid() != me
+        {
+            die("berth exec is gone".into());
         }
         if let Err(e) = cg.add(std::process::id() as i32) {
             die(e.to_string());
@@ -205,7 +232,7 @@ pub fn exec(
             die(format!("stdio: {e}"));
         }
         drop((pty, pipes));
-        let e = match super::init::exec_as(&spec, -1) {
+        let e = match super::init::exec_as(&spec, -1, true) {
             Ok(never) => match never {},
             Err(e) => e,
         };

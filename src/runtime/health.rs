@@ -1,7 +1,7 @@
 //! Health checks, run by a container's supervisor: a prober process forked by the shim runs
 //! the check command through `berth exec` (so in the container's namespaces and cgroup, with
 //! its user, capabilities and seccomp filter; never in a multi-threaded berth), every
-//! `interval`, killed after `timeout`. It keeps `health.json` (one writer): the state
+//! `interval`, killed after `timeout`, its output read through a pipe and cut. It keeps `health.json` (one writer): the state
 //! (`starting`, `healthy`, `unhealthy`), the failing streak and the last results with their
 //! output, as docker's `State.Health`. With `on_unhealthy = "restart"` (the default) an
 //! unhealthy container is stopped and its supervisor starts it again through the backoff.
@@ -140,8 +140,10 @@ pub fn probe_loop(cd: &ContainerDir, h: &HealthConfig, pid: i32, stop: (&str, u6
 }
 
 /// Run the check once through `berth exec` (this executable: the shim's unwritable view of
-/// berth), its output into a file of the container's directory, killed after the timeout.
+/// berth), its output (stdout and stderr) through a pipe of which the first [`MAX_OUTPUT`]
+/// bytes are kept and the rest read and dropped, killed after the timeout.
 fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
+    use std::os::fd::AsFd;
     let start_ms = fsutil::now_unix_ms();
     let fail = |why: String| Probe {
         start_ms,
@@ -155,12 +157,11 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
     ) else {
         return fail("no container name".into());
     };
-    let out_path = cd.0.join("health.out");
-    let Ok(out) = fsutil_create(&out_path) else {
-        return fail(format!("cannot write {}", out_path.display()));
+    let Ok((rd, wr)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
+        return fail("cannot make a pipe".into());
     };
-    let Ok(err) = out.try_clone() else {
-        return fail("cannot duplicate the output file".into());
+    let Ok(wr2) = wr.try_clone() else {
+        return fail("cannot duplicate the pipe".into());
     };
     let spawned = std::process::Command::new("/proc/self/exe")
         .arg("--state-dir")
@@ -170,18 +171,49 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
         .arg("--")
         .args(&h.cmd)
         .stdin(std::process::Stdio::null())
-        .stdout(out)
-        .stderr(err)
+        .stdout(wr)
+        .stderr(wr2)
         .spawn();
     let mut child = match spawned {
         Ok(c) => c,
         Err(e) => return fail(format!("cannot run the check: {e}")),
     };
     let deadline = Instant::now() + Duration::from_millis(h.timeout_ms);
+    // the output, until the end of the pipe or the deadline
+    let mut out = Vec::new();
+    let mut buf = [0u8; 8192];
+    let mut f = std::fs::File::from(rd);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut fds = [nix::poll::PollFd::new(
+            f.as_fd(),
+            nix::poll::PollFlags::POLLIN,
+        )];
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) => continue,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => break,
+            Ok(_) => {}
+        }
+        use std::io::Read;
+        match f.read(&mut buf) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => {
+                let keep = n.min(MAX_OUTPUT.saturating_sub(out.len()));
+                out.extend_from_slice(&buf[..keep]);
+            }
+        }
+    }
+    drop(f);
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break Some(st),
             Ok(None) if Instant::now() >= deadline => {
+                // berth exec's child in the container dies with it (parent-death signal)
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -190,7 +222,8 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
             Err(_) => break None,
         }
     };
-    let output = read_prefix(&out_path);
+    // kept as text (JSON escapes it); whoever prints it to a terminal escapes it there
+    let output = String::from_utf8_lossy(&out).into_owned();
     let end_ms = fsutil::now_unix_ms();
     match status {
         Some(st) => Probe {
@@ -206,27 +239,6 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
             output: format!("timed out after {} ms{}", h.timeout_ms, tail(&output)),
         },
     }
-}
-
-fn fsutil_create(p: &std::path::Path) -> std::io::Result<std::fs::File> {
-    use std::os::unix::fs::OpenOptionsExt;
-    std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .custom_flags(libc::O_NOFOLLOW)
-        .open(p)
-}
-
-fn read_prefix(p: &std::path::Path) -> String {
-    use std::io::Read;
-    let mut b = Vec::new();
-    if let Ok(f) = std::fs::File::open(p) {
-        let _ = f.take(MAX_OUTPUT as u64).read_to_end(&mut b);
-    }
-    // kept as text (JSON escapes it); whoever prints it to a terminal escapes it there
-    String::from_utf8_lossy(&b).into_owned()
 }
 
 fn tail(output: &str) -> String {

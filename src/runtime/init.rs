@@ -730,12 +730,19 @@ fn exec_inner(cfg: &RuntimeConfig, keep_fd: RawFd) -> R<std::convert::Infallible
                 .map_err(|e| fail("configure the network", e))?
         }
     }
-    exec_as(&cfg.process, keep_fd)
+    exec_as(&cfg.process, keep_fd, false)
 }
 
 /// Become the container process described by `p` (user, capabilities, working directory,
 /// no_new_privs) and exec it. Used for the container's init and for `berth exec`.
-pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
+/// With `die_with_parent` (a command `berth exec` runs), the command is killed when its parent
+/// (berth's helper outside the container) dies: a check killed for its timeout leaves
+/// nothing behind.
+pub fn exec_as(
+    p: &ProcessSpec,
+    keep_fd: RawFd,
+    die_with_parent: bool,
+) -> R<std::convert::Infallible> {
     use caps::{CapSet, Capability};
     // nothing inherited may be reachable while paths inside the container are resolved
     crate::sys::close_inherited_fds(&[keep_fd]);
@@ -795,6 +802,15 @@ pub fn exec_as(p: &ProcessSpec, keep_fd: RawFd) -> R<std::convert::Infallible> {
     nix::unistd::setresgid(gid, gid, gid).map_err(|e| fail("setgid", e))?;
     let uid = nix::unistd::Uid::from_raw(user.uid);
     nix::unistd::setresuid(uid, uid, uid).map_err(|e| fail("setuid", e))?;
+    // after the ids change (which clears it); the parent is outside our pid namespace, so
+    // getppid() is 0 while it lives
+    if die_with_parent {
+        nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL)
+            .map_err(|e| fail("parent-death signal", e))?;
+        if nix::unistd::getppid().as_raw() != 0 {
+            return Err(fail("parent-death signal", "the parent is gone"));
+        }
+    }
     caps::clear(None, CapSet::Inheritable)
         .map_err(|e| fail("clear inheritable capabilities", e))?;
     let _ = caps::clear(None, CapSet::Ambient);

@@ -381,7 +381,9 @@ impl Runtime {
                 if over || Instant::now() >= until {
                     return (st, over);
                 }
-                std::thread::sleep(Duration::from_millis(20));
+                // woken by the process's or its shim's end, not by a clock
+                let left = until.saturating_duration_since(Instant::now());
+                wait_for_an_exit(&[st.pid, st.shim_pid], left.min(Duration::from_secs(1)));
             }
         };
         let (st, over) = wait(Instant::now() + timeout, sig);
@@ -486,6 +488,28 @@ impl Runtime {
     pub fn exists(&self, name: &str) -> bool {
         Path::new(&self.dir(name).config()).exists()
     }
+}
+
+/// Wait until one of `pids` exits, at most `timeout`: on their pidfds, or, where those
+/// cannot be had (a kernel before 5.3), for a short while.
+fn wait_for_an_exit(pids: &[i32], timeout: Duration) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::os::fd::AsFd;
+    let fds: Vec<std::os::fd::OwnedFd> = pids
+        .iter()
+        .filter(|p| **p > 0)
+        .filter_map(|p| crate::sys::pidfd_open(*p).ok())
+        .collect();
+    if fds.is_empty() {
+        std::thread::sleep(timeout.min(Duration::from_millis(20)));
+        return;
+    }
+    let mut polls: Vec<PollFd> = fds
+        .iter()
+        .map(|f| PollFd::new(f.as_fd(), PollFlags::POLLIN))
+        .collect();
+    let ms = u16::try_from(timeout.as_millis()).unwrap_or(u16::MAX);
+    let _ = poll(&mut polls, PollTimeout::from(ms));
 }
 
 fn exited(e: &state::ExitRecord, restarts: u32) -> ContainerStatus {

@@ -132,53 +132,60 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     for d in [cd.upper(), cd.work(), cd.rootfs()] {
         fsutil::create_dir_mode(&d, 0o755).map_err(|e| e.to_string())?;
     }
+    // one supervisor per container: held for the shim's life (its forks die with it)
+    let _supervisor = supervisor_lock(&cd)?;
     // the restart count has one writer, the supervisor: a start after an exit counts
-    let mut restarts = fsutil::read_json::<ContainerState>(&cd.state())
-        .ok()
-        .flatten()
-        .map(|s| s.restarts + u32::from(cd.exit().exists()))
-        .unwrap_or(0);
+    let restarts = std::cell::Cell::new(
+        fsutil::read_json::<ContainerState>(&cd.state())
+            .ok()
+            .flatten()
+            .map(|s| s.restarts + u32::from(cd.exit().exists()))
+            .unwrap_or(0),
+    );
     let _ = std::fs::remove_file(cd.exit());
     // published ports are bound before the container exists, once for all its restarts: a
     // port in use fails the start
     let ports = crate::net::proxy::bind(&cfg.ports)?;
+    // after an exit: start it again, and when? Decided before the exit is written, and
+    // written with it, so no reader sees an exit without the decision.
     let mut failures = 0u32;
-    let mut first = true;
-    loop {
-        let started = write_etc(&cd, &cfg)
-            .map_err(|e| format!("write /etc files: {e}"))
-            .and_then(|()| run_once(&cd, &cfg, &ports, restarts, ready));
-        match started {
-            // the first start's failure is the starter's to report: nothing to supervise
-            Err(e) if first => return Err(e),
-            Err(e) => eprintln!("shim: restart {restarts} failed: {e}"),
-            Ok(()) => {}
+    let mut decide = |exit: &ExitRecord| -> Option<u64> {
+        if !cd.0.is_dir() || cd.stop_intent().exists() {
+            return None;
         }
-        first = false;
-        // the container has exited and its exit is recorded: start it again?
-        if !cd.0.is_dir() {
-            break;
-        }
-        if let Ok(Some(c)) = fsutil::read_json::<RuntimeConfig>(&cd.config()) {
-            cfg = c;
-        }
-        let Some(mut exit) = super::state::read_exit(&cd.exit()).ok().flatten() else {
-            break;
-        };
+        // read again: an in-place update applies to this decision
+        let cfg: RuntimeConfig = fsutil::read_json(&cd.config()).ok().flatten()?;
         // an unhealthy container its prober stopped is started again whatever the policy
         let unhealthy = super::health::read(&cd).is_some_and(|h| h.stopped_unhealthy);
-        if cd.stop_intent().exists()
-            || !(unhealthy || super::supervise::should_restart(cfg.restart, &exit, restarts))
-        {
-            break;
+        if !(unhealthy || super::supervise::should_restart(cfg.restart, exit, restarts.get())) {
+            return None;
         }
         let ran_ms = exit.finished_at.saturating_sub(exit.started_at) * 1000;
         failures = cfg.backoff.next_failures(failures, ran_ms);
         let delay = cfg
             .backoff
             .delay(failures.saturating_sub(1), super::supervise::clock_jitter());
-        exit.restart_at_ms = Some(fsutil::now_unix_ms() + delay.as_millis() as u64);
-        let _ = fsutil::write_json(&cd.exit(), &exit);
+        Some(fsutil::now_unix_ms() + delay.as_millis() as u64)
+    };
+    let mut first = true;
+    loop {
+        let started = write_etc(&cd, &cfg)
+            .map_err(|e| format!("write /etc files: {e}"))
+            .and_then(|()| run_once(&cd, &cfg, &ports, restarts.get(), ready, &mut decide));
+        match started {
+            // the first start's failure is the starter's to report: nothing to supervise
+            Err(e) if first => return Err(e),
+            Err(e) => eprintln!("shim: restart {} failed: {e}", restarts.get()),
+            Ok(()) => {}
+        }
+        first = false;
+        let Some(mut exit) = super::state::read_exit(&cd.exit()).ok().flatten() else {
+            break;
+        };
+        let Some(at) = exit.restart_at_ms else {
+            break;
+        };
+        let delay = std::time::Duration::from_millis(at.saturating_sub(fsutil::now_unix_ms()));
         if !wait_unless_stopped(&cd, delay) {
             // stopped while waiting: the exit stands, with no restart to come
             exit.restart_at_ms = None;
@@ -187,9 +194,34 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
             }
             break;
         }
-        restarts += 1;
+        if let Ok(Some(c)) = fsutil::read_json::<RuntimeConfig>(&cd.config()) {
+            cfg = c;
+        }
+        restarts.set(restarts.get() + 1);
     }
     Ok(())
+}
+
+/// The container's supervisor lock (`shim.lock`, exclusive, for the shim's life): a second
+/// shim for the same container refuses to start instead of supervising it too.
+fn supervisor_lock(cd: &ContainerDir) -> Result<nix::fcntl::Flock<std::fs::File>, String> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let p = cd.0.join("shim.lock");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .mode(0o600)
+        .custom_flags(libc::O_CLOEXEC | libc::O_NOFOLLOW)
+        .open(&p)
+        .map_err(|e| format!("{}: {e}", p.display()))?;
+    nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|(_, e)| {
+        if e == nix::errno::Errno::EWOULDBLOCK {
+            "the container already has a supervisor (its shim runs)".to_string()
+        } else {
+            format!("lock {}: {e}", p.display())
+        }
+    })
 }
 
 /// Sleep `delay` in short steps (a crash loop costs no CPU to speak of), returning false as
@@ -217,6 +249,7 @@ fn run_once(
     ports: &[crate::net::proxy::Bound],
     restarts: u32,
     ready: &mut Option<std::fs::File>,
+    decide: &mut dyn FnMut(&ExitRecord) -> Option<u64>,
 ) -> Result<(), String> {
     let dir = cd.0.as_path();
     // the last run's health says nothing of this one
@@ -345,7 +378,7 @@ fn run_once(
         if failure.is_empty() {
             return Err(e);
         }
-        record_start_failure(cd, started_at, &failure);
+        record_start_failure(cd, started_at, &failure, decide);
         return Err(failure);
     }
     let mut go = std::fs::File::from(go_w);
@@ -354,7 +387,7 @@ fn run_once(
     let failure = child_failure(fail_r);
     if !failure.is_empty() {
         abandon(pid, Some(&cg), &cfg.net);
-        record_start_failure(cd, started_at, &failure);
+        record_start_failure(cd, started_at, &failure, decide);
         return Err(failure);
     }
     let state = ContainerState {
@@ -419,7 +452,7 @@ fn run_once(
         _ => (None, None),
     };
     let oom = cg.oom_kills() > 0;
-    let rec = ExitRecord {
+    let mut rec = ExitRecord {
         code,
         signal,
         oom,
@@ -432,6 +465,7 @@ fn run_once(
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(p, None);
     }
+    rec.restart_at_ms = decide(&rec);
     detach_network(&cfg.net);
     // a container whose directory is gone was removed (perhaps outside berth, then by apply
     // through its cgroup): writing the record would make the directory again
@@ -457,8 +491,13 @@ fn abandon(pid: nix::unistd::Pid, cg: Option<&super::cgroup::ContainerCgroup>, n
 
 /// A start that failed inside the container (before its command ran) is an exit with
 /// code 127, as a shell reports a command it could not run.
-fn record_start_failure(cd: &ContainerDir, started_at: u64, failure: &str) {
-    let rec = ExitRecord {
+fn record_start_failure(
+    cd: &ContainerDir,
+    started_at: u64,
+    failure: &str,
+    decide: &mut dyn FnMut(&ExitRecord) -> Option<u64>,
+) {
+    let mut rec = ExitRecord {
         code: Some(127),
         signal: None,
         oom: false,
@@ -467,6 +506,7 @@ fn record_start_failure(cd: &ContainerDir, started_at: u64, failure: &str) {
         error: Some(failure.to_string()),
         restart_at_ms: None,
     };
+    rec.restart_at_ms = decide(&rec);
     let _ = fsutil::write_json(&cd.exit(), &rec);
 }
 
