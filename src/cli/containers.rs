@@ -100,7 +100,12 @@ pub fn apply_cmd(
         net_lock: Default::default(),
     };
     let json = args.json;
+    // every outcome, failed and skipped ones included, for --json whatever the result
+    let seen: std::sync::Mutex<Vec<StepOutcome>> = Default::default();
     let report = |o: &StepOutcome| {
+        if let Ok(mut v) = seen.lock() {
+            v.push(o.clone());
+        }
         if !json {
             match &o.error {
                 None => println!(
@@ -133,9 +138,10 @@ pub fn apply_cmd(
         }
         Err(e) => {
             if json {
+                let outcomes = seen.lock().map(|v| v.clone()).unwrap_or_default();
                 println!(
                     "{}",
-                    serde_json::json!({"ok": false, "error": e.to_string()})
+                    serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": outcomes, "ok": false, "error": e.to_string()})
                 );
             }
             bail!("apply failed: {e}")

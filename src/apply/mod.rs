@@ -5,18 +5,24 @@
 use crate::config::Config;
 use crate::image::ImageError;
 use crate::image::pull::Puller;
-use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind, NET_HOST, NET_NONE};
+use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind};
 use crate::manifest::units::MountSource;
-use crate::net;
 use crate::plan::{Action, Op, Plan, Step};
-use crate::runtime::config::{
-    self as rc, Limits, MountKind, MountSpec, NetMode, ProcessSpec, RuntimeConfig,
-};
+use crate::runtime::config::{self as rc, NetMode};
 use crate::runtime::{Runtime, RuntimeError};
 use crate::state::{ContainerRecord, StateDir, StateError, VolumeRecord};
 use crate::store::{Store, StoreError};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
+
+pub mod container_config;
+mod network;
+pub mod schedule;
+use container_config::missing_bind_source;
+pub use container_config::{backoff, health, limits, restart_policy, runtime_config};
+pub use network::{refresh_hosts, release_orphan_leases};
+pub use schedule::dependency_met;
+use schedule::{DESTROY_PARALLEL, describe_dependency, waves};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -32,6 +38,30 @@ pub enum ApplyError {
     Invalid(String),
     #[error(transparent)]
     Net(#[from] crate::net::NetError),
+    /// A dependency that may still meet its condition did not in time.
+    #[error("{0}")]
+    Waiting(String),
+    /// A step failed; `transient` when trying again later may succeed.
+    #[error("{message}")]
+    Step { message: String, transient: bool },
+}
+
+impl ApplyError {
+    /// Worth trying again later (an agent backs off and retries): a registry that could not
+    /// be reached or answered 5xx/429, a published port held by a process that may go away,
+    /// a dependency not yet ready. Anything else (a missing image, a bad mount source, an
+    /// invalid configuration) fails the same way until something is changed.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            ApplyError::Step { transient, .. } => *transient,
+            ApplyError::Waiting(_) => true,
+            ApplyError::Image(ImageError::Registry(r)) => r.is_transient(),
+            ApplyError::Runtime(RuntimeError::StartFailed { message, .. }) => {
+                message.contains("Address in use") || message.contains("address already in use")
+            }
+            _ => false,
+        }
+    }
 }
 
 /// What happened to one step.
@@ -42,6 +72,9 @@ pub struct StepOutcome {
     pub ok: bool,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// For a failed step: whether trying again later may succeed ([`ApplyError::is_transient`]).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub transient: bool,
     pub millis: u64,
 }
 
@@ -87,6 +120,7 @@ impl Executor<'_> {
                             action: st.action,
                             ok: false,
                             error: Some(format!("skipped: {dep} failed")),
+                            transient: false,
                             millis: 0,
                         };
                         report(&o);
@@ -224,6 +258,7 @@ impl Executor<'_> {
             address: st.address.clone(),
             action: st.action,
             ok: r.is_ok(),
+            transient: r.as_ref().err().is_some_and(ApplyError::is_transient),
             error: r.err().map(|e| error_chain(&e)),
             millis: t.elapsed().as_millis() as u64,
         }
@@ -256,6 +291,7 @@ impl Executor<'_> {
                             action: Action::Create,
                             ok: false,
                             error: Some("step panicked".into()),
+                            transient: false,
                             millis: 0,
                         })
                     })
@@ -301,6 +337,7 @@ impl Executor<'_> {
                     action: Action::Create,
                     ok: false,
                     error: Some(e.to_string()),
+                    transient: false,
                     millis: 0,
                 }];
             }
@@ -308,18 +345,22 @@ impl Executor<'_> {
         rt.block_on(async {
             let jobs = wave.iter().map(|st| async move {
                 let t = Instant::now();
-                let r = match self.image_ref(st) {
-                    Ok(r) => match self.puller() {
-                        Ok(p) => p.pull(&r).await.map(|_| ()).map_err(|e| error_chain(&e)),
-                        Err(e) => Err(e.to_string()),
-                    },
-                    Err(e) => Err(e.to_string()),
-                };
+                let r =
+                    match self.image_ref(st) {
+                        Ok(r) => match self.puller() {
+                            Ok(p) => p.pull(&r).await.map(|_| ()).map_err(|e| {
+                                (error_chain(&e), ApplyError::Image(e).is_transient())
+                            }),
+                            Err(e) => Err((e.to_string(), false)),
+                        },
+                        Err(e) => Err((e.to_string(), false)),
+                    };
                 let o = StepOutcome {
                     address: st.address.clone(),
                     action: st.action,
                     ok: r.is_ok(),
-                    error: r.err(),
+                    transient: r.as_ref().err().is_some_and(|(_, t)| *t),
+                    error: r.err().map(|(e, _)| e),
                     millis: t.elapsed().as_millis() as u64,
                 };
                 report(&o);
@@ -347,8 +388,9 @@ impl Executor<'_> {
             self.wait_for_dependencies(&st.name)?;
         }
         for op in &st.ops {
-            self.run_op(st, *op).map_err(|e| {
-                ApplyError::Invalid(format!("{}: {}", op_name(*op), error_chain(&e)))
+            self.run_op(st, *op).map_err(|e| ApplyError::Step {
+                message: format!("{}: {}", op_name(*op), error_chain(&e)),
+                transient: e.is_transient(),
             })?;
         }
         Ok(())
@@ -466,7 +508,7 @@ impl Executor<'_> {
                     }
                 };
                 if Instant::now() >= deadline {
-                    return Err(ApplyError::Invalid(format!(
+                    return Err(ApplyError::Waiting(format!(
                         "depends_on: {dep} did not become {cond} within {} ({why})",
                         crate::manifest::units::Duration(self.wait_timeout.as_millis() as u64)
                     )));
@@ -545,286 +587,6 @@ impl Executor<'_> {
         }
         Ok(())
     }
-
-    fn ipam_dir(&self) -> std::path::PathBuf {
-        self.state.root.join("net")
-    }
-
-    /// Bridge, addresses and rules for a network; the IPAM file keeps its leases when the
-    /// network is recreated (drift repair).
-    fn create_network(&self, name: &str) -> Result<(), ApplyError> {
-        let n = self
-            .desired
-            .networks
-            .get(name)
-            .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
-        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let path = net::ipam_path(&self.state.root, name);
-        let bridge = net::bridge_name(&self.state.root, name);
-        let others: Vec<net::Subnet> = net::ipam::all(&self.ipam_dir())?
-            .into_values()
-            .filter(|(_, i)| i.network != name)
-            .map(|(_, i)| i.subnet)
-            .collect();
-        let mut taken: Vec<net::Subnet> = net::host_routes();
-        let existing = net::ipam::Ipam::load(&path)?;
-        if let Some(e) = &existing {
-            // our own bridge's route, if the bridge survived
-            taken.retain(|r| *r != e.subnet);
-        }
-        taken.extend(others.iter().copied());
-        let subnet = match (n.spec.subnet, &existing) {
-            (Some(c), _) => {
-                let s = net::Subnet::new(c.addr, c.prefix);
-                if let Some(o) = taken.iter().find(|t| t.overlaps(s)) {
-                    return Err(net::NetError::Overlap {
-                        network: name.into(),
-                        subnet: s,
-                        other: *o,
-                    }
-                    .into());
-                }
-                s
-            }
-            (None, Some(e)) => e.subnet,
-            (None, None) => net::choose_subnet(name, &taken)?,
-        };
-        let mut ipam = existing.unwrap_or(net::ipam::Ipam {
-            network: name.into(),
-            bridge: bridge.clone(),
-            subnet,
-            internal: n.spec.internal,
-            leases: BTreeMap::new(),
-            hostnames: BTreeMap::new(),
-            hostnames_complete: true,
-        });
-        complete_hostnames(self.state, &mut ipam)?;
-        ipam.subnet = subnet;
-        ipam.internal = n.spec.internal;
-        ipam.bridge = bridge.clone();
-        net::link::ensure_bridge(&bridge, subnet.gateway(), subnet.prefix)?;
-        // after a bridge was recreated: put the running containers' veths back on it
-        let records: BTreeMap<String, ContainerRecord> =
-            self.state.read_records(Kind::Container)?;
-        for (c, r) in &records {
-            if let Some(i) = r.spec.networks.iter().position(|x| x == name) {
-                let veth = net::veth_name(&self.state.root, c, i);
-                if net::link::exists(&veth) {
-                    net::link::attach(&veth, &bridge)?;
-                }
-            }
-        }
-        net::nat::install(&bridge, subnet, n.spec.internal)?;
-        if !n.spec.internal {
-            net::enable_forwarding()?;
-        }
-        ipam.save(&path)?;
-        let mut spec = n.spec.clone();
-        spec.subnet = Some(crate::manifest::units::Cidr {
-            addr: subnet.addr,
-            prefix: subnet.prefix,
-        });
-        let rec = crate::state::NetworkRecord {
-            name: name.into(),
-            source: n.source.clone(),
-            spec,
-            created_at: crate::fsutil::now_unix(),
-        };
-        self.state.write_record(Kind::Network, name, &rec)?;
-        Ok(())
-    }
-
-    /// Rules, bridge, IPAM file and record. When the network is destroyed (not replaced),
-    /// refuses while a container still holds an address.
-    fn remove_network(&self, name: &str, destroy: bool) -> Result<(), ApplyError> {
-        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let path = net::ipam_path(&self.state.root, name);
-        let bridge = match net::ipam::Ipam::load(&path)? {
-            Some(i) => {
-                let attached: Vec<&String> = i
-                    .leases
-                    .keys()
-                    .filter(|c| self.state.record_path(Kind::Container, c).exists())
-                    .collect();
-                if destroy && !attached.is_empty() {
-                    return Err(ApplyError::Invalid(format!(
-                        "containers {attached:?} are still attached"
-                    )));
-                }
-                i.bridge
-            }
-            None => net::bridge_name(&self.state.root, name),
-        };
-        net::nat::remove(&bridge)?;
-        net::link::delete(&bridge)?;
-        if path.exists() {
-            std::fs::remove_file(&path)
-                .map_err(|e| StateError::Io(crate::fsutil::PathError::new("remove", &path, e)))?;
-        }
-        self.state.remove_record(Kind::Network, name)?;
-        Ok(())
-    }
-
-    /// The container's network mode and published ports; leases its addresses.
-    fn attach(
-        &self,
-        name: &str,
-        spec: &ContainerSpec,
-    ) -> Result<(NetMode, Vec<net::proxy::PortMap>), ApplyError> {
-        match spec.networks.as_slice() {
-            [n] if n == NET_HOST => return Ok((NetMode::Host, vec![])),
-            [n] if n == NET_NONE => return Ok((NetMode::None, vec![])),
-            _ => {}
-        }
-        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        let mut ifaces = vec![];
-        for (i, n) in spec.networks.iter().enumerate() {
-            let path = net::ipam_path(&self.state.root, n);
-            let mut ipam = net::ipam::Ipam::load(&path)?.ok_or_else(|| {
-                ApplyError::Invalid(format!("network {n:?} has not been created"))
-            })?;
-            complete_hostnames(self.state, &mut ipam)?;
-            let addr = ipam.lease(name)?;
-            match spec.hostname.as_deref() {
-                Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
-                _ => ipam.hostnames.remove(name),
-            };
-            // durable after the wave (sync_leases): one fsync per network, not per container
-            ipam.save_volatile(&path)?;
-            unsynced.insert(path.clone());
-            let host_veth = net::veth_name(&self.state.root, name, i);
-            ifaces.push(rc::BridgeIface {
-                network: n.clone(),
-                bridge: ipam.bridge.clone(),
-                peer: format!("bp{}", &host_veth[2..]),
-                host_veth,
-                name: format!("eth{i}"),
-                addr,
-                prefix: ipam.subnet.prefix,
-            });
-        }
-        let gateway = match ifaces.first() {
-            Some(f) => net::Subnet::new(f.addr, f.prefix).gateway(),
-            None => return Err(ApplyError::Invalid("no network".into())),
-        };
-        let ports = spec
-            .ports
-            .iter()
-            .map(|p| net::proxy::PortMap {
-                host_ip: p.host_ip,
-                host_port: p.host_port,
-                container_port: p.container_port,
-                proto: match p.proto {
-                    crate::manifest::units::Proto::Tcp => net::proxy::Proto::Tcp,
-                    crate::manifest::units::Proto::Udp => net::proxy::Proto::Udp,
-                },
-            })
-            .collect();
-        Ok((NetMode::Bridge { ifaces, gateway }, ports))
-    }
-
-    /// fsync the IPAM files this wave wrote without it.
-    fn sync_leases(&self) -> Result<(), ApplyError> {
-        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        for path in std::mem::take(&mut *unsynced) {
-            crate::fsutil::sync_file(&path).map_err(StateError::Io)?;
-        }
-        Ok(())
-    }
-
-    /// Free the container's addresses (its peers' hosts files follow after the wave).
-    fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
-        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
-            if ipam.release(name) {
-                ipam.save(&path)?;
-            }
-        }
-        Ok(())
-    }
-}
-
-/// Release the leases of containers berth has no record of: left by a berth killed between
-/// leasing an address and writing the container's record, or between removing a container
-/// and releasing its address. Run by `apply` (under the state directory's lock) before it
-/// plans, so that no name stays in peers' /etc/hosts and no address is held for good.
-/// Returns the names released.
-pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
-    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
-    let mut released = vec![];
-    for (_, (path, mut ipam)) in net::ipam::all(&state.root.join("net"))? {
-        let orphans: Vec<String> = ipam
-            .leases
-            .keys()
-            .filter(|n| !records.contains_key(*n))
-            .cloned()
-            .collect();
-        for n in &orphans {
-            ipam.release(n);
-        }
-        if !orphans.is_empty() {
-            ipam.save(&path)?;
-            released.extend(orphans);
-        }
-    }
-    if !released.is_empty() {
-        refresh_hosts(state, None)?;
-    }
-    Ok(released)
-}
-
-/// Rewrite, in place, the /etc/hosts of every container on a bridge network (or only of
-/// `only`) so it lists every container it shares a network with, by name and hostname.
-pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
-    let mut ipams = net::ipam::all(&state.root.join("net"))?;
-    for (_, ipam) in ipams.values_mut() {
-        complete_hostnames(state, ipam)?;
-    }
-    let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
-    for (_, ipam) in ipams.values() {
-        for c in ipam.leases.keys() {
-            if only.is_some_and(|o| o != c) {
-                continue;
-            }
-            let e = per.entry(c.clone()).or_default();
-            for (peer, addr) in &ipam.leases {
-                e.insert(*addr, ipam.names(peer));
-            }
-        }
-    }
-    for (c, entries) in per {
-        let dir = state.containers_dir().join(&c);
-        if !dir.exists() {
-            continue;
-        }
-        let etc = dir.join("etc");
-        std::fs::create_dir_all(&etc)
-            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("create", &etc, e)))?;
-        let p = etc.join("hosts");
-        net::hosts::write_in_place(&p, &net::hosts::render(&entries))
-            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("write", &p, e)))?;
-    }
-    Ok(())
-}
-
-/// IPAM files written before berth kept hostnames in them: take the hostnames of their
-/// leases from the container records (in memory; the next save keeps them).
-fn complete_hostnames(state: &StateDir, ipam: &mut net::ipam::Ipam) -> Result<(), ApplyError> {
-    if ipam.hostnames_complete {
-        return Ok(());
-    }
-    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
-    for c in ipam.leases.keys() {
-        if let Some(h) = records
-            .get(c)
-            .and_then(|r| r.spec.hostname.clone())
-            .filter(|h| h != c)
-        {
-            ipam.hostnames.insert(c.clone(), h);
-        }
-    }
-    ipam.hostnames_complete = true;
-    Ok(())
 }
 
 /// An error and its sources, joined with ": ".
@@ -854,251 +616,4 @@ fn op_name(op: Op) -> &'static str {
         Op::RemoveContainer => "remove container",
         Op::UpdateContainer => "update container",
     }
-}
-
-pub fn limits(spec: &ContainerSpec) -> Limits {
-    Limits {
-        memory: spec.memory.map(|m| m.0),
-        cpus: spec.cpus,
-        pids: spec.pids,
-    }
-}
-
-/// The first host path a container bind-mounts that does not exist.
-fn missing_bind_source(spec: &ContainerSpec) -> Option<&std::path::Path> {
-    spec.volumes.iter().find_map(|v| match &v.source {
-        MountSource::Bind(p) if !p.exists() => Some(p.as_path()),
-        _ => None,
-    })
-}
-
-/// Compute what the shim needs for a container.
-pub fn runtime_config(
-    store: &Store,
-    state: &StateDir,
-    config: &Config,
-    name: &str,
-    spec: &ContainerSpec,
-    img: &crate::store::StoredImage,
-    (net, ports): (NetMode, Vec<net::proxy::PortMap>),
-) -> Result<RuntimeConfig, ApplyError> {
-    let mut layers = vec![];
-    for c in img.chain_ids() {
-        if !store.has_snapshot(&c) {
-            return Err(ApplyError::Invalid(format!(
-                "image {}: layer {c} is not unpacked; pull the image again",
-                img.reference
-            )));
-        }
-        layers.push(store.snapshot_dir(&c)?.join("fs"));
-    }
-    let hostname = spec
-        .hostname
-        .clone()
-        .unwrap_or_else(|| name.chars().take(63).collect());
-    // checked before the apply began too (preflight); here for a path removed meanwhile
-    if let Some(p) = missing_bind_source(spec) {
-        return Err(ApplyError::Invalid(format!(
-            "bind mount source {} does not exist",
-            p.display()
-        )));
-    }
-    let mut mounts = vec![];
-    for v in &spec.volumes {
-        let kind = match &v.source {
-            MountSource::Bind(p) => MountKind::Bind {
-                source: p.clone(),
-                read_only: v.read_only,
-            },
-            MountSource::Volume(n) => MountKind::Volume {
-                source: rc::volume_data(&state.volumes_dir(), n),
-                read_only: v.read_only,
-                populate_marker: state.volumes_dir().join(n).join(".populated"),
-            },
-        };
-        mounts.push(MountSpec {
-            target: v.target.clone(),
-            kind,
-        });
-    }
-    for t in &spec.tmpfs {
-        mounts.push(MountSpec {
-            target: t.target.clone(),
-            kind: MountKind::Tmpfs {
-                size: t.size.map(|s| s.0),
-                mode: t.mode,
-            },
-        });
-    }
-    let args = rc::merge_args(spec, &img.config);
-    if args.is_empty() {
-        return Err(ApplyError::Invalid(format!(
-            "image {} has no CMD or ENTRYPOINT: set `command`",
-            img.reference
-        )));
-    }
-    Ok(RuntimeConfig {
-        name: name.into(),
-        layers,
-        read_only: spec.read_only,
-        hostname: hostname.clone(),
-        net,
-        ports,
-        process: ProcessSpec {
-            args,
-            env: rc::merge_env(spec, &img.config, &hostname),
-            cwd: rc::working_dir(spec, &img.config),
-            user: rc::user(spec, &img.config),
-            capabilities: rc::capabilities(spec),
-            seccomp: spec.seccomp.is_default(),
-        },
-        mounts,
-        limits: limits(spec),
-        cgroup_parent: config.cgroup_parent.clone(),
-        log_max_size: rc::LOG_MAX_SIZE,
-        log_max_files: rc::LOG_MAX_FILES,
-        stop_signal: spec.stop_signal.clone(),
-        stop_timeout_ms: spec.stop_timeout.0,
-        restart: restart_policy(spec),
-        backoff: backoff(spec),
-        health: health(spec),
-    })
-}
-
-/// The manifest's health check as the runtime's prober runs it.
-pub fn health(spec: &ContainerSpec) -> Option<crate::runtime::health::HealthConfig> {
-    spec.health
-        .as_ref()
-        .map(|h| crate::runtime::health::HealthConfig {
-            cmd: h.cmd.clone(),
-            interval_ms: h.interval.0,
-            timeout_ms: h.timeout.0,
-            retries: h.retries,
-            start_period_ms: h.start_period.0,
-            restart_on_unhealthy: h.on_unhealthy == crate::manifest::spec::OnUnhealthy::Restart,
-        })
-}
-
-/// Whether a dependency in `status` meets `cond` now (`Ok(true)`), may still (`Ok(false)`),
-/// or cannot any more (`Err`, why).
-pub fn dependency_met(
-    cond: crate::manifest::spec::DependCondition,
-    status: &crate::observe::ContainerStatus,
-    health: Option<&crate::runtime::health::Health>,
-) -> Result<bool, String> {
-    use crate::manifest::spec::DependCondition as C;
-    use crate::observe::ContainerStatus as S;
-    use crate::runtime::health::HealthStatus as H;
-    match (cond, status) {
-        (C::Started, S::Running { .. } | S::Restarting { .. } | S::Exited { .. }) => Ok(true),
-        (C::Healthy, S::Running { .. }) => Ok(health.is_some_and(|h| h.status == H::Healthy)),
-        (C::Healthy | C::Started, S::Restarting { .. } | S::Created) => Ok(false),
-        (C::Completed, S::Exited { code: Some(0), .. }) => Ok(true),
-        (C::Completed, S::Running { .. } | S::Restarting { .. } | S::Created) => Ok(false),
-        (_, S::Exited { code, signal, .. }) => Err(match (code, signal) {
-            (Some(c), _) => format!("it exited with code {c}"),
-            (_, Some(s)) => format!("it was killed by signal {s}"),
-            _ => "it exited".into(),
-        }),
-        (_, S::StoppedByUser) => Err("it is stopped by the user".into()),
-        (_, S::Lost { reason }) => Err(format!("it is lost: {reason}")),
-    }
-}
-
-/// A dependency's state in a waiting message.
-fn describe_dependency(
-    status: &crate::observe::ContainerStatus,
-    health: Option<&crate::runtime::health::Health>,
-) -> String {
-    use crate::observe::ContainerStatus as S;
-    match (status, health) {
-        (S::Running { .. }, Some(h)) => {
-            let last = h.log.last().map_or(String::new(), |p| {
-                format!(", last check exit {}", p.exit_code)
-            });
-            format!("it is running, {}{last}", h.status)
-        }
-        (S::Running { .. }, None) => "it is running".into(),
-        (S::Restarting { restarts, .. }, _) => {
-            format!("it is restarting after {restarts} restarts")
-        }
-        (S::Created, _) => "it is created, not started".into(),
-        (s, _) => format!("{s:?}"),
-    }
-}
-
-/// The manifest's restart policy as the runtime's supervisor carries it.
-pub fn restart_policy(spec: &ContainerSpec) -> crate::runtime::supervise::RestartPolicy {
-    use crate::manifest::units::Restart;
-    use crate::runtime::supervise::RestartPolicy;
-    match spec.restart {
-        Restart::No => RestartPolicy::No,
-        Restart::OnFailure(max) => RestartPolicy::OnFailure { max },
-        Restart::Always => RestartPolicy::Always,
-        Restart::UnlessStopped => RestartPolicy::UnlessStopped,
-    }
-}
-
-/// The manifest's backoff (kubelet's defaults when not declared).
-pub fn backoff(spec: &ContainerSpec) -> crate::runtime::supervise::Backoff {
-    let b = spec.backoff.unwrap_or_default();
-    crate::runtime::supervise::Backoff {
-        initial_ms: b.initial.0,
-        max_ms: b.max.0,
-        reset_after_ms: b.reset_after.0,
-    }
-}
-
-/// Destroys of independent containers run this many at a time (at least).
-const DESTROY_PARALLEL: usize = 32;
-
-/// Group the plan's steps into waves that must run one after another; steps within a wave
-/// are independent. Container destroys go by reverse dependency level (dependents first,
-/// independent ones together); image pulls form one wave; containers go by dependency level.
-fn waves<'p>(
-    plan: &'p Plan,
-    desired: &Desired,
-    destroy_levels: &BTreeMap<String, usize>,
-) -> Vec<Vec<&'p Step>> {
-    let mut level: BTreeMap<String, usize> = BTreeMap::new();
-    for c in desired.containers_in_order() {
-        let l = c
-            .spec
-            .depends_on
-            .keys()
-            .filter_map(|d| level.get(d))
-            .max()
-            .map(|m| m + 1)
-            .unwrap_or(0);
-        level.insert(c.name.clone(), l);
-    }
-    let mut keyed: Vec<((u8, usize), &Step)> = plan
-        .steps
-        .iter()
-        .enumerate()
-        .map(|(i, st)| {
-            let key = match (st.kind, st.action) {
-                (Kind::Container, Action::Destroy) => {
-                    (0, destroy_levels.get(&st.name).copied().unwrap_or(i))
-                }
-                (Kind::Image, _) => (1, 0),
-                (Kind::Volume, _) => (2, i),
-                (Kind::Network, Action::Destroy) => (5, i),
-                (Kind::Network, _) => (3, i),
-                (Kind::Container, _) => (4, level.get(&st.name).copied().unwrap_or(0)),
-            };
-            (key, st)
-        })
-        .collect();
-    keyed.sort_by_key(|(k, _)| *k);
-    let mut out: Vec<Vec<&Step>> = vec![];
-    let mut last = None;
-    for (k, st) in keyed {
-        match out.last_mut() {
-            Some(w) if last == Some(k) => w.push(st),
-            _ => out.push(vec![st]),
-        }
-        last = Some(k);
-    }
-    out
 }

@@ -1,0 +1,296 @@
+//! Network provisioning for an apply: bridges, addresses and rules for a network; a
+//! container's addresses (leased under the executor's network lock, made durable once per
+//! wave); /etc/hosts of every container on a network; and the release of leases no container
+//! holds (what a killed apply leaves).
+
+use super::{ApplyError, Executor};
+use crate::manifest::spec::{ContainerSpec, Kind, NET_HOST, NET_NONE};
+use crate::net;
+use crate::runtime::config::{self as rc, NetMode};
+use crate::state::{ContainerRecord, StateDir, StateError};
+use std::collections::BTreeMap;
+
+impl Executor<'_> {
+    pub(super) fn ipam_dir(&self) -> std::path::PathBuf {
+        self.state.root.join("net")
+    }
+
+    /// Bridge, addresses and rules for a network; the IPAM file keeps its leases when the
+    /// network is recreated (drift repair).
+    pub(super) fn create_network(&self, name: &str) -> Result<(), ApplyError> {
+        let n = self
+            .desired
+            .networks
+            .get(name)
+            .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = net::ipam_path(&self.state.root, name);
+        let bridge = net::bridge_name(&self.state.root, name);
+        let others: Vec<net::Subnet> = net::ipam::all(&self.ipam_dir())?
+            .into_values()
+            .filter(|(_, i)| i.network != name)
+            .map(|(_, i)| i.subnet)
+            .collect();
+        let mut taken: Vec<net::Subnet> = net::host_routes();
+        let existing = net::ipam::Ipam::load(&path)?;
+        if let Some(e) = &existing {
+            // our own bridge's route, if the bridge survived
+            taken.retain(|r| *r != e.subnet);
+        }
+        taken.extend(others.iter().copied());
+        let subnet = match (n.spec.subnet, &existing) {
+            (Some(c), _) => {
+                let s = net::Subnet::new(c.addr, c.prefix);
+                if let Some(o) = taken.iter().find(|t| t.overlaps(s)) {
+                    return Err(net::NetError::Overlap {
+                        network: name.into(),
+                        subnet: s,
+                        other: *o,
+                    }
+                    .into());
+                }
+                s
+            }
+            (None, Some(e)) => e.subnet,
+            (None, None) => net::choose_subnet(name, &taken)?,
+        };
+        let mut ipam = existing.unwrap_or(net::ipam::Ipam {
+            network: name.into(),
+            bridge: bridge.clone(),
+            subnet,
+            internal: n.spec.internal,
+            leases: BTreeMap::new(),
+            hostnames: BTreeMap::new(),
+            hostnames_complete: true,
+        });
+        complete_hostnames(self.state, &mut ipam)?;
+        ipam.subnet = subnet;
+        ipam.internal = n.spec.internal;
+        ipam.bridge = bridge.clone();
+        net::link::ensure_bridge(&bridge, subnet.gateway(), subnet.prefix)?;
+        // after a bridge was recreated: put the running containers' veths back on it
+        let records: BTreeMap<String, ContainerRecord> =
+            self.state.read_records(Kind::Container)?;
+        for (c, r) in &records {
+            if let Some(i) = r.spec.networks.iter().position(|x| x == name) {
+                let veth = net::veth_name(&self.state.root, c, i);
+                if net::link::exists(&veth) {
+                    net::link::attach(&veth, &bridge)?;
+                }
+            }
+        }
+        net::nat::install(&bridge, subnet, n.spec.internal)?;
+        if !n.spec.internal {
+            net::enable_forwarding()?;
+        }
+        ipam.save(&path)?;
+        let mut spec = n.spec.clone();
+        spec.subnet = Some(crate::manifest::units::Cidr {
+            addr: subnet.addr,
+            prefix: subnet.prefix,
+        });
+        let rec = crate::state::NetworkRecord {
+            name: name.into(),
+            source: n.source.clone(),
+            spec,
+            created_at: crate::fsutil::now_unix(),
+        };
+        self.state.write_record(Kind::Network, name, &rec)?;
+        Ok(())
+    }
+
+    /// Rules, bridge, IPAM file and record. When the network is destroyed (not replaced),
+    /// refuses while a container still holds an address.
+    pub(super) fn remove_network(&self, name: &str, destroy: bool) -> Result<(), ApplyError> {
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let path = net::ipam_path(&self.state.root, name);
+        let bridge = match net::ipam::Ipam::load(&path)? {
+            Some(i) => {
+                let attached: Vec<&String> = i
+                    .leases
+                    .keys()
+                    .filter(|c| self.state.record_path(Kind::Container, c).exists())
+                    .collect();
+                if destroy && !attached.is_empty() {
+                    return Err(ApplyError::Invalid(format!(
+                        "containers {attached:?} are still attached"
+                    )));
+                }
+                i.bridge
+            }
+            None => net::bridge_name(&self.state.root, name),
+        };
+        net::nat::remove(&bridge)?;
+        net::link::delete(&bridge)?;
+        if path.exists() {
+            std::fs::remove_file(&path)
+                .map_err(|e| StateError::Io(crate::fsutil::PathError::new("remove", &path, e)))?;
+        }
+        self.state.remove_record(Kind::Network, name)?;
+        Ok(())
+    }
+
+    /// The container's network mode and published ports; leases its addresses.
+    pub(super) fn attach(
+        &self,
+        name: &str,
+        spec: &ContainerSpec,
+    ) -> Result<(NetMode, Vec<net::proxy::PortMap>), ApplyError> {
+        match spec.networks.as_slice() {
+            [n] if n == NET_HOST => return Ok((NetMode::Host, vec![])),
+            [n] if n == NET_NONE => return Ok((NetMode::None, vec![])),
+            _ => {}
+        }
+        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut ifaces = vec![];
+        for (i, n) in spec.networks.iter().enumerate() {
+            let path = net::ipam_path(&self.state.root, n);
+            let mut ipam = net::ipam::Ipam::load(&path)?.ok_or_else(|| {
+                ApplyError::Invalid(format!("network {n:?} has not been created"))
+            })?;
+            complete_hostnames(self.state, &mut ipam)?;
+            let addr = ipam.lease(name)?;
+            match spec.hostname.as_deref() {
+                Some(h) if h != name => ipam.hostnames.insert(name.into(), h.into()),
+                _ => ipam.hostnames.remove(name),
+            };
+            // durable after the wave (sync_leases): one fsync per network, not per container
+            ipam.save_volatile(&path)?;
+            unsynced.insert(path.clone());
+            let host_veth = net::veth_name(&self.state.root, name, i);
+            ifaces.push(rc::BridgeIface {
+                network: n.clone(),
+                bridge: ipam.bridge.clone(),
+                peer: format!("bp{}", &host_veth[2..]),
+                host_veth,
+                name: format!("eth{i}"),
+                addr,
+                prefix: ipam.subnet.prefix,
+            });
+        }
+        let gateway = match ifaces.first() {
+            Some(f) => net::Subnet::new(f.addr, f.prefix).gateway(),
+            None => return Err(ApplyError::Invalid("no network".into())),
+        };
+        let ports = spec
+            .ports
+            .iter()
+            .map(|p| net::proxy::PortMap {
+                host_ip: p.host_ip,
+                host_port: p.host_port,
+                container_port: p.container_port,
+                proto: match p.proto {
+                    crate::manifest::units::Proto::Tcp => net::proxy::Proto::Tcp,
+                    crate::manifest::units::Proto::Udp => net::proxy::Proto::Udp,
+                },
+            })
+            .collect();
+        Ok((NetMode::Bridge { ifaces, gateway }, ports))
+    }
+
+    /// fsync the IPAM files this wave wrote without it.
+    pub(super) fn sync_leases(&self) -> Result<(), ApplyError> {
+        let mut unsynced = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for path in std::mem::take(&mut *unsynced) {
+            crate::fsutil::sync_file(&path).map_err(StateError::Io)?;
+        }
+        Ok(())
+    }
+
+    /// Free the container's addresses (its peers' hosts files follow after the wave).
+    pub(super) fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
+        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+        for (_, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
+            if ipam.release(name) {
+                ipam.save(&path)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Release the leases of containers berth has no record of: left by a berth killed between
+/// leasing an address and writing the container's record, or between removing a container
+/// and releasing its address. Run by `apply` (under the state directory's lock) before it
+/// plans, so that no name stays in peers' /etc/hosts and no address is held for good.
+/// Returns the names released.
+pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
+    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    let mut released = vec![];
+    for (_, (path, mut ipam)) in net::ipam::all(&state.root.join("net"))? {
+        let orphans: Vec<String> = ipam
+            .leases
+            .keys()
+            .filter(|n| !records.contains_key(*n))
+            .cloned()
+            .collect();
+        for n in &orphans {
+            ipam.release(n);
+        }
+        if !orphans.is_empty() {
+            ipam.save(&path)?;
+            released.extend(orphans);
+        }
+    }
+    if !released.is_empty() {
+        refresh_hosts(state, None)?;
+    }
+    Ok(released)
+}
+
+/// Rewrite, in place, the /etc/hosts of every container on a bridge network (or only of
+/// `only`) so it lists every container it shares a network with, by name and hostname.
+pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyError> {
+    let mut ipams = net::ipam::all(&state.root.join("net"))?;
+    for (_, ipam) in ipams.values_mut() {
+        complete_hostnames(state, ipam)?;
+    }
+    let mut per: BTreeMap<String, BTreeMap<std::net::Ipv4Addr, Vec<String>>> = BTreeMap::new();
+    for (_, ipam) in ipams.values() {
+        for c in ipam.leases.keys() {
+            if only.is_some_and(|o| o != c) {
+                continue;
+            }
+            let e = per.entry(c.clone()).or_default();
+            for (peer, addr) in &ipam.leases {
+                e.insert(*addr, ipam.names(peer));
+            }
+        }
+    }
+    for (c, entries) in per {
+        let dir = state.containers_dir().join(&c);
+        if !dir.exists() {
+            continue;
+        }
+        let etc = dir.join("etc");
+        std::fs::create_dir_all(&etc)
+            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("create", &etc, e)))?;
+        let p = etc.join("hosts");
+        net::hosts::write_in_place(&p, &net::hosts::render(&entries))
+            .map_err(|e| StateError::Io(crate::fsutil::PathError::new("write", &p, e)))?;
+    }
+    Ok(())
+}
+
+/// IPAM files written before berth kept hostnames in them: take the hostnames of their
+/// leases from the container records (in memory; the next save keeps them).
+pub(super) fn complete_hostnames(
+    state: &StateDir,
+    ipam: &mut net::ipam::Ipam,
+) -> Result<(), ApplyError> {
+    if ipam.hostnames_complete {
+        return Ok(());
+    }
+    let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
+    for c in ipam.leases.keys() {
+        if let Some(h) = records
+            .get(c)
+            .and_then(|r| r.spec.hostname.clone())
+            .filter(|h| h != c)
+        {
+            ipam.hostnames.insert(c.clone(), h);
+        }
+    }
+    ipam.hostnames_complete = true;
+    Ok(())
+}
