@@ -1145,11 +1145,10 @@ fn import_reads_only_what_the_image_names_within_the_pull_limits() {
     assert!(!err.chars().any(|c| c.is_control() && c != '\n'), "{err:?}");
 }
 
-/// A `docker save` archive whose tags are all unusable says why each was refused.
-#[test]
-fn import_says_why_each_tag_was_refused() {
-    let work = tempfile::tempdir().unwrap();
-    let save = work.path().join("save");
+/// A `docker save` directory at `dir/save` with an empty config and the given RepoTags and
+/// Layers (JSON arrays).
+fn docker_save_dir(dir: &Path, repo_tags: &str, layers: &str) -> PathBuf {
+    let save = dir.join("save");
     std::fs::create_dir(&save).unwrap();
     std::fs::write(
         save.join("config.json"),
@@ -1158,9 +1157,21 @@ fn import_says_why_each_tag_was_refused() {
     .unwrap();
     std::fs::write(
         save.join("manifest.json"),
-        br#"[{"Config":"config.json","RepoTags":["latest","Bad Name:1","ex.com/ok:\u001b[2J"],"Layers":[]}]"#,
+        format!(r#"[{{"Config":"config.json","RepoTags":{repo_tags},"Layers":{layers}}}]"#),
     )
     .unwrap();
+    save
+}
+
+/// A `docker save` archive whose tags are all unusable says why each was refused.
+#[test]
+fn import_says_why_each_tag_was_refused() {
+    let work = tempfile::tempdir().unwrap();
+    let save = docker_save_dir(
+        work.path(),
+        r#"["latest","Bad Name:1","ex.com/ok:\u001b[2J"]"#,
+        "[]",
+    );
     let state = tempfile::tempdir().unwrap();
     let out = berth(state.path(), &["image", "import", save.to_str().unwrap()]);
     assert_eq!(out.status.code(), Some(1));
@@ -1184,18 +1195,7 @@ fn a_directory_import_reads_nothing_outside_it_and_opens_no_fifo() {
         LayerBuilder::new().file("secret", b"s3cret", 0o600).build(),
     )
     .unwrap();
-    let save = work.path().join("save");
-    std::fs::create_dir(&save).unwrap();
-    std::fs::write(
-        save.join("config.json"),
-        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
-    )
-    .unwrap();
-    std::fs::write(
-        save.join("manifest.json"),
-        br#"[{"Config":"config.json","RepoTags":["example.com/leak:1"],"Layers":["layer.tar"]}]"#,
-    )
-    .unwrap();
+    let save = docker_save_dir(work.path(), r#"["example.com/leak:1"]"#, r#"["layer.tar"]"#);
     std::os::unix::fs::symlink(&secret, save.join("layer.tar")).unwrap();
     let state = tempfile::tempdir().unwrap();
     let out = berth(state.path(), &["image", "import", save.to_str().unwrap()]);

@@ -814,17 +814,7 @@ impl Loader {
             c.stop_signal = s;
         }
         if let Some(d) = self.field(f, tbl, "stop_timeout", |i| {
-            let d = duration(i)?;
-            if d > MAX_STOP_TIMEOUT {
-                return Err((
-                    None,
-                    format!(
-                        "{:?} is out of range (at most \"{MAX_STOP_TIMEOUT}\")",
-                        i.as_str().unwrap_or_default()
-                    ),
-                ));
-            }
-            Ok(d)
+            duration_between(i, Duration(0), MAX_STOP_TIMEOUT)
         }) {
             c.stop_timeout = d;
         }
@@ -923,20 +913,7 @@ impl Loader {
             &["initial", "max", "reset_after"],
         );
         let d = BackoffSpec::default();
-        let day = Duration::from_secs(86_400);
-        let ranged = |i: &Item| {
-            let v = duration(i)?;
-            if v < Duration(100) || v > day {
-                return Err((
-                    None,
-                    format!(
-                        "{:?} is out of range (100ms to 24h)",
-                        i.as_str().unwrap_or_default()
-                    ),
-                ));
-            }
-            Ok(v)
-        };
+        let ranged = |i: &Item| duration_between(i, Duration(100), Duration::from_secs(86_400));
         let spec = BackoffSpec {
             initial: self.field(f, b, "initial", ranged).unwrap_or(d.initial),
             max: self.field(f, b, "max", ranged).unwrap_or(d.max),
@@ -993,19 +970,7 @@ impl Loader {
             return None;
         }
         // each check is a process on the host too: not more often than every 100ms
-        let ranged = |i: &Item| {
-            let v = duration(i)?;
-            if v < Duration(100) || v > Duration::from_secs(86_400) {
-                return Err((
-                    None,
-                    format!(
-                        "{:?} is out of range (100ms to 24h)",
-                        i.as_str().unwrap_or_default()
-                    ),
-                ));
-            }
-            Ok(v)
-        };
+        let ranged = |i: &Item| duration_between(i, Duration(100), Duration::from_secs(86_400));
         Some(HealthSpec {
             cmd,
             interval: self
@@ -1331,6 +1296,27 @@ fn find_cycles(containers: &BTreeMap<String, Declared<ContainerSpec>>) -> Vec<Ve
         }
     }
     out
+}
+
+/// A duration within `[min, max]`; out of it, an error giving the range as written
+/// (`"99999d" is out of range (at most "1h")`, `(100ms to 24h)`).
+fn duration_between(i: &Item, min: Duration, max: Duration) -> Result<Duration, Fail> {
+    let v = duration(i)?;
+    if v < min || v > max {
+        let range = if min == Duration(0) {
+            format!("at most \"{max}\"")
+        } else {
+            format!("{min} to {max}")
+        };
+        return Err((
+            None,
+            format!(
+                "{:?} is out of range ({range})",
+                i.as_str().unwrap_or_default()
+            ),
+        ));
+    }
+    Ok(v)
 }
 
 fn string(i: &Item) -> Result<String, Fail> {
