@@ -507,25 +507,46 @@ fn machines_routed_via_the_host_cannot_reach_unpublished_ports() {
     assert_ne!(out(&o), "hi\n", "reached an unpublished port from the LAN");
     // while the container's own connections out to the LAN still work (and their replies
     // come back in)
-    let listener = std::process::Command::new("ip")
+    // (what the listener receives, not the client's exit status, says the connection went
+    // through; its stdin is a pipe held open, so it never closes the connection early)
+    let mut listener = std::process::Command::new("ip")
         .args([
             "netns", "exec", &lan.ns, "busybox", "nc", "-l", "-p", "7000",
         ])
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut sent = false;
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut stdout = listener.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        use std::io::Read;
+        let mut got = Vec::new();
+        let mut buf = [0u8; 64];
+        while let Ok(n) = stdout.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            got.extend_from_slice(&buf[..n]);
+            if got.ends_with(b"\n") {
+                let _ = tx.send(String::from_utf8_lossy(&got).into_owned());
+                break;
+            }
+        }
+    });
+    let mut got = None;
     for _ in 0..50 {
-        if h.exec("web", &format!("echo out | nc -w 3 {} 7000", Lan::LAN_IP))
-            .status
-            .success()
-        {
-            sent = true;
+        let _ = h.exec("web", &format!("echo out | nc -w 1 {} 7000", Lan::LAN_IP));
+        if let Ok(line) = rx.recv_timeout(std::time::Duration::from_millis(100)) {
+            got = Some(line);
             break;
         }
-        std::thread::sleep(std::time::Duration::from_millis(100));
     }
-    let got = listener.wait_with_output().unwrap();
-    assert!(sent, "the container could not connect out");
-    assert_eq!(String::from_utf8_lossy(&got.stdout), "out\n");
+    let _ = listener.kill();
+    let _ = listener.wait();
+    assert_eq!(
+        got.as_deref(),
+        Some("out\n"),
+        "the container could not connect out"
+    );
 }

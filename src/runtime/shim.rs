@@ -541,13 +541,14 @@ fn start_prober(
     stop: (&str, u64),
     close: [i32; 2],
 ) -> Option<nix::unistd::Pid> {
+    let shim = nix::unistd::getpid();
     match crate::sys::fork_process() {
         Ok(Some(child)) => Some(child),
         Ok(None) => {
             for fd in close {
                 let _ = nix::unistd::close(fd);
             }
-            super::health::probe_loop(cd, h, pid, stop)
+            super::health::probe_loop(cd, h, pid, stop, shim)
         }
         Err(e) => {
             eprintln!("shim: cannot start the health prober: {e}");
@@ -563,11 +564,13 @@ fn start_proxy(
     target: std::net::Ipv4Addr,
     close: [i32; 2],
 ) -> Option<nix::unistd::Pid> {
+    let shim = nix::unistd::getpid();
     match crate::sys::fork_process() {
         Ok(Some(child)) => Some(child),
         Ok(None) => {
             let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-            if nix::unistd::getppid().as_raw() == 1 {
+            // the shim gone before that took effect (under a subreaper the parent is not 1)
+            if nix::unistd::getppid() != shim {
                 std::process::exit(0);
             }
             for fd in close {
