@@ -158,17 +158,7 @@ impl Host {
 
     /// The pid of container `n`'s shim, from its state.json.
     fn shim_pid(&self, n: &str) -> i64 {
-        let st: Value = serde_json::from_slice(
-            &std::fs::read(
-                self.s()
-                    .join("containers")
-                    .join(self.name(n))
-                    .join("state.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        st["shim_pid"].as_i64().unwrap()
+        shim_pid(self.s(), &self.name(n))
     }
 
     fn ps(&self, n: &str) -> Value {

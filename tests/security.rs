@@ -138,17 +138,7 @@ impl Host {
         serde_json::from_str(&ok(&berth(self.s(), &["inspect", &self.name(n)]))).unwrap()
     }
     fn shim_pid(&self, n: &str) -> i64 {
-        let st: Value = serde_json::from_slice(
-            &std::fs::read(
-                self.s()
-                    .join("containers")
-                    .join(self.name(n))
-                    .join("state.json"),
-            )
-            .unwrap(),
-        )
-        .unwrap();
-        st["shim_pid"].as_i64().unwrap()
+        shim_pid(self.s(), &self.name(n))
     }
 }
 

@@ -200,11 +200,7 @@ impl Executor<'_> {
     /// Free the container's addresses (its peers' hosts files follow after the wave).
     pub(super) fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
         let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-        for (_, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
-            if ipam.release(name) {
-                ipam.save(&path)?;
-            }
-        }
+        release_leases(&self.ipam_dir(), |n| n != name)?;
         Ok(())
     }
 }
@@ -216,24 +212,29 @@ impl Executor<'_> {
 /// Returns the names released.
 pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
     let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
-    let mut released = vec![];
-    for (_, (path, mut ipam)) in net::ipam::all(&state.root.join("net"))? {
-        let orphans: Vec<String> = ipam
-            .leases
-            .keys()
-            .filter(|n| !records.contains_key(*n))
-            .cloned()
-            .collect();
-        for n in &orphans {
-            ipam.release(n);
-        }
-        if !orphans.is_empty() {
-            ipam.save(&path)?;
-            released.extend(orphans);
-        }
-    }
+    let released = release_leases(&state.root.join("net"), |n| records.contains_key(n))?;
     if !released.is_empty() {
         refresh_hosts(state, None)?;
+    }
+    Ok(released)
+}
+
+/// Release, in every network's IPAM file under `net_dir`, the leases of the containers
+/// `keep` does not keep; the names released (once per network).
+fn release_leases(
+    net_dir: &std::path::Path,
+    keep: impl Fn(&str) -> bool,
+) -> Result<Vec<String>, ApplyError> {
+    let mut released = vec![];
+    for (_, (path, mut ipam)) in net::ipam::all(net_dir)? {
+        let gone: Vec<String> = ipam.leases.keys().filter(|n| !keep(n)).cloned().collect();
+        for n in &gone {
+            ipam.release(n);
+        }
+        if !gone.is_empty() {
+            ipam.save(&path)?;
+            released.extend(gone);
+        }
     }
     Ok(released)
 }

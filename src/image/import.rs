@@ -52,15 +52,28 @@ impl Source<'_> {
         }
     }
 
-    /// Run `f` on each member of the archive that `want` selects (by its normalised path),
-    /// as a reader of its contents with its size.
-    fn each_member(&self, want: &dyn Fn(&str) -> bool, f: &mut MemberFn) -> Result<(), ImageError> {
+    /// Run `f` on each of the members `names` the source has, as a reader of its contents
+    /// with its size: a directory's members opened one by one ([`open_member`]; one missing
+    /// is skipped, one that cannot be read is an error), an archive's as its single pass over
+    /// them meets them. The callers say what a missing member means.
+    fn each_member(&self, names: &[&str], f: &mut MemberFn) -> Result<(), ImageError> {
         let path = self.path();
         match self {
-            Source::Dir(dir) => Err(import_err(
-                path,
-                format!("internal: {} is not an archive", dir.display()),
-            )),
+            Source::Dir(dir) => {
+                for n in names {
+                    let mut file = match open_member(dir, n) {
+                        Ok(file) => file,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                        Err(e) => return Err(import_err(&dir.join(n), e.to_string())),
+                    };
+                    let size = file
+                        .metadata()
+                        .map_err(|e| import_err(&dir.join(n), e.to_string()))?
+                        .len();
+                    f(n, size, &mut file)?;
+                }
+                Ok(())
+            }
             Source::Archive(_) => {
                 let open =
                     || std::fs::File::open(path).map_err(|e| import_err(path, e.to_string()));
@@ -90,7 +103,7 @@ impl Source<'_> {
                     let Some(name) = member_name(&raw) else {
                         continue;
                     };
-                    if want(&name) {
+                    if names.contains(&name.as_str()) {
                         let size = entry.size();
                         f(&name, size, &mut entry)?;
                     }
@@ -110,43 +123,21 @@ impl Source<'_> {
         let path = self.path();
         let mut out = BTreeMap::new();
         let too_large = |n: &str| import_err(path, format!("{n} is larger than {limit} bytes"));
-        match self {
-            Source::Dir(dir) => {
-                for n in names {
-                    let p = dir.join(n);
-                    let f = match open_member(dir, n) {
-                        Ok(f) => f,
-                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
-                        Err(e) => return Err(import_err(&p, e.to_string())),
-                    };
-                    let meta = f.metadata().map_err(|e| import_err(&p, e.to_string()))?;
-                    if meta.len() > limit as u64 {
-                        return Err(too_large(n));
-                    }
-                    let mut b = Vec::new();
-                    f.take(limit as u64 + 1)
-                        .read_to_end(&mut b)
-                        .map_err(|e| import_err(&p, e.to_string()))?;
-                    if b.len() > limit {
-                        return Err(too_large(n));
-                    }
-                    out.insert(n.clone(), b);
-                }
+        let names: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.each_member(&names, &mut |n, size, r| {
+            if size > limit as u64 {
+                return Err(too_large(n));
             }
-            Source::Archive(_) => {
-                self.each_member(&|n| names.iter().any(|w| w == n), &mut |n, size, r| {
-                    if size > limit as u64 {
-                        return Err(too_large(n));
-                    }
-                    let mut b = Vec::new();
-                    r.take(limit as u64 + 1)
-                        .read_to_end(&mut b)
-                        .map_err(|e| import_err(path, format!("{n}: {e}")))?;
-                    out.insert(n.to_string(), b);
-                    Ok(())
-                })?;
+            let mut b = Vec::new();
+            r.take(limit as u64 + 1)
+                .read_to_end(&mut b)
+                .map_err(|e| import_err(path, format!("{n}: {e}")))?;
+            if b.len() > limit {
+                return Err(too_large(n));
             }
-        }
+            out.insert(n.to_string(), b);
+            Ok(())
+        })?;
         Ok(out)
     }
 
@@ -198,7 +189,10 @@ impl Source<'_> {
             return Ok(());
         }
         let path = self.path();
-        let copy = |n: &str, r: &mut dyn Read| -> Result<(), ImageError> {
+        let names: Vec<&str> = missing.keys().map(String::as_str).collect();
+        let mut seen = std::collections::BTreeSet::new();
+        self.each_member(&names, &mut |n, _, r| {
+            seen.insert(n.to_string());
             let (digest, size) = &missing[n];
             if store.has_blob(digest) {
                 return Ok(()); // the same blob under two names
@@ -209,25 +203,9 @@ impl Source<'_> {
             w.commit()
                 .map_err(|e| import_err(path, format!("{n}: {e}")))?;
             Ok(())
-        };
-        match self {
-            Source::Dir(dir) => {
-                for n in missing.keys() {
-                    let mut f =
-                        open_member(dir, n).map_err(|e| import_err(&dir.join(n), e.to_string()))?;
-                    copy(n, &mut f)?;
-                }
-            }
-            Source::Archive(_) => {
-                let mut seen = std::collections::BTreeSet::new();
-                self.each_member(&|n| missing.contains_key(n), &mut |n, _, r| {
-                    seen.insert(n.to_string());
-                    copy(n, r)
-                })?;
-                if let Some(n) = missing.keys().find(|n| !seen.contains(*n)) {
-                    return Err(import_err(path, format!("the archive has no member {n}")));
-                }
-            }
+        })?;
+        if let Some(n) = missing.keys().find(|n| !seen.contains(*n)) {
+            return Err(import_err(path, format!("no member {n}")));
         }
         Ok(())
     }
@@ -259,18 +237,8 @@ impl Source<'_> {
             );
             Ok(())
         };
-        match self {
-            Source::Dir(dir) => {
-                for n in names {
-                    let mut f =
-                        open_member(dir, n).map_err(|e| import_err(&dir.join(n), e.to_string()))?;
-                    hash(n, &mut f)?;
-                }
-            }
-            Source::Archive(_) => {
-                self.each_member(&|n| names.iter().any(|w| w == n), &mut |n, _, r| hash(n, r))?;
-            }
-        }
+        let wanted: Vec<&str> = names.iter().map(String::as_str).collect();
+        self.each_member(&wanted, &mut |n, _, r| hash(n, r))?;
         if let Some(n) = names.iter().find(|n| !out.contains_key(*n)) {
             return Err(import_err(path, format!("no member {n}")));
         }

@@ -111,22 +111,10 @@ pub fn read(cd: &ContainerDir) -> Option<Health> {
     fsutil::read_json(&cd.health()).ok().flatten()
 }
 
-/// The prober: started by the shim (forked, so single-threaded) once the container runs, it
-/// dies with the shim and is killed when the container exits. `pid` is the container's first
-/// process, `stop` its stop signal and timeout. Never returns.
-pub fn probe_loop(
-    cd: &ContainerDir,
-    h: &HealthConfig,
-    pid: i32,
-    stop: (&str, u64),
-    shim: nix::unistd::Pid,
-) -> ! {
-    // dies with the shim; a shim gone before this took effect is seen by the parent's pid
-    // (under a subreaper an orphan's parent is not 1)
-    let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-    if nix::unistd::getppid() != shim {
-        std::process::exit(0);
-    }
+/// The prober: forked by the shim (so single-threaded, and dying with it) once the container
+/// runs, killed when the container exits. `pid` is the container's first process, `stop` its
+/// stop signal and timeout. Never returns.
+pub fn probe_loop(cd: &ContainerDir, h: &HealthConfig, pid: i32, stop: (&str, u64)) -> ! {
     let started = Instant::now();
     let mut health = Health::new();
     let _ = fsutil::write_json_volatile(&cd.health(), &health);

@@ -532,8 +532,33 @@ fn detach_network(net: &NetMode) {
     }
 }
 
-/// Fork the health prober ([`super::health::probe_loop`]): it dies with the shim and is
-/// killed when the container exits.
+/// Fork a helper of the shim that runs `run` (never returning): it dies with the shim
+/// (parent-death signal; a shim gone before that took effect is seen by the parent's pid, not
+/// by getppid() == 1, which misses under a subreaper), holds none of the container's output
+/// pipes (`close`), and is killed by the shim when the container exits.
+fn fork_helper(what: &str, close: [i32; 2], run: impl FnOnce()) -> Option<nix::unistd::Pid> {
+    let shim = nix::unistd::getpid();
+    match crate::sys::fork_process() {
+        Ok(Some(child)) => Some(child),
+        Ok(None) => {
+            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
+            if nix::unistd::getppid() != shim {
+                std::process::exit(0);
+            }
+            for fd in close {
+                let _ = nix::unistd::close(fd);
+            }
+            run();
+            std::process::exit(0)
+        }
+        Err(e) => {
+            eprintln!("shim: cannot start the {what}: {e}");
+            None
+        }
+    }
+}
+
+/// Fork the health prober ([`super::health::probe_loop`]).
 fn start_prober(
     cd: &ContainerDir,
     h: &super::health::HealthConfig,
@@ -541,62 +566,29 @@ fn start_prober(
     stop: (&str, u64),
     close: [i32; 2],
 ) -> Option<nix::unistd::Pid> {
-    let shim = nix::unistd::getpid();
-    match crate::sys::fork_process() {
-        Ok(Some(child)) => Some(child),
-        Ok(None) => {
-            for fd in close {
-                let _ = nix::unistd::close(fd);
-            }
-            super::health::probe_loop(cd, h, pid, stop, shim)
-        }
-        Err(e) => {
-            eprintln!("shim: cannot start the health prober: {e}");
-            None
-        }
-    }
+    fork_helper("health prober", close, || {
+        super::health::probe_loop(cd, h, pid, stop)
+    })
 }
 
-/// Fork the port proxy: it dies with the shim (parent-death signal) and is killed when the
-/// container exits.
+/// Fork the port proxy, serving copies of the shim's sockets (the shim keeps its own for the
+/// next start).
 fn start_proxy(
     ports: &[crate::net::proxy::Bound],
     target: std::net::Ipv4Addr,
     close: [i32; 2],
 ) -> Option<nix::unistd::Pid> {
-    let shim = nix::unistd::getpid();
-    match crate::sys::fork_process() {
-        Ok(Some(child)) => Some(child),
-        Ok(None) => {
-            let _ = nix::sys::prctl::set_pdeathsig(nix::sys::signal::Signal::SIGKILL);
-            // the shim gone before that took effect (under a subreaper the parent is not 1)
-            if nix::unistd::getppid() != shim {
-                std::process::exit(0);
-            }
-            for fd in close {
-                let _ = nix::unistd::close(fd);
-            }
-            // the shim keeps its sockets for the next start; the proxy serves copies
-            let copies: Vec<crate::net::proxy::Bound> = ports
-                .iter()
-                .filter_map(|b| match b {
-                    crate::net::proxy::Bound::Tcp(l, p) => l
-                        .try_clone()
-                        .ok()
-                        .map(|l| crate::net::proxy::Bound::Tcp(l, *p)),
-                    crate::net::proxy::Bound::Udp(u, p) => u
-                        .try_clone()
-                        .ok()
-                        .map(|u| crate::net::proxy::Bound::Udp(u, *p)),
-                })
-                .collect();
-            crate::net::proxy::serve(copies, target)
-        }
-        Err(e) => {
-            eprintln!("shim: cannot start the port proxy: {e}");
-            None
-        }
-    }
+    use crate::net::proxy::Bound;
+    fork_helper("port proxy", close, || {
+        let copies: Vec<Bound> = ports
+            .iter()
+            .filter_map(|b| match b {
+                Bound::Tcp(l, p) => l.try_clone().ok().map(|l| Bound::Tcp(l, *p)),
+                Bound::Udp(u, p) => u.try_clone().ok().map(|u| Bound::Udp(u, *p)),
+            })
+            .collect();
+        crate::net::proxy::serve(copies, target)
+    })
 }
 
 fn pump(log: &mut LogWriter, out: OwnedFd, err: OwnedFd) {

@@ -52,10 +52,6 @@ impl<R: Read> TarGuard<R> {
         }
     }
 
-    pub fn into_inner(self) -> R {
-        self.inner
-    }
-
     /// Look at a complete header; the data that follows it, in bytes (padded).
     fn examine(&mut self) -> io::Result<(u64, bool)> {
         if self.hdr.iter().all(|b| *b == 0) {

@@ -936,3 +936,10 @@ impl Drop for Cgroup2 {
         }
     }
 }
+
+/// The pid of container `name`'s shim in state directory `state`, from its state.json.
+pub fn shim_pid(state: &Path, name: &str) -> i64 {
+    let p = state.join("containers").join(name).join("state.json");
+    let st: serde_json::Value = serde_json::from_slice(&std::fs::read(&p).unwrap()).unwrap();
+    st["shim_pid"].as_i64().unwrap()
+}
