@@ -17,6 +17,7 @@ pub mod manifest;
 pub mod net;
 pub mod observe;
 pub mod plan;
+pub mod reconcile;
 pub mod registry;
 pub mod runtime;
 pub mod state;

@@ -23,6 +23,10 @@ pub enum StateError {
     Io(#[from] PathError),
     #[error("another berth process is changing {0}; wait for it to finish")]
     Locked(PathBuf),
+    /// `agent.lock` is held the other way: by an agent (`pid` when it wrote it), or by an
+    /// apply when an agent asks.
+    #[error("{} is held by {}", .path.display(), match .pid { Some(p) => format!("berth agent pid {p}"), None => "a berth apply".into() })]
+    AgentLocked { path: PathBuf, pid: Option<i32> },
 }
 
 /// What berth recorded when it created a container.
@@ -67,7 +71,78 @@ pub struct StateLock {
     _file: nix::fcntl::Flock<std::fs::File>,
 }
 
+/// `STATE/agent.lock`: held by `berth agent` for its life (exclusively, its pid inside) and
+/// by `berth apply` for its run (shared), so that the two never converge one state
+/// directory at once.
+pub struct AgentLock {
+    file: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl AgentLock {
+    /// Write this process's pid into the lock (the agent's, for `apply` and `status`).
+    pub fn write_pid(&mut self) -> std::io::Result<()> {
+        use std::io::{Seek, Write};
+        self.file.set_len(0)?;
+        self.file.rewind()?;
+        self.file
+            .write_all(format!("{}\n", std::process::id()).as_bytes())?;
+        self.file.sync_data()
+    }
+}
+
 impl StateDir {
+    pub fn agent_lock_path(&self) -> PathBuf {
+        self.root.join("agent.lock")
+    }
+
+    /// Take `agent.lock`: exclusively for an agent, shared for an apply; without waiting.
+    /// Held the other way: [`StateError::AgentLocked`], with the agent's pid when an agent
+    /// holds it.
+    pub fn agent_lock(&self, agent: bool) -> Result<AgentLock, StateError> {
+        use std::os::unix::fs::OpenOptionsExt;
+        std::fs::create_dir_all(&self.root).map_err(at("create directory", &self.root))?;
+        let p = self.agent_lock_path();
+        let mut file = std::fs::OpenOptions::new()
+            .mode(0o600)
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .open(&p)
+            .map_err(at("open", &p))?;
+        let arg = if agent {
+            nix::fcntl::FlockArg::LockExclusiveNonblock
+        } else {
+            nix::fcntl::FlockArg::LockSharedNonblock
+        };
+        loop {
+            match nix::fcntl::Flock::lock(file, arg) {
+                Ok(l) => return Ok(AgentLock { file: l }),
+                Err((f, nix::errno::Errno::EINTR)) => file = f,
+                Err((_, nix::errno::Errno::EWOULDBLOCK)) => {
+                    return Err(StateError::AgentLocked {
+                        pid: self.agent_pid(),
+                        path: p,
+                    });
+                }
+                Err((_, e)) => return Err(PathError::new("lock", &p, e.into()).into()),
+            }
+        }
+    }
+
+    /// The pid of the agent that runs on this state directory, if one does: the pid in
+    /// `agent.lock` while the lock is held exclusively.
+    pub fn agent_pid(&self) -> Option<i32> {
+        let p = self.agent_lock_path();
+        let file = std::fs::File::open(&p).ok()?;
+        let pid: i32 = std::fs::read_to_string(&p).ok()?.trim().parse().ok()?;
+        // free, or only shared (applies): no agent
+        match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockSharedNonblock) {
+            Ok(_) => None,
+            Err(_) => Some(pid),
+        }
+    }
+
     pub fn new(root: impl Into<PathBuf>) -> Self {
         StateDir { root: root.into() }
     }

@@ -7,6 +7,7 @@ mod common;
 use common::harness::{self, tests};
 use common::*;
 use serde_json::Value;
+use std::io::Read;
 use std::os::unix::process::ExitStatusExt;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -39,6 +40,7 @@ fn main() {
         a_relative_state_directory_works,
         killed_at_every_step_an_apply_converges_with_nothing_leaked,
         dependents_that_ask_are_restarted_after_their_dependency,
+        a_step_starts_when_what_it_needs_is_done_not_a_wave_later,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1647,4 +1649,93 @@ fn dependents_that_ask_are_restarted_after_their_dependency() {
     assert_ne!(pid("asks"), asks, "restarted after its dependency");
     assert_eq!(pid("quiet"), quiet, "left running");
     assert_eq!(h.plan().0, Some(0));
+
+    // restarted by its own supervisor (it was killed): the next plan restarts `asks` too.
+    // The backoff (at least 1 s) puts db's new start in a later second than asks' start.
+    declare(
+        "command = [\"sleep\", \"2000\"]\nrestart = \"always\"\nbackoff = { initial = \"1s\", max = \"2s\", reset_after = \"10m\" }",
+    );
+    h.apply();
+    let (asks, quiet, old_db) = (pid("asks"), pid("quiet"), pid("db"));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old_db as i32),
+        nix::sys::signal::Signal::SIGKILL,
+    )
+    .unwrap();
+    h.wait_for("db", "restarted by its supervisor", |r| {
+        state(r) == "running" && r["pid"].as_i64() != Some(old_db)
+    });
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("was started again after it"), "{out}");
+    h.apply();
+    assert_ne!(
+        pid("asks"),
+        asks,
+        "restarted after its dependency's supervisor restarted it"
+    );
+    assert_eq!(pid("quiet"), quiet, "left running");
+    assert_eq!(h.plan().0, Some(0));
+}
+
+/// The plan runs as a graph: `c` (after `b`, after `a`) starts while `slow`, which is at `b`'s
+/// depth, still waits for `gate` to become healthy. Run in waves, `c` would wait for `slow`,
+/// and `slow` waits until the test sees `c` running: the test would fail, not hang (apply
+/// gives up after its wait timeout, the test's wait after 60 s).
+fn a_step_starts_when_what_it_needs_is_done_not_a_wave_later() {
+    let h = Host::new("dag");
+    let go = tempfile::tempdir().unwrap();
+    let gate = format!(
+        "command = [\"sleep\", \"1000\"]\nvolumes = [\"{}:/gate:ro\"]\nhealth = {{ cmd = [\"test\", \"-f\", \"/gate/go\"], interval = \"200ms\" }}",
+        go.path().display()
+    );
+    let after = |d: &str, cond: &str| {
+        format!(
+            "command = [\"sleep\", \"1000\"]\ndepends_on = {{ {} = \"{cond}\" }}",
+            h.name(d)
+        )
+    };
+    h.declare(&[
+        ("gate", &gate),
+        ("slow", &after("gate", "healthy")),
+        ("a", "command = [\"sleep\", \"1000\"]"),
+        ("b", &after("a", "started")),
+        ("c", &after("b", "started")),
+    ]);
+    let mut apply = Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(h.s())
+        .args(["apply", "--wait-timeout", "90s", h.d()])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let c = h.wait_for("c", "running while slow waits", |r| state(r) == "running");
+    assert_eq!(h.ps("slow"), Value::Null, "slow is not created yet: {c}");
+    std::fs::write(go.path().join("go"), b"").unwrap();
+    let mut out = String::new();
+    apply
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    let mut err = String::new();
+    apply
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
+    let status = apply.wait().unwrap();
+    assert!(status.success(), "{out}{err}");
+    assert!(
+        err.contains(&format!("waiting for {} to be healthy", h.name("gate"))),
+        "{err}"
+    );
+    // the report follows completion: c done before slow
+    let pos = |n: &str| out.find(&format!("container.{}: done", h.name(n))).unwrap();
+    assert!(pos("c") < pos("slow"), "{out}");
+    assert_eq!(state(&h.ps("slow")), "running");
 }

@@ -6,7 +6,6 @@ use crate::config::Config;
 use crate::image::ImageError;
 use crate::image::pull::Puller;
 use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind};
-use crate::manifest::units::MountSource;
 use crate::plan::{Action, Op, Plan, Step};
 use crate::runtime::config::{self as rc, NetMode};
 use crate::runtime::{Runtime, RuntimeError};
@@ -22,7 +21,7 @@ use container_config::missing_bind_source;
 pub use container_config::{backoff, health, limits, restart_policy, runtime_config};
 pub use network::{refresh_hosts, release_orphan_leases};
 pub use schedule::dependency_met;
-use schedule::{DESTROY_PARALLEL, describe_dependency, waves};
+use schedule::{DESTROY_PARALLEL, PULL_PARALLEL, describe_dependency};
 
 #[derive(Debug, thiserror::Error)]
 pub enum ApplyError {
@@ -78,6 +77,9 @@ pub struct StepOutcome {
     pub millis: u64,
 }
 
+/// Why a step did not run: the process was asked to stop.
+pub const STOPPING: &str = "not started: berth is stopping";
+
 pub struct Executor<'a> {
     pub state: &'a StateDir,
     pub store: &'a Store,
@@ -91,82 +93,204 @@ pub struct Executor<'a> {
     /// How long a container's start waits for its `depends_on` conditions.
     pub wait_timeout: Duration,
     /// Serialises IPAM and hosts-file updates between parallel container steps, and holds
-    /// the IPAM files written without fsync since the wave began (made durable after it).
+    /// the IPAM files written without fsync since the last steps finished (made durable then).
     pub net_lock: std::sync::Mutex<std::collections::BTreeSet<std::path::PathBuf>>,
+    /// The process's async runtime: pulls run on it (steps run on threads of their own).
+    pub handle: tokio::runtime::Handle,
+    /// Progress worth telling while a step runs ("waiting for db to be healthy").
+    pub notice: &'a (dyn Fn(&str) + Sync),
+    /// Cancelled when the process is asked to stop (the agent's SIGTERM): no new step
+    /// starts, waits for dependencies end; steps under way finish.
+    pub cancel: tokio_util::sync::CancellationToken,
+}
+
+/// What [`Executor::execute`] did: every step's outcome, and the error naming the failed
+/// steps if any failed.
+pub struct Executed {
+    pub outcomes: Vec<StepOutcome>,
+    pub result: Result<(), ApplyError>,
 }
 
 impl Executor<'_> {
-    /// Run the plan. `report` is called as each step completes. A failed step does not stop
-    /// the others: what depends on it (a container on its image, volume, network or a
-    /// container it depends on) is skipped and reported so, everything else is carried out;
-    /// the error then names every failed step.
+    /// Run the plan as a dependency graph ([`schedule::graph`]): each step starts as soon as
+    /// the steps it needs are done, independent steps at once (up to `parallel`; destroys
+    /// and pulls, which mostly wait, many more). `report` is called as each step completes.
+    /// A failed step does not stop the others: what uses it (a container of its image,
+    /// volume or network, or one that depends on it) is skipped and reported so, everything
+    /// else is carried out; the error then names every failed step.
+    ///
+    /// `preset` holds outcomes decided before: a pull that already failed outside the state
+    /// lock, a resource the agent holds back while it backs off. Those steps are not run;
+    /// their outcome is reported as given, and what uses them is skipped.
     pub fn execute(
         &self,
         plan: &Plan,
+        preset: &BTreeMap<String, StepOutcome>,
         report: &(dyn Fn(&StepOutcome) + Sync),
-    ) -> Result<Vec<StepOutcome>, ApplyError> {
-        self.preflight(plan)?;
+    ) -> Executed {
+        if let Err(e) = self.preflight(plan) {
+            return Executed {
+                outcomes: vec![],
+                result: Err(e),
+            };
+        }
+        let records: BTreeMap<String, ContainerRecord> =
+            self.state.read_records(Kind::Container).unwrap_or_default();
+        let needs = schedule::graph(plan, self.desired, &records);
+        let n = plan.steps.len();
+        // None: not finished; Some(Ok(())) done; Some(Err(why)) failed or skipped
+        let mut done: Vec<Option<Result<(), String>>> = vec![None; n];
+        let mut started = vec![false; n];
         let mut outcomes: Vec<StepOutcome> = vec![];
         let mut failed: BTreeMap<String, String> = BTreeMap::new();
-        let destroy_levels = self.destroy_levels(plan);
-        for wave in waves(plan, self.desired, &destroy_levels) {
-            let touches_containers = wave.iter().any(|s| s.kind == Kind::Container);
-            let mut runnable = vec![];
-            for st in wave {
-                match self.blocked_by(st, &failed) {
-                    Some(dep) => {
-                        let o = StepOutcome {
-                            address: st.address.clone(),
-                            action: st.action,
-                            ok: false,
-                            error: Some(format!("skipped: {dep} failed")),
-                            transient: false,
-                            millis: 0,
-                        };
-                        report(&o);
-                        outcomes.push(o);
+        let class = |st: &Step| match (st.kind, st.action) {
+            (Kind::Container, Action::Destroy) => 0,
+            (Kind::Image, _) => 1,
+            _ => 2,
+        };
+        let bounds = [
+            self.parallel.max(DESTROY_PARALLEL),
+            self.parallel.max(PULL_PARALLEL),
+            self.parallel.max(1),
+        ];
+        let mut running = [0usize; 3];
+        std::thread::scope(|scope| {
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, StepOutcome)>();
+            let spawn = |i: usize| {
+                let tx = tx.clone();
+                let st = &plan.steps[i];
+                scope.spawn(move || {
+                    let o =
+                        std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| self.timed(st)))
+                            .unwrap_or_else(|_| StepOutcome {
+                                address: st.address.clone(),
+                                action: st.action,
+                                ok: false,
+                                error: Some("step panicked".into()),
+                                transient: false,
+                                millis: 0,
+                            });
+                    report(&o);
+                    let _ = tx.send((i, o));
+                });
+            };
+            loop {
+                // skip what uses a failed step; start what is ready, within the bounds
+                let mut progress = true;
+                while progress {
+                    progress = false;
+                    for i in 0..n {
+                        if started[i] {
+                            continue;
+                        }
+                        let st = &plan.steps[i];
+                        if let Some(o) = preset.get(&st.address) {
+                            report(o);
+                            started[i] = true;
+                            done[i] = Some(if o.ok {
+                                Ok(())
+                            } else {
+                                Err(o.error.clone().unwrap_or_default())
+                            });
+                            outcomes.push(o.clone());
+                            progress = true;
+                            continue;
+                        }
+                        if let Some(bad) = needs[i]
+                            .iter()
+                            .find(|d| d.uses && matches!(done[d.step], Some(Err(_))))
+                        {
+                            let o = StepOutcome {
+                                address: st.address.clone(),
+                                action: st.action,
+                                ok: false,
+                                error: Some(format!(
+                                    "skipped: {} failed",
+                                    plan.steps[bad.step].address
+                                )),
+                                transient: false,
+                                millis: 0,
+                            };
+                            report(&o);
+                            started[i] = true;
+                            done[i] = Some(Err(o.error.clone().unwrap_or_default()));
+                            outcomes.push(o);
+                            progress = true;
+                            continue;
+                        }
+                        if self.cancel.is_cancelled() {
+                            let o = StepOutcome {
+                                address: st.address.clone(),
+                                action: st.action,
+                                ok: false,
+                                error: Some(STOPPING.into()),
+                                transient: true,
+                                millis: 0,
+                            };
+                            report(&o);
+                            started[i] = true;
+                            done[i] = Some(Err(STOPPING.into()));
+                            outcomes.push(o);
+                            progress = true;
+                            continue;
+                        }
+                        let c = class(st);
+                        if running[c] < bounds[c] && needs[i].iter().all(|d| done[d.step].is_some())
+                        {
+                            started[i] = true;
+                            running[c] += 1;
+                            spawn(i);
+                        }
                     }
-                    None => runnable.push(st),
+                }
+                if running.iter().sum::<usize>() == 0 {
+                    match (0..n).find(|&i| !started[i]) {
+                        None => break,
+                        // only a cycle in old records can leave steps waiting on each other:
+                        // break it by starting one
+                        Some(i) => {
+                            started[i] = true;
+                            running[class(&plan.steps[i])] += 1;
+                            spawn(i);
+                        }
+                    }
+                }
+                // wait for a step to finish, then take every other that has
+                let Ok(first) = rx.recv() else { break };
+                let mut batch = vec![first];
+                batch.extend(rx.try_iter());
+                let mut containers = false;
+                for (i, o) in batch {
+                    running[class(&plan.steps[i])] -= 1;
+                    containers |= plan.steps[i].kind == Kind::Container;
+                    done[i] = Some(if o.ok {
+                        Ok(())
+                    } else {
+                        Err(o.error.clone().unwrap_or_default())
+                    });
+                    outcomes.push(o);
+                }
+                // the leases of what finished durable; names of containers that came or
+                // went, everywhere
+                if containers
+                    && let Err(e) = self
+                        .sync_leases()
+                        .and_then(|()| refresh_hosts(self.state, None))
+                {
+                    failed.insert("hosts files".into(), e.to_string());
                 }
             }
-            let results: Vec<StepOutcome> =
-                if runnable.len() > 1 && runnable.iter().all(|s| s.kind == Kind::Image) {
-                    self.pull_all(&runnable, report)
-                } else if runnable.len() > 1 && runnable.iter().all(|s| s.kind == Kind::Container) {
-                    // stops mostly wait: destroys of independent containers go many at a time
-                    let bound = if runnable.iter().all(|s| s.action == Action::Destroy) {
-                        self.parallel.max(DESTROY_PARALLEL)
-                    } else {
-                        self.parallel
-                    };
-                    self.parallel_steps(&runnable, bound, report)
-                } else {
-                    runnable
-                        .iter()
-                        .map(|st| {
-                            let o = self.timed(st);
-                            report(&o);
-                            o
-                        })
-                        .collect()
-                };
-            outcomes.extend(results);
-            for o in outcomes.iter().filter(|o| !o.ok) {
-                failed
-                    .entry(o.address.clone())
-                    .or_insert_with(|| o.error.clone().unwrap_or_default());
-            }
-            // the wave's leases durable; names of containers that came or went, everywhere
-            if touches_containers
-                && let Err(e) = self
-                    .sync_leases()
-                    .and_then(|()| refresh_hosts(self.state, None))
-            {
-                failed.insert("hosts files".into(), e.to_string());
-            }
+        });
+        for o in outcomes.iter().filter(|o| !o.ok) {
+            failed
+                .entry(o.address.clone())
+                .or_insert_with(|| o.error.clone().unwrap_or_default());
         }
         if failed.is_empty() {
-            return Ok(outcomes);
+            return Executed {
+                outcomes,
+                result: Ok(()),
+            };
         }
         let skipped = failed
             .values()
@@ -177,7 +301,7 @@ impl Executor<'_> {
             .filter(|(_, e)| !e.starts_with("skipped: "))
             .map(|(a, e)| format!("{a}: {e}"))
             .collect();
-        Err(ApplyError::Invalid(format!(
+        let result = Err(ApplyError::Invalid(format!(
             "{}{}",
             errors.join("\n"),
             if skipped > 0 {
@@ -185,70 +309,8 @@ impl Executor<'_> {
             } else {
                 String::new()
             }
-        )))
-    }
-
-    /// For the containers the plan destroys: 0 for those no other destroyed container depends
-    /// on (by their records), then one more than the highest of their dependents: a
-    /// dependent goes before what it depends on, independent ones together.
-    fn destroy_levels(&self, plan: &Plan) -> BTreeMap<String, usize> {
-        let gone: Vec<&str> = plan
-            .steps
-            .iter()
-            .filter(|s| s.kind == Kind::Container && s.action == Action::Destroy)
-            .map(|s| s.name.as_str())
-            .collect();
-        let records: BTreeMap<String, ContainerRecord> =
-            self.state.read_records(Kind::Container).unwrap_or_default();
-        let deps = |n: &str| -> Vec<&str> {
-            records.get(n).map_or_else(Vec::new, |r| {
-                r.spec
-                    .depends_on
-                    .keys()
-                    .map(String::as_str)
-                    .filter(|d| gone.contains(d))
-                    .collect()
-            })
-        };
-        let mut level: BTreeMap<String, usize> = gone.iter().map(|n| (n.to_string(), 0)).collect();
-        // relax: a dependency is one level after its dependents (bounded: a cycle in old
-        // records stops at the number of containers)
-        for _ in 0..gone.len() {
-            let mut changed = false;
-            for n in &gone {
-                let l = level[*n];
-                for d in deps(n) {
-                    if level[d] < l + 1 {
-                        level.insert(d.to_string(), l + 1);
-                        changed = true;
-                    }
-                }
-            }
-            if !changed {
-                break;
-            }
-        }
-        level
-    }
-
-    /// The failed step, if any, this step needs: a container's image, networks, volumes and
-    /// the containers it depends on.
-    fn blocked_by(&self, st: &Step, failed: &BTreeMap<String, String>) -> Option<String> {
-        if failed.is_empty() || st.kind != Kind::Container || st.action == Action::Destroy {
-            return None;
-        }
-        let c = self.desired.containers.get(&st.name)?;
-        let mut needs = vec![
-            format!("image.{}", c.spec.image),
-            format!("image.{}", c.spec.image_ref),
-        ];
-        needs.extend(c.spec.networks.iter().map(|n| format!("network.{n}")));
-        needs.extend(c.spec.volumes.iter().filter_map(|m| match &m.source {
-            MountSource::Volume(v) => Some(format!("volume.{v}")),
-            _ => None,
-        }));
-        needs.extend(c.spec.depends_on.keys().map(|d| format!("container.{d}")));
-        needs.into_iter().find(|a| failed.contains_key(a))
+        )));
+        Executed { outcomes, result }
     }
 
     fn timed(&self, st: &Step) -> StepOutcome {
@@ -262,44 +324,6 @@ impl Executor<'_> {
             error: r.err().map(|e| error_chain(&e)),
             millis: t.elapsed().as_millis() as u64,
         }
-    }
-
-    fn parallel_steps(
-        &self,
-        wave: &[&Step],
-        bound: usize,
-        report: &(dyn Fn(&StepOutcome) + Sync),
-    ) -> Vec<StepOutcome> {
-        let mut out = vec![];
-        for chunk in wave.chunks(bound.max(1)) {
-            let results: Vec<StepOutcome> = std::thread::scope(|s| {
-                let handles: Vec<_> = chunk
-                    .iter()
-                    .map(|st| {
-                        s.spawn(move || {
-                            let o = self.timed(st);
-                            report(&o);
-                            o
-                        })
-                    })
-                    .collect();
-                handles
-                    .into_iter()
-                    .map(|h| {
-                        h.join().unwrap_or_else(|_| StepOutcome {
-                            address: "?".into(),
-                            action: Action::Create,
-                            ok: false,
-                            error: Some("step panicked".into()),
-                            transient: false,
-                            millis: 0,
-                        })
-                    })
-                    .collect()
-            });
-            out.extend(results);
-        }
-        out
     }
 
     /// What can be known to fail before anything is changed: a bind mount whose host path is
@@ -323,51 +347,6 @@ impl Executor<'_> {
             }
         }
         Ok(())
-    }
-
-    fn pull_all(&self, wave: &[&Step], report: &(dyn Fn(&StepOutcome) + Sync)) -> Vec<StepOutcome> {
-        let rt = match tokio::runtime::Builder::new_multi_thread()
-            .enable_all()
-            .build()
-        {
-            Ok(rt) => rt,
-            Err(e) => {
-                return vec![StepOutcome {
-                    address: "image".into(),
-                    action: Action::Create,
-                    ok: false,
-                    error: Some(e.to_string()),
-                    transient: false,
-                    millis: 0,
-                }];
-            }
-        };
-        rt.block_on(async {
-            let jobs = wave.iter().map(|st| async move {
-                let t = Instant::now();
-                let r =
-                    match self.image_ref(st) {
-                        Ok(r) => match self.puller() {
-                            Ok(p) => p.pull(&r).await.map(|_| ()).map_err(|e| {
-                                (error_chain(&e), ApplyError::Image(e).is_transient())
-                            }),
-                            Err(e) => Err((e.to_string(), false)),
-                        },
-                        Err(e) => Err((e.to_string(), false)),
-                    };
-                let o = StepOutcome {
-                    address: st.address.clone(),
-                    action: st.action,
-                    ok: r.is_ok(),
-                    transient: r.as_ref().err().is_some_and(|(_, t)| *t),
-                    error: r.err().map(|(e, _)| e),
-                    millis: t.elapsed().as_millis() as u64,
-                };
-                report(&o);
-                o
-            });
-            futures::future::join_all(jobs).await
-        })
     }
 
     fn puller(&self) -> Result<&Puller, ApplyError> {
@@ -401,11 +380,7 @@ impl Executor<'_> {
         match op {
             Op::PullImage => {
                 let r = self.image_ref(st)?;
-                let rt = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .map_err(|e| ApplyError::Invalid(e.to_string()))?;
-                rt.block_on(self.puller()?.pull(&r))?;
+                self.handle.block_on(self.puller()?.pull(&r))?;
                 crate::fault::point("after-pull");
             }
             Op::CreateVolume => {
@@ -507,6 +482,11 @@ impl Executor<'_> {
                         )));
                     }
                 };
+                if self.cancel.is_cancelled() {
+                    return Err(ApplyError::Waiting(format!(
+                        "depends_on: gave up waiting for {dep} to be {cond}: {STOPPING}"
+                    )));
+                }
                 if Instant::now() >= deadline {
                     return Err(ApplyError::Waiting(format!(
                         "depends_on: {dep} did not become {cond} within {} ({why})",
@@ -514,7 +494,9 @@ impl Executor<'_> {
                     )));
                 }
                 if !said {
-                    eprintln!("container.{name}: waiting for {dep} to be {cond} ({why})");
+                    (self.notice)(&format!(
+                        "container.{name}: waiting for {dep} to be {cond} ({why})"
+                    ));
                     said = true;
                 }
                 std::thread::sleep(Duration::from_millis(100));

@@ -2,11 +2,11 @@
 //! stats, inspect.
 
 use super::{Ctx, PlanArgs, image, load_desired};
-use crate::apply::{Executor, StepOutcome};
+use crate::apply::StepOutcome;
 use crate::manifest::spec::Kind;
 use crate::manifest::units::human_bytes;
 use crate::observe::{self, ContainerStatus};
-use crate::plan::{self, render};
+use crate::plan::render;
 use crate::runtime::Runtime;
 use crate::runtime::logs;
 use crate::state::{ContainerRecord, StateLock};
@@ -29,7 +29,7 @@ pub fn runtime(c: &Ctx) -> Result<Runtime> {
 }
 
 /// Take the state lock, waiting (with a word) if another berth process holds it.
-pub fn lock(c: &Ctx) -> Result<StateLock> {
+pub fn lock(c: &Ctx) -> Result<StateLock, crate::state::StateError> {
     match c.state.lock(false) {
         Ok(l) => Ok(l),
         Err(crate::state::StateError::Locked(p)) => {
@@ -37,76 +37,48 @@ pub fn lock(c: &Ctx) -> Result<StateLock> {
                 "waiting for another berth process to finish with {}…",
                 p.display()
             );
-            Ok(c.state.lock(true)?)
+            c.state.lock(true)
         }
-        Err(e) => Err(e.into()),
+        Err(e) => Err(e),
     }
 }
 
-pub fn apply_cmd(
-    c: &Ctx,
-    args: &PlanArgs,
-    parallel: usize,
-    wait_timeout: Duration,
-) -> Result<ExitCode> {
-    let _lock = lock(c)?;
-    let desired = load_desired(&args.dir, args.allow_empty)?;
-    let rt = runtime(c)?;
-    // what a berth killed mid-apply left behind: addresses leased for no container
-    let released = crate::apply::release_orphan_leases(&c.state)?;
-    if !released.is_empty() && !args.json {
-        eprintln!(
-            "released the addresses of {} (no container of that name: an apply was interrupted)",
-            released.join(", ")
-        );
-    }
-    let observed = super::observe_host(c, &desired, &rt)?;
-    let plan = plan::diff(&desired, &observed)?;
-    plan::check_deletions(&plan, args.max_deletions)?;
-    if plan.is_empty() {
-        if args.json {
-            println!(
-                "{}",
-                serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": [], "ok": true})
+/// Says what an apply does on stdout (text), or nothing (JSON, printed at the end).
+struct ApplyEvents {
+    json: bool,
+    /// every outcome, failed and skipped ones included, for --json whatever the result
+    seen: std::sync::Mutex<Vec<StepOutcome>>,
+}
+
+impl crate::reconcile::Events for ApplyEvents {
+    fn released(&self, names: &[String]) {
+        if !self.json {
+            eprintln!(
+                "released the addresses of {} (no container of that name: an apply was interrupted)",
+                names.join(", ")
             );
-        } else {
-            print!("{}", render::to_text(&plan));
         }
-        return Ok(ExitCode::SUCCESS);
     }
-    if !args.json {
-        print!("{}", render::to_text(&plan));
-        println!();
+    fn planned(&self, plan: &crate::plan::Plan) {
+        if !self.json {
+            print!("{}", render::to_text(plan));
+            if !plan.is_empty() {
+                println!();
+            }
+            let _ = std::io::stdout().flush();
+        }
     }
-    let store = image::store(c);
-    let pulls = plan
-        .steps
-        .iter()
-        .any(|s| s.ops.contains(&crate::plan::Op::PullImage));
-    let puller = if pulls {
-        Some(image::puller(c, true)?)
-    } else {
-        None
-    };
-    let ex = Executor {
-        state: &c.state,
-        store: &store,
-        runtime: &rt,
-        puller: puller.as_ref(),
-        desired: &desired,
-        config: &c.config,
-        parallel,
-        wait_timeout,
-        net_lock: Default::default(),
-    };
-    let json = args.json;
-    // every outcome, failed and skipped ones included, for --json whatever the result
-    let seen: std::sync::Mutex<Vec<StepOutcome>> = Default::default();
-    let report = |o: &StepOutcome| {
-        if let Ok(mut v) = seen.lock() {
+    fn replanned(&self, plan: &crate::plan::Plan) {
+        if !self.json {
+            println!("\nThe host changed while images were pulled; the plan is now:\n");
+            self.planned(plan);
+        }
+    }
+    fn step(&self, o: &StepOutcome) {
+        if let Ok(mut v) = self.seen.lock() {
             v.push(o.clone());
         }
-        if !json {
+        if !self.json {
             match &o.error {
                 None => println!(
                     "{:>3} {}: done ({} ms)",
@@ -118,17 +90,66 @@ pub fn apply_cmd(
             }
             let _ = std::io::stdout().flush();
         }
+    }
+    fn notice(&self, message: &str) {
+        eprintln!("{message}");
+    }
+}
+
+pub fn apply_cmd(
+    c: &Ctx,
+    args: &PlanArgs,
+    parallel: usize,
+    wait_timeout: Duration,
+) -> Result<ExitCode> {
+    // held for the run: an agent on this state directory refuses to start meanwhile
+    let _agent = match c.state.agent_lock(false) {
+        Ok(l) => l,
+        Err(crate::state::StateError::AgentLocked { pid, .. }) => {
+            return Err(crate::reconcile::ReconcileError::AgentRunning {
+                pid: pid.unwrap_or(0),
+                state: c.state.root.clone(),
+            }
+            .into());
+        }
+        Err(e) => return Err(e.into()),
     };
-    let result = ex.execute(&plan, &report);
-    let s = plan.summary();
-    match result {
-        Ok(outcomes) => {
-            if json {
+    let tokio = image::runtime()?;
+    let host = super::host(c, &tokio)?;
+    let desired = load_desired(&args.dir, args.allow_empty)?;
+    let settings = crate::reconcile::Settings {
+        max_deletions: args.max_deletions,
+        parallel,
+        wait_timeout,
+        progress: !args.json,
+        cancel: Default::default(),
+    };
+    let events = ApplyEvents {
+        json: args.json,
+        seen: Default::default(),
+    };
+    let pass = crate::reconcile::converge(
+        &host,
+        &desired,
+        &settings,
+        &Default::default(),
+        &events,
+        &|| lock(c),
+    )?;
+    let plan_json = || -> Result<serde_json::Value> {
+        Ok(serde_json::from_str::<serde_json::Value>(
+            &render::to_json(&pass.plan),
+        )?)
+    };
+    let s = pass.plan.summary();
+    match &pass.result {
+        Ok(()) => {
+            if args.json {
                 println!(
                     "{}",
-                    serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": outcomes, "ok": true})
+                    serde_json::json!({"plan": plan_json()?, "outcomes": pass.outcomes, "ok": true})
                 );
-            } else {
+            } else if !pass.plan.is_empty() {
                 println!(
                     "\nApply complete: {} added, {} changed, {} replaced, {} destroyed.",
                     s.add, s.change, s.replace, s.destroy
@@ -137,11 +158,11 @@ pub fn apply_cmd(
             Ok(ExitCode::SUCCESS)
         }
         Err(e) => {
-            if json {
-                let outcomes = seen.lock().map(|v| v.clone()).unwrap_or_default();
+            if args.json {
+                let outcomes = events.seen.lock().map(|v| v.clone()).unwrap_or_default();
                 println!(
                     "{}",
-                    serde_json::json!({"plan": serde_json::from_str::<serde_json::Value>(&render::to_json(&plan))?, "outcomes": outcomes, "ok": false, "error": e.to_string()})
+                    serde_json::json!({"plan": plan_json()?, "outcomes": outcomes, "ok": false, "error": e.to_string()})
                 );
             }
             bail!("apply failed: {e}")

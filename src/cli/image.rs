@@ -69,28 +69,11 @@ pub enum ImageCommand {
 }
 
 pub fn store(c: &Ctx) -> Store {
-    Store::new(c.state.store_dir(), c.state.snapshots_dir()).with_min_free(reserve(c))
-}
-
-/// The free space the state directory's file system keeps (`[store] min_free`).
-fn reserve(c: &Ctx) -> u64 {
-    // the file system the store will be on (the nearest directory that exists yet)
-    let snapshots = c.state.snapshots_dir();
-    let total = snapshots
-        .ancestors()
-        .find_map(|d| nix::sys::statvfs::statvfs(d).ok())
-        .map(|v| v.blocks().saturating_mul(v.fragment_size()))
-        .unwrap_or(0);
-    c.config.store.min_free_bytes(total)
+    crate::reconcile::store(&c.state, &c.config)
 }
 
 pub fn unpack_options(c: &Ctx) -> UnpackOptions {
-    let root = nix::unistd::geteuid().is_root();
-    UnpackOptions {
-        preserve_ownership: root,
-        allow_devices: root,
-        min_free: reserve(c),
-    }
+    crate::reconcile::unpack_options(&c.state, &c.config)
 }
 
 pub fn runtime() -> Result<tokio::runtime::Runtime> {

@@ -5,10 +5,9 @@
 
 use crate::config::{Config, DEFAULT_CONFIG};
 use crate::manifest::{self, LoadError, spec::Desired};
-use crate::observe;
-use crate::plan::{self, render};
+use crate::plan::render;
 use crate::state::StateDir;
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -390,77 +389,36 @@ fn validate(dir: &Path, json: bool) -> Result<ExitCode> {
 }
 
 /// Load the desired state with the deletion guard: a missing, unreadable or empty directory
-/// is an error unless `allow_empty`.
+/// is an error unless `allow_empty`. Diagnostics go to stderr, one per line.
 pub fn load_desired(dir: &Path, allow_empty: bool) -> Result<Desired> {
-    let hint = "pass --allow-empty if you mean to remove everything berth created";
-    match manifest::load_dir(dir) {
-        Ok(d) if d.declared_count() == 0 && !allow_empty => {
-            bail!("{} declares no resources; {hint}", dir.display())
-        }
+    match crate::reconcile::load(dir, allow_empty) {
         Ok(d) => Ok(d),
-        Err(LoadError::Io { path, source })
-            if allow_empty && source.kind() == std::io::ErrorKind::NotFound =>
-        {
-            tracing::info!(
-                "{} is missing; treating it as empty (--allow-empty)",
-                path.display()
-            );
-            Ok(Desired {
-                dir: dir.to_path_buf(),
-                ..Default::default()
-            })
-        }
-        Err(e @ (LoadError::Io { .. } | LoadError::NotADirectory(_))) => {
-            bail!("{e}; {hint}")
-        }
         Err(e) => {
-            print_diagnostics(&e);
-            bail!(
-                "manifests in {} are invalid; nothing was changed",
-                dir.display()
-            )
+            if let crate::reconcile::ReconcileError::Invalid { diagnostics, .. } = &e {
+                print_diagnostics(&LoadError::Invalid(diagnostics.clone()));
+            }
+            Err(e.into())
         }
     }
 }
 
-/// Observe the host for a plan: records, the store, and (for `pull = "always"` images) what
-/// the registry serves now.
-pub fn observe_host(
-    c: &Ctx,
-    desired: &Desired,
-    rt: &crate::runtime::Runtime,
-) -> Result<observe::Observed> {
-    let store = image::store(c);
-    let mut observed = observe::observe(&c.state, &store, rt).context("reading berth's state")?;
-    let always: Vec<_> = desired
-        .images
-        .values()
-        .filter(|i| i.spec.pull == crate::manifest::spec::PullPolicy::Always)
-        .filter(|i| observed.images.contains_key(&i.spec.reference.to_string()))
-        .map(|i| i.spec.reference.clone())
-        .collect();
-    if !always.is_empty() {
-        let client = crate::registry::client::RegistryClient::new(&c.config)?;
-        let rt = image::runtime()?;
-        for r in always {
-            match rt.block_on(client.resolve_digest(&r)) {
-                Ok(d) => {
-                    if let Some(o) = observed.images.get_mut(&r.to_string()) {
-                        o.remote_digest = Some(d);
-                    }
-                }
-                Err(e) => eprintln!("warning: cannot check {r} for a newer image: {e}"),
-            }
-        }
-    }
-    Ok(observed)
+/// The host for a reconcile pass, on this process's async runtime.
+pub fn host(c: &Ctx, tokio: &tokio::runtime::Runtime) -> Result<crate::reconcile::Host> {
+    crate::reconcile::Host::new(c.state.clone(), c.config.clone(), tokio.handle().clone())
+        .context("finding berth's own executable")
 }
 
 fn plan_cmd(c: &Ctx, args: &PlanArgs) -> Result<ExitCode> {
     let desired = load_desired(&args.dir, args.allow_empty)?;
-    let observed = observe_host(c, &desired, &containers::runtime(c)?)?;
-    let plan = plan::diff(&desired, &observed)?;
-    plan::check_deletions(&plan, args.max_deletions)?;
+    let tokio = image::runtime()?;
+    let settings = crate::reconcile::Settings {
+        max_deletions: args.max_deletions,
+        parallel: 1,
+        wait_timeout: std::time::Duration::ZERO,
+        progress: false,
+        cancel: Default::default(),
+    };
+    let plan = crate::reconcile::plan(&host(c, &tokio)?, &desired, &settings)?;
     if args.json {
         println!("{}", render::to_json(&plan));
     } else {

@@ -1,6 +1,8 @@
-//! Links, addresses and routes through rtnetlink. Each call runs on its own current-thread
-//! runtime: callers are synchronous (apply) or must stay single-threaded (the shim and the
-//! container's first process).
+//! Links, addresses and routes through rtnetlink. Callers are synchronous: apply's steps run
+//! on threads of their own, the shim and the container's first process must stay
+//! single-threaded. A process with an async runtime (apply, the agent) registers it with
+//! [`use_runtime`] and every call runs on it; otherwise (the shim) each call runs on a
+//! current-thread runtime of its own.
 
 use super::{NetError, nl};
 use futures::TryStreamExt;
@@ -11,22 +13,33 @@ use rtnetlink::{
 use std::future::Future;
 use std::net::{IpAddr, Ipv4Addr};
 
+static RUNTIME: std::sync::OnceLock<tokio::runtime::Handle> = std::sync::OnceLock::new();
+
+/// Run netlink calls on this runtime from now on (from threads outside it: the calls block).
+pub fn use_runtime(h: tokio::runtime::Handle) {
+    let _ = RUNTIME.set(h);
+}
+
 fn block_on<T>(
     what: &str,
     f: impl AsyncFnOnce(Handle) -> Result<T, NetError>,
 ) -> Result<T, NetError> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_io()
-        .build()
-        .map_err(|e| nl("start a runtime for", what, e))?;
-    rt.block_on(async {
+    let call = async {
         let (conn, handle, _) =
             rtnetlink::new_connection().map_err(|e| nl("open a netlink socket for", what, e))?;
         let task = tokio::spawn(conn);
         let r = f(handle).await;
         task.abort();
         r
-    })
+    };
+    if let Some(h) = RUNTIME.get() {
+        return h.block_on(call);
+    }
+    tokio::runtime::Builder::new_current_thread()
+        .enable_io()
+        .build()
+        .map_err(|e| nl("start a runtime for", what, e))?
+        .block_on(call)
 }
 
 async fn index(h: &Handle, name: &str) -> Result<Option<u32>, NetError> {

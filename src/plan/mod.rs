@@ -492,11 +492,29 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
             .containers
             .get(&c.name)
             .is_some_and(|o| matches!(o.status, ContainerStatus::Running { .. }));
-        if let Some(d) = c.spec.restart_with.iter().find(|d| restarted.contains(*d))
+        let started_at = |n: &str| match observed.containers.get(n).map(|o| &o.status) {
+            Some(ContainerStatus::Running { started_at, .. }) => Some(*started_at),
+            _ => None,
+        };
+        // a dependency started again after this container was: by this plan, or since the
+        // last one (by its supervisor, `berth restart`, a reboot)
+        let again = c.spec.restart_with.iter().find_map(|d| {
+            if restarted.contains(d) {
+                Some(format!("{d} is started again (depends_on restart = true)"))
+            } else {
+                match (started_at(d), started_at(&c.name)) {
+                    (Some(ds), Some(cs)) if ds > cs => Some(format!(
+                        "{d} was started again after it (depends_on restart = true)"
+                    )),
+                    _ => None,
+                }
+            }
+        });
+        if let Some(why) = again
             && running
             && !st.as_ref().is_some_and(starts)
         {
-            let note = Reason::note(format!("{d} is started again (depends_on restart = true)"));
+            let note = Reason::note(why);
             st = Some(match st {
                 Some(mut s) => {
                     s.ops.push(Op::StopContainer);
