@@ -6,6 +6,7 @@
 //! `agent`, and `cli` (the binary's edge).
 #![deny(unsafe_code)]
 
+pub mod agent;
 pub mod apply;
 pub mod cli;
 pub mod config;

@@ -241,6 +241,8 @@ pub struct Pass {
     pub outcomes: Vec<StepOutcome>,
     /// `Err` names every failed step; the outcomes say which.
     pub result: Result<(), ApplyError>,
+    /// Compressed bytes the pulls before the lock downloaded.
+    pub pulled_bytes: u64,
 }
 
 /// Converge the host to `desired` once.
@@ -261,6 +263,7 @@ pub fn converge(
     lock: &dyn Fn() -> Result<StateLock, StateError>,
 ) -> Result<Pass, ReconcileError> {
     let mut pulled: BTreeMap<String, (Step, StepOutcome)> = BTreeMap::new();
+    let mut pulled_bytes = 0;
     let mut first: Option<Plan> = None;
     loop {
         let guard = lock()?;
@@ -284,7 +287,8 @@ pub fn converge(
         if first.is_none() && !pulls.is_empty() {
             drop(guard);
             let puller = host.puller(!settings.progress)?;
-            for (st, o) in pull_all(host, desired, &puller, &pulls, &settings.cancel) {
+            for (st, o, bytes) in pull_all(host, desired, &puller, &pulls, &settings.cancel) {
+                pulled_bytes += bytes;
                 events.step(&o);
                 pulled.insert(st.address.clone(), (st, o));
             }
@@ -347,6 +351,7 @@ pub fn converge(
             plan: Plan { steps, ..plan },
             outcomes,
             result: done.result,
+            pulled_bytes,
         });
     }
 }
@@ -370,7 +375,7 @@ fn pull_all(
     puller: &Puller,
     steps: &[&Step],
     cancel: &tokio_util::sync::CancellationToken,
-) -> Vec<(Step, StepOutcome)> {
+) -> Vec<(Step, StepOutcome, u64)> {
     host.handle.block_on(async {
         let jobs = steps.iter().map(|st| async move {
             let t = Instant::now();
@@ -378,7 +383,7 @@ fn pull_all(
                 // abandoned on cancel: what was fetched stays in the store's ingest area
                 // until the next gc
                 Some(i) => tokio::select! {
-                    r = puller.pull(&i.spec.reference) => r.map(|_| ()).map_err(|e| {
+                    r = puller.pull(&i.spec.reference) => r.map(|p| p.downloaded).map_err(|e| {
                         (
                             crate::apply::error_chain(&e),
                             ApplyError::Image(e).is_transient(),
@@ -388,6 +393,7 @@ fn pull_all(
                 },
                 None => Err((format!("{}: not in the manifests", st.address), false)),
             };
+            let bytes = *r.as_ref().unwrap_or(&0);
             let o = StepOutcome {
                 address: st.address.clone(),
                 action: st.action,
@@ -396,7 +402,7 @@ fn pull_all(
                 error: r.err().map(|(e, _)| format!("pull image: {e}")),
                 millis: t.elapsed().as_millis() as u64,
             };
-            ((*st).clone(), o)
+            ((*st).clone(), o, bytes)
         });
         futures::future::join_all(jobs).await
     })

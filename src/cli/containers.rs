@@ -242,6 +242,17 @@ pub fn describe_status(s: &ContainerStatus) -> (String, String) {
 }
 
 pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
+    let rows = ps_rows(c, all)?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    print_ps(&rows);
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `ps --json`'s rows: every container (`all`) or the running and restarting ones.
+pub fn ps_rows(c: &Ctx, all: bool) -> Result<Vec<serde_json::Value>> {
     let rt = runtime(c)?;
     let o = observe::observe(&c.state, &image::store(c), &rt)?;
     let mut rows = vec![];
@@ -271,10 +282,10 @@ pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
             "detail": oc.status,
         }));
     }
-    if json {
-        println!("{}", serde_json::to_string_pretty(&rows)?);
-        return Ok(ExitCode::SUCCESS);
-    }
+    Ok(rows)
+}
+
+pub fn print_ps(rows: &[serde_json::Value]) {
     println!(
         "{:<20} {:<40} {:<16} {:<28} {:>8} {:>8}",
         "NAME", "IMAGE", "STATE", "STATUS", "RESTARTS", "PID"
@@ -293,7 +304,6 @@ pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
                 .unwrap_or_else(|| "-".into())
         );
     }
-    Ok(ExitCode::SUCCESS)
 }
 
 pub struct LogsArgs {

@@ -157,6 +157,55 @@ pub enum Command {
         /// The container.
         name: String,
     },
+    /// Keep the host converged to a manifest directory, unattended (run it as a service).
+    ///
+    /// Watches DIR (recursively; a burst of changes is one reconcile), re-checks the host
+    /// every --resync for drift, and converges exactly as `apply` does. An invalid directory
+    /// changes nothing: the agent keeps the last valid state and reports the errors until
+    /// the directory is valid again. A failing resource is retried on its own, backing off,
+    /// without holding up the others. `berth status` shows what the agent does; SIGHUP
+    /// re-reads the host configuration and rescans; SIGTERM/SIGINT end the current step
+    /// safely and exit, leaving the containers running (the next agent adopts them). One
+    /// agent per state directory; `berth apply` is refused while it runs.
+    Agent {
+        /// The manifest directory.
+        dir: PathBuf,
+        /// Re-check the host this often when nothing changes (e.g. "30s", "5m").
+        #[arg(long, default_value = "30s", value_parser = parse_duration)]
+        resync: crate::manifest::units::Duration,
+        /// Wait until the directory has been quiet this long before reconciling a change.
+        #[arg(long, default_value = "100ms", value_parser = parse_duration)]
+        debounce: crate::manifest::units::Duration,
+        /// Allow a missing or empty directory to remove everything berth created.
+        #[arg(long)]
+        allow_empty: bool,
+        /// Refuse a plan that destroys more than N resources (the agent then changes nothing
+        /// and reports it).
+        #[arg(long, default_value_t = 10, value_name = "N")]
+        max_deletions: usize,
+        /// Container steps run at once.
+        #[arg(long, default_value_t = 4)]
+        parallel: usize,
+        /// How long a container waits for its `depends_on` conditions.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        wait_timeout: crate::manifest::units::Duration,
+        /// Serve Prometheus metrics on this address (e.g. 127.0.0.1:9464), at /metrics.
+        #[arg(long, value_name = "ADDR")]
+        metrics_addr: Option<std::net::SocketAddr>,
+        /// A failing resource is retried after this long, doubling on each failure...
+        #[arg(long, default_value = "5s", value_parser = parse_duration)]
+        retry_initial: crate::manifest::units::Duration,
+        /// ...up to this long.
+        #[arg(long, default_value = "5m", value_parser = parse_duration)]
+        retry_max: crate::manifest::units::Duration,
+    },
+    /// What the agent on this state directory is doing: its revision, last reconcile, each
+    /// resource's state, validation errors; then the containers. Without an agent, says so
+    /// and shows the containers.
+    Status {
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the per-container supervisor started by berth.
     #[command(hide = true)]
     Shim { dir: PathBuf },
@@ -220,6 +269,7 @@ fn init_logging(verbose: u8, format: LogFormat) {
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let b = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => b.json().try_init(),
@@ -233,10 +283,7 @@ pub struct Ctx {
 }
 
 fn ctx(cli: &Cli) -> Result<Ctx> {
-    let (path, required) = match &cli.config {
-        Some(p) => (p.clone(), true),
-        None => (PathBuf::from(DEFAULT_CONFIG), false),
-    };
+    let (path, required) = config_path(&cli.config);
     // absolute: the runtime links layers and mounts from the container's directory, and
     // gc compares snapshot paths (a relative --state-dir broke both)
     let root = std::path::absolute(&cli.state_dir)
@@ -251,6 +298,7 @@ fn ctx(cli: &Cli) -> Result<Ctx> {
 
 pub fn run(cli: Cli) -> Result<ExitCode> {
     let c = ctx(&cli)?;
+    let cli_config = cli.config.clone();
     match cli.command {
         Command::Validate { dir, json } => validate(&dir, json),
         Command::Plan(args) => plan_cmd(&c, &args),
@@ -298,8 +346,76 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             json,
         } => containers::stats_cmd(&c, &names, no_stream, json),
         Command::Inspect { name } => containers::inspect_cmd(&c, &name),
+        Command::Agent {
+            dir,
+            resync,
+            debounce,
+            allow_empty,
+            max_deletions,
+            parallel,
+            wait_timeout,
+            metrics_addr,
+            retry_initial,
+            retry_max,
+        } => {
+            let (config_path, config_required) = config_path(&cli_config);
+            // absolute: the agent watches it and compares paths under it
+            let dir = std::path::absolute(&dir)
+                .with_context(|| format!("manifest directory {}", dir.display()))?;
+            crate::agent::run(
+                c.state,
+                c.config,
+                crate::agent::Options {
+                    dir,
+                    resync: resync.as_std().max(std::time::Duration::from_secs(1)),
+                    debounce: debounce.as_std(),
+                    allow_empty,
+                    max_deletions,
+                    parallel,
+                    wait_timeout: wait_timeout.as_std(),
+                    metrics_addr,
+                    config_path,
+                    config_required,
+                    retry_initial: retry_initial
+                        .as_std()
+                        .max(std::time::Duration::from_millis(100)),
+                    retry_max: retry_max.as_std(),
+                },
+            )?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Status { json } => status_cmd(&c, json),
         Command::Shim { dir } => crate::runtime::shim::main(&dir),
     }
+}
+
+/// The host configuration file and whether it must exist (named on the command line).
+fn config_path(arg: &Option<PathBuf>) -> (PathBuf, bool) {
+    match arg {
+        Some(p) => (p.clone(), true),
+        None => (PathBuf::from(DEFAULT_CONFIG), false),
+    }
+}
+
+fn status_cmd(c: &Ctx, json: bool) -> Result<ExitCode> {
+    let agent = crate::agent::status::query(&c.state.root)?;
+    let rows = containers::ps_rows(c, true)?;
+    if json {
+        println!(
+            "{}",
+            serde_json::to_string_pretty(&serde_json::json!({"agent": agent, "containers": rows}))?
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    match &agent {
+        None => println!(
+            "no berth agent runs on {} (berth agent DIR starts one)\n",
+            c.state.root.display()
+        ),
+        Some(a) => print!("{}", crate::agent::status::to_text(a)),
+    }
+    containers::print_ps(&rows);
+    Ok(ExitCode::SUCCESS)
 }
 
 fn print_diagnostics(e: &LoadError) {

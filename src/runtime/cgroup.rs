@@ -117,25 +117,43 @@ impl Hierarchy for V1Subset {
     }
 }
 
-/// The host's cgroup hierarchy, read once per process: `hierarchies::auto()` parses
-/// /proc/self/mountinfo every time, and `plan` loads every container's cgroup.
+/// The host's cgroup hierarchy, read at most once per [`HIERARCHY_TTL`]: `hierarchies::auto()`
+/// parses /proc/self/mountinfo every time, and `plan` loads every container's cgroup; but a
+/// process that runs for months (the agent) must see a hierarchy mounted or changed since.
 fn hierarchy() -> Box<dyn Hierarchy> {
+    #[derive(Clone)]
     enum Cached {
         V1(V1Subset),
         V2(hierarchies::V2),
     }
-    static HIER: std::sync::OnceLock<Cached> = std::sync::OnceLock::new();
-    match HIER.get_or_init(|| {
+    static HIER: std::sync::Mutex<Option<(std::time::Instant, Cached)>> =
+        std::sync::Mutex::new(None);
+    let read = || {
         if hierarchies::is_cgroup2_unified_mode() {
             Cached::V2(hierarchies::V2::new())
         } else {
             Cached::V1(V1Subset(hierarchies::V1::new()))
         }
-    }) {
-        Cached::V1(h) => Box::new(h.clone()),
-        Cached::V2(h) => Box::new(h.clone()),
+    };
+    let cached = match HIER.lock() {
+        Ok(mut g) => match &*g {
+            Some((at, c)) if at.elapsed() < HIERARCHY_TTL => c.clone(),
+            _ => {
+                let c = read();
+                *g = Some((std::time::Instant::now(), c.clone()));
+                c
+            }
+        },
+        Err(_) => read(),
+    };
+    match cached {
+        Cached::V1(h) => Box::new(h),
+        Cached::V2(h) => Box::new(h),
     }
 }
+
+/// How long the cgroup hierarchy read from mountinfo is trusted.
+const HIERARCHY_TTL: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// The number on the `key value` line of a cgroup file such as memory.events or cpu.stat.
 fn read_keyed(path: &std::path::Path, key: &str) -> Option<u64> {

@@ -60,18 +60,27 @@ pub struct Runtime {
     pub cgroup_parent: Option<PathBuf>,
 }
 
-/// Descriptors of unwritable views of executables, by path; see [`Runtime::unwritable_exe`].
-static UNWRITABLE: std::sync::Mutex<Vec<(PathBuf, std::os::fd::OwnedFd)>> =
+/// The identity of a file: device, inode, size and modification time.
+type FileId = (u64, u64, u64, i64, i64);
+
+/// Descriptors of unwritable views of executables, by path and the identity of the file
+/// there when the view was made; see [`Runtime::unwritable_exe`].
+static UNWRITABLE: std::sync::Mutex<Vec<(PathBuf, FileId, std::os::fd::OwnedFd)>> =
     std::sync::Mutex::new(Vec::new());
 
 /// See [`Runtime::unwritable_exe`]; `empty` is a directory berth keeps empty (the overlay's
-/// second layer).
+/// second layer). The view is made once per file: when a package upgrade puts a new file
+/// at `exe` (a long-running agent sees this), a view of the new one is made and the old
+/// one closed.
 pub fn unwritable_exe(exe: &Path, empty: &Path) -> std::io::Result<PathBuf> {
     use std::os::fd::AsRawFd;
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(exe)?;
+    let id: FileId = (m.dev(), m.ino(), m.size(), m.mtime(), m.mtime_nsec());
     let mut cache = UNWRITABLE
         .lock()
         .map_err(|_| std::io::Error::other("poisoned lock"))?;
-    if let Some((_, fd)) = cache.iter().find(|(p, _)| p == exe) {
+    if let Some((_, _, fd)) = cache.iter().find(|(p, i, _)| p == exe && *i == id) {
         return Ok(PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd())));
     }
     let fd = std::fs::create_dir_all(empty)
@@ -81,7 +90,8 @@ pub fn unwritable_exe(exe: &Path, empty: &Path) -> std::io::Result<PathBuf> {
             crate::sys::sealed_copy(exe)
         })?;
     let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    cache.push((exe.to_path_buf(), fd));
+    cache.retain(|(p, _, _)| p != exe);
+    cache.push((exe.to_path_buf(), id, fd));
     Ok(path)
 }
 
