@@ -566,3 +566,30 @@ fn http_get(addr: &str, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// `--max-deletions` counts what the agent destroyed within the last hour: a directory
+/// emptied a commit at a time is refused like one emptied at once.
+#[test]
+fn deletions_are_counted_across_passes() {
+    let mut h = Host::new("del");
+    let sleeper = "command = [\"sleep\", \"1000\"]";
+    h.declare(&[("a", sleeper), ("b", sleeper), ("c", sleeper)]);
+    h.start_agent(&["--resync", "1h", "--max-deletions", "2"]);
+    for n in ["a", "b", "c"] {
+        h.wait_running(n);
+    }
+    h.declare(&[("a", sleeper), ("b", sleeper)]);
+    h.wait_status("c removed", |s| h.row(s, "c").is_null());
+    h.declare(&[("a", sleeper)]);
+    h.wait_status("b removed", |s| h.row(s, "b").is_null());
+    // a third within the hour: refused, a stays
+    h.declare_in("other.toml", &[]);
+    std::fs::remove_file(h.dir.path().join("c.toml")).unwrap();
+    let s = h.wait_status("the third deletion refused", |s| {
+        s["agent"]["last_reconcile"]["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("within the last hour"))
+    });
+    assert!(h.running_pid(&s, "a").is_some(), "{s:#}");
+    h.stop_agent();
+}

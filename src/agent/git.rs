@@ -73,6 +73,12 @@ const MAX_SMALL: u64 = 1 << 20;
 const MAX_HASHED: u64 = 64 << 20;
 /// Most directory entries looked at when searching for untracked manifests.
 const MAX_WALK: usize = 100_000;
+/// The longest path an index entry may have (PATH_MAX).
+const MAX_PATH: usize = 4096;
+/// All the index's paths together (a v4 index compresses them: its size does not bound them).
+const MAX_PATH_BYTES: usize = 32 << 20;
+/// Bytes hashed per [`revision`] call; past it the directory is reported dirty (unverified).
+const HASH_BUDGET: u64 = 256 << 20;
 /// Most symbolic refs followed after HEAD's own.
 const MAX_SYMREF_HOPS: usize = 5;
 const HASH_CHUNK: usize = 64 << 10;
@@ -110,16 +116,16 @@ fn absent(e: &io::Error) -> bool {
     )
 }
 
-/// Open a regular file; None when it does not exist. Non-blocking, so that a FIFO planted
-/// where a ref should be is reported rather than hanging the agent.
+/// Open a regular file; None when it does not exist. Opened `O_PATH` first and checked to
+/// be a regular file before it is opened for reading ([`crate::fsutil::open_regular`]): a
+/// FIFO or a device planted where a ref should be is reported, never opened.
 fn open_file(path: &Path) -> Result<Option<(File, Metadata)>, GitError> {
-    let file = match fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(nix::fcntl::OFlag::O_NONBLOCK.bits())
-        .open(path)
-    {
+    let file = match crate::fsutil::open_regular(path, None) {
         Ok(f) => f,
         Err(e) if absent(&e) => return Ok(None),
+        Err(e) if e.kind() == io::ErrorKind::InvalidInput => {
+            return Err(malformed(path, "not a regular file"));
+        }
         Err(source) => {
             return Err(GitError::Io {
                 path: path.into(),
@@ -128,9 +134,6 @@ fn open_file(path: &Path) -> Result<Option<(File, Metadata)>, GitError> {
         }
     };
     let meta = file.metadata().map_err(io_err(path))?;
-    if !meta.is_file() {
-        return Err(malformed(path, "not a regular file"));
-    }
     Ok(Some((file, meta)))
 }
 
@@ -157,17 +160,34 @@ fn bytes_path(b: &[u8]) -> &Path {
     Path::new(OsStr::from_bytes(b))
 }
 
-/// The work tree root and git directory for `dir` (canonical), walking up.
+/// The work tree root and git directory for `dir` (canonical), walking up, as git's
+/// `safe.directory` rule would have it: not across a file system boundary, and only a
+/// `.git` (and a `gitdir:` target) owned by root or by the owner of `dir`: whoever can
+/// write an ancestor directory such as /srv or /tmp cannot plant a repository for the agent
+/// (running as root) to read.
 fn find_repo(dir: &Path) -> Result<Option<(PathBuf, PathBuf)>, GitError> {
+    let top = fs::metadata(dir).map_err(io_err(dir))?;
+    let trusted = |m: &Metadata| m.uid() == 0 || m.uid() == top.uid();
     for root in dir.ancestors() {
+        match fs::metadata(root) {
+            Ok(m) if m.dev() == top.dev() => {}
+            _ => return Ok(None),
+        }
         let dot = root.join(".git");
-        let meta = match fs::metadata(&dot) {
+        let meta = match fs::symlink_metadata(&dot) {
             Ok(m) => m,
             Err(e) if absent(&e) => continue,
             Err(source) => return Err(GitError::Io { path: dot, source }),
         };
+        if !trusted(&meta) {
+            tracing::debug!(path = %dot.display(), "ignored: owned by neither root nor the manifest directory's owner");
+            return Ok(None);
+        }
         if meta.is_dir() {
             return Ok(Some((root.to_path_buf(), dot)));
+        }
+        if !meta.is_file() {
+            return Err(malformed(&dot, "neither a directory nor a file"));
         }
         // A file, as `git worktree add` and submodules write: `gitdir: <path>`.
         let text = read_small(&dot)?.ok_or_else(|| malformed(&dot, "vanished while reading"))?;
@@ -176,7 +196,24 @@ fn find_repo(dir: &Path) -> Result<Option<(PathBuf, PathBuf)>, GitError> {
             .map(trim)
             .filter(|t| !t.is_empty())
             .ok_or_else(|| malformed(&dot, "neither a directory nor a `gitdir: <path>` file"))?;
-        return Ok(Some((root.to_path_buf(), root.join(bytes_path(target)))));
+        let git_dir = root.join(bytes_path(target));
+        match fs::metadata(&git_dir) {
+            Ok(m) if trusted(&m) => {}
+            Ok(_) => {
+                return Err(malformed(
+                    &dot,
+                    "its gitdir is owned by neither root nor the manifest directory's owner",
+                ));
+            }
+            Err(e) if absent(&e) => return Err(malformed(&dot, "its gitdir does not exist")),
+            Err(source) => {
+                return Err(GitError::Io {
+                    path: git_dir,
+                    source,
+                });
+            }
+        }
+        return Ok(Some((root.to_path_buf(), git_dir)));
     }
     Ok(None)
 }
@@ -239,6 +276,8 @@ struct Repo {
     hash_len: usize,
     /// `core.filemode`: whether an executable bit change is a modification.
     filemode: bool,
+    /// Bytes this reading may still hash ([`HASH_BUDGET`]).
+    budget: std::cell::Cell<u64>,
 }
 
 impl Repo {
@@ -274,6 +313,7 @@ impl Repo {
             common_dir,
             hash_len,
             filemode,
+            budget: std::cell::Cell::new(HASH_BUDGET),
         })
     }
 
@@ -409,45 +449,74 @@ impl Repo {
         Ok(false)
     }
 
-    /// Why the work tree file of `e` differs from the index, None when it does not.
+    /// Why the work tree file of `e` differs from the index, None when it does not. The file
+    /// is looked up inside the work tree through no symlink (an entry that is itself a
+    /// symlink is read as a link): an index naming `link/secret`, with `link` pointing
+    /// elsewhere, reads nothing outside the tree.
     fn entry_dirty(
         &self,
         e: &Entry,
         path: &Path,
         index_mtime: Option<Mtime>,
     ) -> Result<Option<&'static str>, GitError> {
-        let meta = match fs::symlink_metadata(path) {
-            Ok(m) => m,
-            Err(err) if absent(&err) => return Ok(Some("deleted")),
-            Err(source) => {
-                return Err(GitError::Io {
-                    path: path.into(),
-                    source,
-                });
+        use nix::fcntl::{OFlag, OpenHow, ResolveFlag};
+        use std::os::fd::AsRawFd;
+        let root = nix::fcntl::open(
+            &self.root,
+            OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC,
+            nix::sys::stat::Mode::empty(),
+        )
+        .map_err(|e| io_err(&self.root)(e.into()))?;
+        let how = OpenHow::new()
+            .flags(OFlag::O_PATH | OFlag::O_NOFOLLOW | OFlag::O_CLOEXEC)
+            .resolve(
+                ResolveFlag::RESOLVE_BENEATH
+                    | ResolveFlag::RESOLVE_NO_SYMLINKS
+                    | ResolveFlag::RESOLVE_NO_MAGICLINKS,
+            );
+        let fd = match nix::fcntl::openat2(&root, bytes_path(&e.path), how) {
+            Ok(fd) => fd,
+            Err(nix::errno::Errno::ENOENT | nix::errno::Errno::ENOTDIR) => {
+                return Ok(Some("deleted"));
             }
+            Err(nix::errno::Errno::ELOOP | nix::errno::Errno::EXDEV) => {
+                return Ok(Some("its path goes through a symlink"));
+            }
+            Err(err) => return Err(io_err(path)(err.into())),
         };
+        let st = nix::sys::stat::fstat(&fd).map_err(|err| io_err(path)(err.into()))?;
+        let kind = st.st_mode & libc::S_IFMT;
         let symlink = e.mode & S_IFMT == S_IFLNK;
-        let ft = meta.file_type();
-        if (symlink && !ft.is_symlink()) || (!symlink && !ft.is_file()) {
+        if (symlink && kind != libc::S_IFLNK) || (!symlink && kind != libc::S_IFREG) {
             return Ok(Some("type changed"));
         }
-        if !symlink && self.filemode && (e.mode & 0o100 != 0) != (meta.mode() & 0o100 != 0) {
+        if !symlink && self.filemode && (e.mode & 0o100 != 0) != (st.st_mode & 0o100 != 0) {
             return Ok(Some("mode changed"));
         }
         // git's fast path: same size and mtime means unchanged, unless the file could have
         // changed within the same timestamp the index was written at ("racily clean").
-        let mtime = (meta.mtime() as u32, meta.mtime_nsec() as u32);
+        let len = st.st_size.max(0) as u64;
+        let mtime = (st.st_mtime as u32, st.st_mtime_nsec as u32);
         let racy = index_mtime.is_some_and(|i| i <= e.mtime);
-        if !racy && meta.len() as u32 == e.size && mtime == e.mtime {
+        if !racy && len as u32 == e.size && mtime == e.mtime {
             return Ok(None);
         }
         let id = if symlink {
-            let target = fs::read_link(path).map_err(io_err(path))?;
-            Some(blob_id(self.hash_len, target.as_os_str().as_bytes()))
-        } else if meta.len() > MAX_HASHED {
+            let target = nix::fcntl::readlinkat(&fd, "").map_err(|err| io_err(path)(err.into()))?;
+            Some(blob_id(self.hash_len, target.as_bytes()))
+        } else if len > MAX_HASHED {
             return Ok(Some("changed stat data, too large to hash"));
+        } else if len > self.budget.get() {
+            return Ok(Some("not verified: hashing budget spent"));
         } else {
-            self.hash_file(path, meta.len())?
+            self.budget.set(self.budget.get() - len);
+            // a regular file (checked above), opened for reading through its own descriptor
+            let file = fs::OpenOptions::new()
+                .read(true)
+                .custom_flags(libc::O_NOCTTY)
+                .open(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+                .map_err(io_err(path))?;
+            self.hash_file(file, path, len)?
         };
         Ok(match id {
             Some(id) if id == e.id => None,
@@ -456,12 +525,14 @@ impl Repo {
         })
     }
 
-    /// The blob id of a regular file, streamed; None if its length is not `len` (it is being
-    /// written to) or it vanished.
-    fn hash_file(&self, path: &Path, len: u64) -> Result<Option<Vec<u8>>, GitError> {
-        let Some((mut file, _)) = open_file(path)? else {
-            return Ok(None);
-        };
+    /// The blob id of an open regular file, streamed; None if its length is not `len` (it
+    /// is being written to).
+    fn hash_file(
+        &self,
+        mut file: File,
+        path: &Path,
+        len: u64,
+    ) -> Result<Option<Vec<u8>>, GitError> {
         let mut h = Hasher::blob(self.hash_len, len);
         let mut buf = vec![0u8; HASH_CHUNK];
         let mut total = 0u64;
@@ -537,15 +608,24 @@ fn symref_target(text: &[u8]) -> Option<&[u8]> {
     text.strip_prefix(b"ref:").map(trim)
 }
 
-/// A ref name, checked so that it cannot name a file outside the git directory.
+/// A ref name, checked as `git check-ref-format` does: it cannot name a file outside the git
+/// directory, and carries no control character or escape sequence into a log or terminal.
 fn ref_name(b: &[u8], path: &Path) -> Result<String, GitError> {
+    let ok = |s: &str| {
+        s.len() <= 1024
+            && !s.contains("..")
+            && !s.contains("@{")
+            && !s.ends_with('.')
+            && !s.ends_with(".lock")
+            && s.bytes()
+                .all(|c| c > 0x20 && c != 0x7f && !b"~^:?*[\\".contains(&c))
+            && s.split('/').all(|c| !c.is_empty() && !c.starts_with('.'))
+    };
     match std::str::from_utf8(b) {
-        Ok(s) if s.split('/').all(|c| !matches!(c, "" | "." | "..")) && !s.contains('\0') => {
-            Ok(s.to_string())
-        }
+        Ok(s) if ok(s) => Ok(s.to_string()),
         _ => Err(malformed(
             path,
-            format!("invalid ref name {:?}", String::from_utf8_lossy(b)),
+            format!("invalid ref name {}", crate::text::printable_bytes(b, 200)),
         )),
     }
 }
@@ -641,6 +721,7 @@ fn parse_index(buf: &[u8], file: &Path, hash_len: usize) -> Result<Vec<Entry>, G
     let count = c.u32("entry count")?;
     // An entry is at least 62 bytes: the count cannot make this allocate more than the file.
     let mut entries: Vec<Entry> = Vec::with_capacity((count as usize).min(buf.len() / 62));
+    let mut path_bytes = 0usize;
     for i in 0..count {
         let start = c.pos;
         c.take(8, "ctime")?;
@@ -695,6 +776,29 @@ fn parse_index(buf: &[u8], file: &Path, hash_len: usize) -> Result<Vec<Entry>, G
                 format!("entry {i}: path length does not match its flags"),
             ));
         }
+        if path.len() > MAX_PATH {
+            return Err(malformed(
+                file,
+                format!("entry {i}: a path longer than {MAX_PATH} bytes"),
+            ));
+        }
+        path_bytes += path.len();
+        if path_bytes > MAX_PATH_BYTES {
+            return Err(malformed(
+                file,
+                format!("more than {} MiB of paths", MAX_PATH_BYTES >> 20),
+            ));
+        }
+        let stage = (flags >> 12) & 3;
+        // git keeps entries sorted by path, then stage, each once: duplicates are hostile
+        if let Some(prev) = entries.last()
+            && (prev.path.as_slice(), prev.stage) >= (path.as_slice(), stage)
+        {
+            return Err(malformed(
+                file,
+                format!("entry {i}: out of order or repeated"),
+            ));
+        }
         if !safe_path(&path) {
             let shown = String::from_utf8_lossy(&path).into_owned();
             return Err(malformed(
@@ -708,7 +812,7 @@ fn parse_index(buf: &[u8], file: &Path, hash_len: usize) -> Result<Vec<Entry>, G
             size,
             mode,
             id,
-            stage: (flags >> 12) & 3,
+            stage,
             ignore_worktree: flags & 0x8000 != 0 || extended & 0x4000 != 0,
         });
     }
@@ -1215,5 +1319,78 @@ mod tests {
             return;
         }
         assert_eq!(revision(tmp.path()).unwrap(), None);
+    }
+
+    /// The attacks an attack review found, each refused.
+    #[test]
+    fn hostile_repositories_are_refused() {
+        let (_tmp, root) = repo(&[]);
+        let path = root.join(".git/index");
+        let good = fs::read(&path).unwrap();
+        // the first entry twice: duplicates (which made a pass hash one file forever) are out
+        let entries = parse_index(&good, &path, 20).unwrap();
+        let first_len = {
+            // v2: 62 bytes of fields, the path, NUL padding to a multiple of 8
+            let n = 62 + entries[0].path.len();
+            (n + 8) & !7
+        };
+        let mut dup = good[..12].to_vec();
+        dup[8..12].copy_from_slice(&2u32.to_be_bytes());
+        dup.extend_from_slice(&good[12..12 + first_len]);
+        dup.extend_from_slice(&good[12..12 + first_len]);
+        let e = parse_index(&dup, &path, 20).unwrap_err().to_string();
+        assert!(e.contains("out of order or repeated"), "{e}");
+
+        // v4 paths are capped each and in all (they grew quadratically before)
+        git(&root, &["update-index", "--index-version", "4"]);
+        let v4 = fs::read(&path).unwrap();
+        let mut long = v4[..12].to_vec();
+        long[8..12].copy_from_slice(&1u32.to_be_bytes());
+        long.extend_from_slice(&v4[12..12 + 62]);
+        // flags: name length 0xfff (too long to say), no strip, a 5000-byte name
+        let at = long.len() - 2;
+        long[at..].copy_from_slice(&0x0fffu16.to_be_bytes());
+        long.push(0);
+        long.extend(std::iter::repeat_n(b'a', 5000));
+        long.push(0);
+        let e = parse_index(&long, &path, 20).unwrap_err().to_string();
+        assert!(e.contains("longer than 4096"), "{e}");
+
+        // a ref with an escape sequence in its name is not taken (nor printed raw)
+        fs::write(
+            root.join(".git/HEAD"),
+            "ref: refs/heads/main\x1b]0;OWNED\x07\n",
+        )
+        .unwrap();
+        let e = revision(&root).unwrap_err().to_string();
+        assert!(e.contains("invalid ref name") && !e.contains('\x1b'), "{e}");
+        fs::write(root.join(".git/HEAD"), "ref: refs/heads/main\n").unwrap();
+
+        // an index entry through a symlink reads nothing outside the work tree: dirty,
+        // whatever the file there holds
+        let outside = tempfile::tempdir().unwrap();
+        fs::write(outside.path().join("secret"), "a = 1\n").unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("l")).unwrap();
+        let blob = git(&root, &["hash-object", "-w", "a.toml"]);
+        git(
+            &root,
+            &[
+                "update-index",
+                "--add",
+                "--cacheinfo",
+                &format!("100644,{},l/secret", blob.trim()),
+            ],
+        );
+        assert!(rev(&root).dirty, "l/secret is not read through the link");
+
+        // a .git owned by someone else (planted in a shared ancestor) is ignored
+        let (_t2, other) = repo(&[]);
+        nix::unistd::chown(
+            &other.join(".git"),
+            Some(nix::unistd::Uid::from_raw(12345)),
+            None,
+        )
+        .unwrap();
+        assert_eq!(revision(&other).unwrap(), None);
     }
 }

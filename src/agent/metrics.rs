@@ -15,6 +15,9 @@ use std::time::Duration;
 
 type Labels = Vec<(String, String)>;
 
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 8;
+
 /// Each container's name, state and health status, read at scrape time.
 pub type Containers = Vec<(String, crate::observe::ContainerStatus, Option<String>)>;
 /// Reads [`Containers`].
@@ -22,6 +25,8 @@ pub type Snapshot = Arc<dyn Fn() -> Containers + Send + Sync>;
 
 pub struct Metrics {
     registry: Registry,
+    /// One scrape renders at a time (each clears and refills the gauge families).
+    rendering: Mutex<()>,
     /// Passes by result: ok, failed, error (the pass itself could not run).
     pub reconciles: Family<Labels, Counter>,
     pub reconcile_seconds: Histogram,
@@ -59,6 +64,7 @@ impl Metrics {
             validation_errors: Gauge::default(),
             last_success: Gauge::default(),
             registry: Registry::default(),
+            rendering: Mutex::new(()),
         };
         registry.register(
             "reconciles",
@@ -115,6 +121,7 @@ impl Metrics {
         status: &Status,
         containers: &[(String, crate::observe::ContainerStatus, Option<String>)],
     ) -> String {
+        let _one = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         self.resources.clear();
         for st in [State::Converged, State::Pending, State::Failing] {
             let n = status.resources.values().filter(|r| r.state == st).count();
@@ -168,18 +175,26 @@ pub async fn serve(
     status: Arc<Mutex<Status>>,
     containers: Snapshot,
 ) {
+    // a few scrapes at once; a connection beyond them is closed at once, and each has a few
+    // seconds in all: no one who can reach the port can hold the agent's descriptors
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
+            continue;
+        };
         let (metrics, status, containers) = (metrics.clone(), status.clone(), containers.clone());
         tokio::spawn(async move {
             let _ = tokio::time::timeout(
-                Duration::from_secs(10),
+                Duration::from_secs(5),
                 answer(stream, metrics, status, containers),
             )
             .await;
+            drop(slot);
         });
     }
 }

@@ -78,6 +78,13 @@ enum Trigger {
 
 /// Run the agent until SIGTERM or SIGINT.
 pub fn run(state: StateDir, config: Config, opts: Options) -> Result<(), AgentError> {
+    // descriptors for a long life: the soft limit up to the hard one
+    if let Ok((_, hard)) =
+        nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE)
+    {
+        let _ =
+            nix::sys::resource::setrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE, hard, hard);
+    }
     let mut lock = take_lock(&state)?;
     lock.write_pid()
         .map_err(|e| crate::fsutil::PathError::new("write", &state.agent_lock_path(), e))?;
@@ -138,6 +145,7 @@ pub fn run(state: StateDir, config: Config, opts: Options) -> Result<(), AgentEr
         last_valid: None,
         last_errors: vec![],
         retries: BTreeMap::new(),
+        deleted: vec![],
     };
     agent.run(&rx);
     tracing::info!("berth agent stopped; containers keep running");
@@ -249,7 +257,12 @@ struct Agent {
     last_errors: Vec<String>,
     /// Failing resources: their state, including when to try again.
     retries: BTreeMap<String, ResourceState>,
+    /// Resources destroyed by passes within the last [`DELETION_WINDOW`].
+    deleted: Vec<(Instant, usize)>,
 }
+
+/// `--max-deletions` counts the resources destroyed within this window.
+const DELETION_WINDOW: Duration = Duration::from_secs(3600);
 
 impl Agent {
     fn run(&mut self, rx: &Receiver<Trigger>) {
@@ -275,9 +288,18 @@ impl Agent {
                 }
                 Ok(Trigger::Change) => {
                     // a burst (a git checkout rewriting twenty files) is one pass: wait
-                    // until the directory is quiet for the debounce time
+                    // until the directory is quiet for the debounce time, but not longer
+                    // than ten of them (at least 1 s) or past the resync: a directory that
+                    // never stops changing does not hold reconciles off
+                    let until = (Instant::now()
+                        + (self.opts.debounce * 10).max(Duration::from_secs(1)))
+                    .min(next_resync.max(Instant::now()));
                     loop {
-                        match rx.recv_timeout(self.opts.debounce) {
+                        let left = until.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            break;
+                        }
+                        match rx.recv_timeout(self.opts.debounce.min(left)) {
                             Ok(Trigger::Change) => continue,
                             Ok(Trigger::Stop) | Err(RecvTimeoutError::Disconnected) => return,
                             Ok(Trigger::Reload) => self.reload(),
@@ -341,7 +363,10 @@ impl Agent {
             }
             let _ = tx.send(Trigger::Change);
         };
-        match notify::recommended_watcher(handler).and_then(|mut w| {
+        // symlinks are not followed: a link to / in the directory would otherwise watch the
+        // whole host (every directory one inotify watch, shared with root's other daemons)
+        let config = notify::Config::default().with_follow_symlinks(false);
+        match notify::RecommendedWatcher::new(handler, config).and_then(|mut w| {
             w.watch(&self.opts.dir, notify::RecursiveMode::Recursive)
                 .map(|()| w)
         }) {
@@ -377,13 +402,26 @@ impl Agent {
             self.set(|s| s.reconciling = false);
             return;
         };
+        // --max-deletions holds for the last hour, not per pass: a directory emptied one
+        // commit at a time is refused like one emptied at once
+        let hour_ago = Instant::now().checked_sub(DELETION_WINDOW);
+        self.deleted
+            .retain(|(t, _)| hour_ago.is_none_or(|h| *t > h));
+        let recent: usize = self.deleted.iter().map(|(_, n)| n).sum();
         let settings = Settings {
-            max_deletions: self.opts.max_deletions,
+            max_deletions: self.opts.max_deletions.saturating_sub(recent),
             parallel: self.opts.parallel,
             wait_timeout: self.opts.wait_timeout,
             progress: false,
             cancel: self.cancel.clone(),
         };
+        // a change in the directory (or SIGHUP) may be the fix: everything is tried now; a
+        // resource that fails again goes on backing off from where it was
+        if matches!(trigger, "change" | "reload") {
+            for r in self.retries.values_mut() {
+                r.next_retry_ms = None;
+            }
+        }
         // resources backing off are held back until they are due
         let now = crate::fsutil::now_unix_ms();
         let held: BTreeMap<String, StepOutcome> = self
@@ -437,6 +475,14 @@ impl Agent {
                         "reconciled"
                     );
                 }
+                let destroyed = pass
+                    .outcomes
+                    .iter()
+                    .filter(|o| o.ok && o.action == Action::Destroy)
+                    .count();
+                if destroyed > 0 {
+                    self.deleted.push((Instant::now(), destroyed));
+                }
                 self.record_outcomes(&desired, &pass.outcomes, &held);
                 let error = pass.result.as_ref().err().map(|e| e.to_string());
                 self.set(|s| {
@@ -455,8 +501,31 @@ impl Agent {
                 });
             }
             Err(e) => {
-                let msg = crate::apply::error_chain(&e);
-                tracing::error!(trigger, "reconcile failed: {msg}");
+                let mut msg = crate::apply::error_chain(&e);
+                if recent > 0
+                    && matches!(
+                        e,
+                        ReconcileError::Plan(crate::plan::PlanError::TooManyDeletions { .. })
+                    )
+                {
+                    msg.push_str(&format!(
+                        " ({recent} resource(s) were destroyed by this agent within the last hour and count against --max-deletions {}; restart the agent or raise it if this is intended)",
+                        self.opts.max_deletions
+                    ));
+                }
+                // the same refusal at every resync is said once
+                let again = self
+                    .status
+                    .lock()
+                    .ok()
+                    .and_then(|s| s.last_reconcile.as_ref().and_then(|l| l.error.clone()))
+                    .is_some_and(|m| m == msg);
+                let shown = crate::text::printable(&msg, 4096);
+                if again {
+                    tracing::debug!(trigger, "reconcile failed again: {shown}");
+                } else {
+                    tracing::error!(trigger, "reconcile failed: {shown}");
+                }
                 self.metrics
                     .reconciles
                     .get_or_create(&vec![("result".into(), "error".into())])
@@ -511,7 +580,7 @@ impl Agent {
                 tracing::info!("the manifest directory is valid again");
             } else {
                 for e in &errors {
-                    tracing::error!("{e}");
+                    tracing::error!("{}", crate::text::printable(e, 4096));
                 }
                 tracing::error!(
                     "the manifest directory is invalid; nothing changes until it is valid{}",
@@ -587,7 +656,8 @@ impl Agent {
                 attempts,
                 retry_in_ms = delay.as_millis() as u64,
                 transient = o.transient,
-                "{err}"
+                "{}",
+                crate::text::printable(&err, 4096)
             );
             let r = ResourceState {
                 state: State::Failing,
@@ -677,7 +747,7 @@ impl Events for LogEvents {
         if !plan.is_empty() {
             for st in &plan.steps {
                 let why: Vec<String> = st.reasons.iter().map(|r| r.to_string()).collect();
-                tracing::info!(resource = %st.address, action = ?st.action, "planned: {}", why.join("; "));
+                tracing::info!(resource = %st.address, action = ?st.action, "planned: {}", crate::text::printable(&why.join("; "), 4096));
             }
         }
     }
@@ -691,15 +761,15 @@ impl Events for LogEvents {
                 tracing::info!(resource = %o.address, action = ?o.action, millis = o.millis, "done")
             }
             Some(e) if e.starts_with("held back") => {
-                tracing::debug!(resource = %o.address, "{e}")
+                tracing::debug!(resource = %o.address, "{}", crate::text::printable(e, 4096))
             }
             Some(e) => {
-                tracing::warn!(resource = %o.address, action = ?o.action, transient = o.transient, "failed: {e}")
+                tracing::warn!(resource = %o.address, action = ?o.action, transient = o.transient, "failed: {}", crate::text::printable(e, 4096))
             }
         }
     }
     fn notice(&self, message: &str) {
-        tracing::info!("{message}");
+        tracing::info!("{}", crate::text::printable(message, 4096));
     }
 }
 

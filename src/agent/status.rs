@@ -13,6 +13,8 @@ use std::time::Duration;
 pub const SOCKET: &str = "agent.sock";
 /// A request line longer than this is refused.
 const MAX_REQUEST: usize = 256;
+/// Connections served at once.
+const MAX_CONNECTIONS: usize = 16;
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Status {
@@ -169,9 +171,14 @@ pub async fn serve(
     listener: tokio::net::UnixListener,
     status: std::sync::Arc<std::sync::Mutex<Status>>,
 ) {
+    let slots = std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            drop(stream);
             continue;
         };
         let status = status.clone();
@@ -181,6 +188,7 @@ pub async fn serve(
             let root = stream.peer_cred().is_ok_and(|c| c.uid() == 0);
             let _ =
                 tokio::time::timeout(Duration::from_secs(10), answer(stream, root, status)).await;
+            drop(slot);
         });
     }
 }
@@ -224,6 +232,9 @@ pub fn to_text(s: &Status) -> String {
             crate::manifest::units::Duration(now.saturating_sub(t) * 1000)
         )
     };
+    // whatever the manifests, their repository or a registry put in a message reaches the
+    // terminal escaped: no control characters, no forged lines
+    let p = crate::text::printable;
     let mut o = String::new();
     let _ = writeln!(
         o,
@@ -237,15 +248,19 @@ pub fn to_text(s: &Status) -> String {
             " at {}{}{}",
             r.commit
                 .as_deref()
-                .map_or("(no commit)", |c| &c[..c.len().min(12)]),
+                .map_or("(no commit)".into(), |c| p(c, 12)),
             r.branch
                 .as_deref()
-                .map_or(String::new(), |b| format!(" ({b})")),
+                .map_or(String::new(), |b| format!(" ({})", p(b, 200))),
             if r.dirty { ", dirty" } else { "" }
         ),
         None => String::new(),
     };
-    let _ = writeln!(o, "manifests: {}{rev}", s.dir.display());
+    let _ = writeln!(
+        o,
+        "manifests: {}{rev}",
+        p(&s.dir.display().to_string(), 4096)
+    );
     match &s.last_reconcile {
         Some(l) => {
             let _ = writeln!(
@@ -265,7 +280,7 @@ pub fn to_text(s: &Status) -> String {
             );
             if let Some(e) = &l.error {
                 for line in e.lines() {
-                    let _ = writeln!(o, "  {line}");
+                    let _ = writeln!(o, "  {}", p(line, 4096));
                 }
             }
         }
@@ -300,7 +315,8 @@ pub fn to_text(s: &Status) -> String {
         });
         let _ = writeln!(
             o,
-            "  {a}: {}{}{next}: {}",
+            "  {}: {}{}{next}: {}",
+            p(a, 200),
             match r.state {
                 State::Failing => "failing",
                 State::Pending => "pending",
@@ -311,7 +327,7 @@ pub fn to_text(s: &Status) -> String {
             } else {
                 String::new()
             },
-            r.error.as_deref().unwrap_or("")
+            p(r.error.as_deref().unwrap_or(""), 4096)
         );
     }
     if !s.validation_errors.is_empty() {
@@ -325,7 +341,7 @@ pub fn to_text(s: &Status) -> String {
             }
         );
         for e in &s.validation_errors {
-            let _ = writeln!(o, "  {e}");
+            let _ = writeln!(o, "  {}", p(e, 4096));
         }
     }
     o.push('\n');

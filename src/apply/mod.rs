@@ -170,7 +170,9 @@ impl Executor<'_> {
                                 transient: false,
                                 millis: 0,
                             });
-                    report(&o);
+                    // a report that fails (stdout gone) must not keep the outcome from the
+                    // scheduler: it would wait for it forever, holding the locks
+                    let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| report(&o)));
                     let _ = tx.send((i, o));
                 });
             };

@@ -43,6 +43,13 @@ pub fn lock(c: &Ctx) -> Result<StateLock, crate::state::StateError> {
     }
 }
 
+/// Write to stdout, flushed; a closed or full stdout is not an error of the apply (nor a
+/// panic in the middle of it).
+fn out(args: std::fmt::Arguments) {
+    let mut o = std::io::stdout().lock();
+    let _ = o.write_fmt(args).and_then(|()| o.flush());
+}
+
 /// Says what an apply does on stdout (text), or nothing (JSON, printed at the end).
 struct ApplyEvents {
     json: bool,
@@ -53,7 +60,8 @@ struct ApplyEvents {
 impl crate::reconcile::Events for ApplyEvents {
     fn released(&self, names: &[String]) {
         if !self.json {
-            eprintln!(
+            let _ = writeln!(
+                std::io::stderr(),
                 "released the addresses of {} (no container of that name: an apply was interrupted)",
                 names.join(", ")
             );
@@ -61,16 +69,17 @@ impl crate::reconcile::Events for ApplyEvents {
     }
     fn planned(&self, plan: &crate::plan::Plan) {
         if !self.json {
-            print!("{}", render::to_text(plan));
+            out(format_args!("{}", render::to_text(plan)));
             if !plan.is_empty() {
-                println!();
+                out(format_args!("\n"));
             }
-            let _ = std::io::stdout().flush();
         }
     }
     fn replanned(&self, plan: &crate::plan::Plan) {
         if !self.json {
-            println!("\nThe host changed while images were pulled; the plan is now:\n");
+            out(format_args!(
+                "\nThe host changed while images were pulled; the plan is now:\n\n"
+            ));
             self.planned(plan);
         }
     }
@@ -80,19 +89,22 @@ impl crate::reconcile::Events for ApplyEvents {
         }
         if !self.json {
             match &o.error {
-                None => println!(
-                    "{:>3} {}: done ({} ms)",
+                None => out(format_args!(
+                    "{:>3} {}: done ({} ms)\n",
                     o.action.symbol(),
                     o.address,
                     o.millis
-                ),
-                Some(e) => println!("{:>3} {}: FAILED: {e}", o.action.symbol(), o.address),
+                )),
+                Some(e) => out(format_args!(
+                    "{:>3} {}: FAILED: {e}\n",
+                    o.action.symbol(),
+                    o.address
+                )),
             }
-            let _ = std::io::stdout().flush();
         }
     }
     fn notice(&self, message: &str) {
-        eprintln!("{message}");
+        let _ = writeln!(std::io::stderr(), "{message}");
     }
 }
 

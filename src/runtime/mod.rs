@@ -70,8 +70,7 @@ static UNWRITABLE: std::sync::Mutex<Vec<(PathBuf, FileId, std::os::fd::OwnedFd)>
 
 /// See [`Runtime::unwritable_exe`]; `empty` is a directory berth keeps empty (the overlay's
 /// second layer). The view is made once per file: when a package upgrade puts a new file
-/// at `exe` (a long-running agent sees this), a view of the new one is made and the old
-/// one closed.
+/// at `exe` (a long-running agent sees this), a view of the new one is made.
 pub fn unwritable_exe(exe: &Path, empty: &Path) -> std::io::Result<PathBuf> {
     use std::os::fd::AsRawFd;
     use std::os::unix::fs::MetadataExt;
@@ -90,7 +89,8 @@ pub fn unwritable_exe(exe: &Path, empty: &Path) -> std::io::Result<PathBuf> {
             crate::sys::sealed_copy(exe)
         })?;
     let path = PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()));
-    cache.retain(|(p, _, _)| p != exe);
+    // the view of the file that was there before stays open: another thread may be about
+    // to start a shim from it (one descriptor per upgrade of the binary)
     cache.push((exe.to_path_buf(), id, fd));
     Ok(path)
 }

@@ -54,8 +54,17 @@ pub fn pid_start_time(pid: i32) -> Option<u64> {
 
 /// Is this exact process (pid and start time) still alive (and not a zombie)?
 pub fn alive(pid: i32, start: u64) -> bool {
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return false;
+    let s = match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => s,
+        Err(e)
+            if e.kind() == std::io::ErrorKind::NotFound
+                || e.raw_os_error() == Some(libc::ESRCH) =>
+        {
+            return false;
+        }
+        // out of descriptors or memory says nothing about the process: taken for alive,
+        // so that no running container is replaced as lost
+        Err(_) => return true,
     };
     let Some(i) = s.rfind(')') else { return false };
     let rest: Vec<&str> = s[i + 2..].split(' ').collect();
