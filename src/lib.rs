@@ -8,6 +8,7 @@
 
 pub mod agent;
 pub mod apply;
+pub mod build;
 pub mod cli;
 pub mod config;
 pub mod fault;

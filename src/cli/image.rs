@@ -20,6 +20,35 @@ use std::sync::Arc;
 
 #[derive(Subcommand, Debug)]
 pub enum ImageCommand {
+    /// Build an image from a Containerfile (Dockerfile) with berth's own runtime: each RUN
+    /// in a temporary container (network none unless --network host), each COPY/ADD a
+    /// layer; unchanged steps come from the cache. The result is tagged REF in the store,
+    /// ready for `berth image push` or a manifest's `image`.
+    Build {
+        /// The build context: the directory COPY and ADD read from (`.dockerignore` applies).
+        context: PathBuf,
+        /// The reference to tag the result with, e.g. 127.0.0.1:5000/app:1.
+        #[arg(short = 't', long = "tag", value_name = "REF")]
+        tag: String,
+        /// The Containerfile (default CONTEXT/Containerfile, else CONTEXT/Dockerfile).
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: Option<PathBuf>,
+        /// A build argument (ARG), repeatable: --build-arg VERSION=1.2.
+        #[arg(long = "build-arg", value_name = "K=V")]
+        build_args: Vec<String>,
+        /// Where RUN steps may connect: none (default) or host.
+        #[arg(long, value_enum, default_value_t = BuildNetwork::None)]
+        network: BuildNetwork,
+        /// Run every step again, reusing no cached layer.
+        #[arg(long)]
+        no_cache: bool,
+        /// Only the image digest on stdout (no step lines, no RUN output).
+        #[arg(short, long)]
+        quiet: bool,
+        /// The result as JSON: reference, digest, each step (cached or not, its layer).
+        #[arg(long)]
+        json: bool,
+    },
     /// Download an image from its registry into the store (layers in parallel, unpacked as
     /// they arrive, every blob verified).
     Pull {
@@ -260,6 +289,41 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
                 println!("imported {r}: {d}");
             }
         }
+        ImageCommand::Build {
+            context,
+            tag,
+            file,
+            build_args,
+            network,
+            no_cache,
+            quiet,
+            json,
+        } => build_cmd(
+            c,
+            crate::build::BuildOptions {
+                context,
+                file,
+                tag,
+                args: build_args
+                    .iter()
+                    .map(|kv| match kv.split_once('=') {
+                        Some((k, v)) => Ok((k.to_string(), v.to_string())),
+                        None => std::env::var(kv).map(|v| (kv.clone(), v)).map_err(|_| {
+                            anyhow::anyhow!(
+                                "--build-arg {kv}: give K=V (or set {kv} in the environment)"
+                            )
+                        }),
+                    })
+                    .collect::<Result<_>>()?,
+                network: match network {
+                    BuildNetwork::None => crate::build::Network::None,
+                    BuildNetwork::Host => crate::build::Network::Host,
+                },
+                no_cache,
+            },
+            quiet || json,
+            json,
+        )?,
         ImageCommand::Prune { manifests, json } => {
             let _lock = c.state.lock(true)?;
             let mut keep_refs: BTreeSet<String> = BTreeSet::new();
@@ -330,4 +394,59 @@ fn keep_chains(c: &Ctx, st: &Store) -> Result<BTreeSet<String>> {
         }
     }
     Ok(keep)
+}
+
+#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
+pub enum BuildNetwork {
+    None,
+    Host,
+}
+
+/// Step lines and RUN output on stderr (stdout keeps the result).
+struct BuildOutput {
+    quiet: bool,
+}
+
+impl crate::build::BuildEvents for BuildOutput {
+    fn step(&self, n: usize, total: usize, instruction: &str, cached: bool) {
+        if !self.quiet {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "[{n}/{total}] {}{}",
+                crate::text::printable(instruction, 200),
+                if cached { " (cached)" } else { "" }
+            );
+        }
+    }
+    fn output(&self, line: &str) {
+        if !self.quiet {
+            use std::io::Write;
+            let _ = writeln!(
+                std::io::stderr(),
+                "  {}",
+                crate::text::printable(line, 4096)
+            );
+        }
+    }
+}
+
+fn build_cmd(c: &Ctx, opts: crate::build::BuildOptions, quiet: bool, json: bool) -> Result<()> {
+    let tokio = runtime()?;
+    let host = super::host(c, &tokio)?;
+    let built = crate::build::build(&host, &opts, &BuildOutput { quiet })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&built)?);
+    } else if quiet {
+        println!("{}", built.digest);
+    } else {
+        let cached = built.steps.iter().filter(|s| s.cached).count();
+        eprintln!(
+            "built {} ({} step(s), {cached} from the cache)",
+            built.reference,
+            built.steps.len()
+        );
+        println!("{}", built.digest);
+    }
+    Ok(())
 }

@@ -320,7 +320,13 @@ pub fn mount_rootfs(cfg: &RuntimeConfig, dir: &Path) -> R<OwnedFd> {
             .map_err(|e| fail(format!("link layer {}", p.display()), e))?;
         lower.push(format!("l/{name}"));
     }
-    let opts = format!("lowerdir={},upperdir=upper,workdir=work", lower.join(":"));
+    // no redirects or metadata-only copies in the upper directory, whatever the kernel's
+    // defaults: a build commits the upper directory as a layer, in the format every image
+    // reader knows (renamed directories copied up, whiteouts for what went away)
+    let opts = format!(
+        "lowerdir={},upperdir=upper,workdir=work,redirect_dir=off,metacopy=off",
+        lower.join(":")
+    );
     let back = std::env::current_dir().unwrap_or_else(|_| "/".into());
     std::env::set_current_dir(&cd.0).map_err(|e| fail("enter the container's directory", e))?;
     let rootfs = cd.rootfs();

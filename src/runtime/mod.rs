@@ -502,7 +502,7 @@ impl Runtime {
 
 /// Wait until one of `pids` exits, at most `timeout`: on their pidfds, or, where those
 /// cannot be had (a kernel before 5.3), for a short while.
-fn wait_for_an_exit(pids: &[i32], timeout: Duration) {
+pub fn wait_for_an_exit(pids: &[i32], timeout: Duration) {
     use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
     use std::os::fd::AsFd;
     let fds: Vec<std::os::fd::OwnedFd> = pids

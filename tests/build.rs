@@ -1,0 +1,372 @@
+//! `berth image build` end to end, as root: from scratch (a static binary copied in), from a
+//! base image with RUN steps that create, change and delete files (the deletion must be a
+//! whiteout in the layer), multi-stage with COPY --from, the cache (hits, a miss from a
+//! changed file on), ADD of a local archive, a bad instruction and a failing RUN with their
+//! lines; and interop: the image pushed to a real registry runs under podman, and umoci
+//! unpacks it to the same tree berth runs. Each test has its own state directory.
+
+mod common;
+use common::*;
+use serde_json::Value;
+use std::path::Path;
+use std::process::Command;
+
+const BASE: &str = "localhost/build-base:1";
+
+/// A state directory with busybox imported as `BASE`, and a build context.
+struct Build {
+    _teardown: Teardown,
+    state: tempfile::TempDir,
+    ctx: tempfile::TempDir,
+}
+
+impl Build {
+    fn new() -> Build {
+        let layout = tempfile::tempdir().unwrap();
+        write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
+        let state = tempfile::tempdir().unwrap();
+        ok(&berth(
+            state.path(),
+            &[
+                "image",
+                "import",
+                "--tag",
+                BASE,
+                layout.path().to_str().unwrap(),
+            ],
+        ));
+        Build {
+            _teardown: Teardown::new(state.path()),
+            state,
+            ctx: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    fn s(&self) -> &Path {
+        self.state.path()
+    }
+
+    fn file(&self, name: &str, body: &str) {
+        let p = self.ctx.path().join(name);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, body).unwrap();
+    }
+
+    /// `image build --json`: the result, or the failed run's output.
+    fn build(&self, tag: &str) -> Result<Value, std::process::Output> {
+        let o = berth(
+            self.s(),
+            &[
+                "image",
+                "build",
+                "--json",
+                "-t",
+                tag,
+                self.ctx.path().to_str().unwrap(),
+            ],
+        );
+        if o.status.success() {
+            Ok(serde_json::from_slice(&o.stdout).unwrap())
+        } else {
+            Err(o)
+        }
+    }
+
+    fn built(&self, tag: &str) -> Value {
+        self.build(tag).unwrap_or_else(|o| {
+            panic!(
+                "build failed: {}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            )
+        })
+    }
+
+    /// Run a container of `image` once (restart no) and return its output.
+    fn run(&self, name: &str, image: &str, command: Option<&str>) -> String {
+        let m = tempfile::tempdir().unwrap();
+        let cmd = command.map_or(String::new(), |c| format!("command = {c}\n"));
+        std::fs::write(
+            m.path().join("c.toml"),
+            format!(
+                "[image.i]\nref = \"{image}\"\npull = \"never\"\n\n[container.{name}]\nimage = \"i\"\nnetworks = [\"none\"]\n{cmd}"
+            ),
+        )
+        .unwrap();
+        ok(&berth(self.s(), &["apply", m.path().to_str().unwrap()]));
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let ps: Value =
+                serde_json::from_str(&ok(&berth(self.s(), &["ps", "-a", "--json"]))).unwrap();
+            let row = ps
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["name"] == name)
+                .cloned()
+                .unwrap();
+            if row["detail"]["state"] == "exited" {
+                break;
+            }
+            assert!(
+                std::time::Instant::now() < end,
+                "{name} never exited: {row}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        ok(&berth(self.s(), &["logs", name]))
+    }
+
+    /// The entry names of a layer blob in the store.
+    fn layer_entries(&self, digest: &str) -> Vec<String> {
+        let hex = digest.strip_prefix("sha256:").unwrap();
+        let blob = self.s().join("store/blobs/sha256").join(hex);
+        let f = std::fs::File::open(&blob).unwrap();
+        let mut a = tar::Archive::new(flate2::read::GzDecoder::new(f));
+        a.entries()
+            .unwrap()
+            .map(|e| {
+                String::from_utf8_lossy(&e.unwrap().path_bytes())
+                    .trim_end_matches('/')
+                    .to_string()
+            })
+            .collect()
+    }
+}
+
+fn steps(v: &Value) -> &Vec<Value> {
+    v["steps"].as_array().unwrap()
+}
+
+#[test]
+fn from_scratch_a_static_binary() {
+    let b = Build::new();
+    std::fs::copy("/bin/busybox", b.ctx.path().join("busybox")).unwrap();
+    b.file(
+        "Containerfile",
+        "# a static binary and nothing else\nFROM scratch\nCOPY busybox /bin/busybox\nCMD [\"/bin/busybox\", \"echo\", \"hello from scratch\"]\n",
+    );
+    let v = b.built("localhost/scratch-app:1");
+    assert_eq!(steps(&v).len(), 3);
+    let layer = steps(&v)[1]["layer"].as_str().unwrap().to_string();
+    assert_eq!(b.layer_entries(&layer), vec!["bin", "bin/busybox"]);
+    let out = b.run("scr", "localhost/scratch-app:1", None);
+    assert_eq!(out.trim(), "hello from scratch");
+}
+
+#[test]
+fn run_steps_create_change_and_delete_with_whiteouts() {
+    let b = Build::new();
+    b.file(
+        "Containerfile",
+        &format!(
+            "FROM {BASE}\n\
+             RUN mkdir -p /data && echo one > /data/a && echo two > /data/b\n\
+             RUN echo changed > /data/a && rm /data/b && rm /bin/true\n\
+             ENV GREETING=hi \\\n    OTHER=\"two words\"\n\
+             WORKDIR /data\n\
+             LABEL org.example.name=\"test\"\n\
+             CMD [\"sh\", \"-c\", \"cat a; ls; echo $GREETING $OTHER; pwd\"]\n"
+        ),
+    );
+    let v = b.built("localhost/run-app:1");
+    let second = steps(&v)[2]["layer"].as_str().unwrap().to_string();
+    let entries = b.layer_entries(&second);
+    assert!(entries.contains(&"data/.wh.b".to_string()), "{entries:?}");
+    assert!(entries.contains(&"bin/.wh.true".to_string()), "{entries:?}");
+    assert!(entries.contains(&"data/a".to_string()), "{entries:?}");
+    // the runtime's mount points are not the step's
+    for e in [
+        "proc",
+        "sys",
+        "dev",
+        "etc/hosts",
+        "etc/resolv.conf",
+        "etc/hostname",
+    ] {
+        assert!(!entries.contains(&e.to_string()), "{e} in {entries:?}");
+    }
+    let out = b.run("runapp", "localhost/run-app:1", None);
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(
+        lines,
+        vec!["changed", "a", "hi two words", "/data"],
+        "{out}"
+    );
+    let inspect: Value = serde_json::from_str(&ok(&berth(
+        b.s(),
+        &["image", "inspect", "localhost/run-app:1"],
+    )))
+    .unwrap();
+    assert_eq!(inspect["layers"].as_array().unwrap().len(), 3, "{inspect}");
+    // a failing RUN names its line, exit code and output
+    b.file(
+        "Containerfile",
+        &format!("FROM {BASE}\n\nRUN echo about to fail; exit 3\n"),
+    );
+    let o = b.build("localhost/fails:1").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("Containerfile:3: RUN exited with code 3"),
+        "{err}"
+    );
+    assert!(err.contains("about to fail"), "{err}");
+}
+
+#[test]
+fn multi_stage_and_the_cache() {
+    let b = Build::new();
+    b.file("src/message", "first\n");
+    b.file("src/ignored.log", "noise\n");
+    b.file(".dockerignore", "**/*.log\n");
+    b.file(
+        "Containerfile",
+        &format!(
+            "ARG BASE_IMAGE={BASE}\n\
+             FROM $BASE_IMAGE AS builder\n\
+             ARG SUFFIX=default\n\
+             RUN mkdir /out && echo built-$SUFFIX > /out/artifact\n\
+             COPY src/ /in/\n\
+             RUN cat /in/message >> /out/artifact && ls /in > /out/listing\n\
+             FROM scratch\n\
+             COPY --from=builder /out/ /\n\
+             COPY --from=builder /bin/busybox /bin/busybox\n\
+             CMD [\"/bin/busybox\", \"cat\", \"/artifact\", \"/listing\"]\n"
+        ),
+    );
+    let v1 = b.built("localhost/multi:1");
+    let out = b.run("multi1", "localhost/multi:1", None);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec!["built-default", "first", "message"],
+        "{out}"
+    );
+    // unchanged: every layer from the cache, the same image
+    let v2 = b.built("localhost/multi:1");
+    for s in steps(&v2).iter().filter(|s| s["layer"].is_string()) {
+        assert_eq!(s["cached"], true, "{s}");
+    }
+    assert_eq!(v1["digest"], v2["digest"]);
+    // an ignored file changed: still all cached
+    b.file("src/ignored.log", "more noise\n");
+    let v3 = b.built("localhost/multi:1");
+    assert_eq!(v1["digest"], v3["digest"]);
+    // the copied file changed: the steps from its COPY on run again, those before do not
+    b.file("src/message", "second\n");
+    let v4 = b.built("localhost/multi:2");
+    let cached: Vec<bool> = steps(&v4)
+        .iter()
+        .filter(|s| s["layer"].is_string())
+        .map(|s| s["cached"].as_bool().unwrap())
+        .collect();
+    assert_eq!(cached, vec![true, false, false, false, false], "{v4:#}");
+    let out = b.run("multi2", "localhost/multi:2", None);
+    assert!(out.contains("second"), "{out}");
+}
+
+#[test]
+fn add_extracts_archives_and_bad_instructions_name_their_line() {
+    let b = Build::new();
+    let arch = b.ctx.path().join("files.tar.gz");
+    let tarball = gzip(
+        &LayerBuilder::new()
+            .dir("pkg/", 0o755)
+            .file("pkg/hello.txt", b"from the archive\n", 0o644)
+            .build(),
+    );
+    std::fs::write(&arch, tarball).unwrap();
+    b.file(
+        "Containerfile",
+        &format!(
+            "FROM {BASE}\nADD files.tar.gz /opt/\nCOPY --chown=1000:1000 --chmod=0600 files.tar.gz /kept.tgz\nCMD [\"sh\", \"-c\", \"cat /opt/pkg/hello.txt; stat -c '%u:%g %a' /kept.tgz\"]\n"
+        ),
+    );
+    b.built("localhost/add:1");
+    let out = b.run("addapp", "localhost/add:1", None);
+    assert_eq!(
+        out.lines().collect::<Vec<_>>(),
+        vec!["from the archive", "1000:1000 600"],
+        "{out}"
+    );
+    b.file("Containerfile", "FROM scratch\nFOO bar\nCOPY onlyone\n");
+    let o = b.build("localhost/bad:1").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("Containerfile:2:1"), "{err}");
+    assert!(err.contains("Containerfile:3:"), "both problems: {err}");
+}
+
+/// Pushed to a real registry, the image runs under podman and unpacks with umoci to the
+/// tree berth's own layers give.
+#[test]
+fn built_images_run_under_podman_and_unpack_with_umoci() {
+    if Command::new("podman").arg("--version").output().is_err() {
+        eprintln!("skipped: podman is not installed");
+        return;
+    }
+    let b = Build::new();
+    b.file(
+        "Containerfile",
+        &format!(
+            "FROM {BASE}\nRUN mkdir /srv && echo interop > /srv/msg && rm /bin/true\nCMD [\"cat\", \"/srv/msg\"]\n"
+        ),
+    );
+    let reg = Registry::start();
+    let dest = format!("{}/built/app:1", reg.addr);
+    b.built(&dest);
+    // a loopback registry is plain HTTP without configuration
+    ok(&berth(b.s(), &["image", "push", "--quiet", &dest]));
+    let podman = |args: &[&str]| {
+        Command::new("podman")
+            .args(["--cgroup-manager=cgroupfs", "--runtime", "runc"])
+            .args(args)
+            .output()
+            .unwrap()
+    };
+    let name = format!("berth-build-{}", std::process::id());
+    let out = podman(&[
+        "run",
+        "--rm",
+        "--name",
+        &name,
+        "--tls-verify=false",
+        "--network",
+        "none",
+        "--ulimit",
+        "nofile=1000:1000",
+        "--ulimit",
+        "nproc=1000:1000",
+        &dest,
+    ]);
+    let _ = podman(&["rmi", "-f", &dest]);
+    assert!(out.status.success(), "podman run: {out:?}");
+    assert_eq!(String::from_utf8_lossy(&out.stdout).trim(), "interop");
+
+    let layout = tempfile::tempdir().unwrap();
+    skopeo(&[
+        "copy",
+        "--quiet",
+        "--src-tls-verify=false",
+        &format!("docker://{dest}"),
+        &format!("oci:{}:t", layout.path().display()),
+    ]);
+    let bundle = tempfile::tempdir().unwrap();
+    let st = Command::new("umoci")
+        .args([
+            "unpack",
+            "--image",
+            &format!("{}:t", layout.path().display()),
+        ])
+        .arg(bundle.path().join("b"))
+        .output()
+        .unwrap();
+    assert!(st.status.success(), "umoci: {st:?}");
+    let theirs = tree(&bundle.path().join("b/rootfs"));
+    assert_eq!(
+        theirs
+            .get("srv/msg")
+            .map(|s| s.split(' ').next().unwrap_or("")),
+        Some("file")
+    );
+    assert!(!theirs.contains_key("bin/true"), "the whiteout hides it");
+    assert!(theirs.contains_key("bin/sh"));
+}
