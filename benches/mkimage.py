@@ -37,7 +37,9 @@ def main():
         layers.append({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": blob(a.layout, gz), "size": len(gz)})
     arch = {"x86_64": "amd64", "aarch64": "arm64"}.get(os.uname().machine, os.uname().machine)
     cfg = json.dumps({"architecture": arch, "os": "linux", "config": {"Cmd": [a.cmd], "Env": ["PATH=/bin:/usr/bin"]},
-                      "rootfs": {"type": "layers", "diff_ids": diff_ids}}).encode()
+                      "rootfs": {"type": "layers", "diff_ids": diff_ids},
+                      # one entry per layer: buildah refuses a base whose history does not list them
+                      "history": [{"created_by": f"benches/mkimage.py layer {i}"} for i in range(len(diff_ids))]}).encode()
     man = json.dumps({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
                       "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": blob(a.layout, cfg), "size": len(cfg)},
                       "layers": layers}).encode()

@@ -21,6 +21,8 @@ pub struct Observed {
     /// Containers on the host (a directory in the state directory) without a record: the
     /// record was removed outside berth. They are replaced when declared, removed when not.
     pub unrecorded: BTreeSet<String>,
+    /// The last build of each image built here, by reference: from which inputs.
+    pub builds: BTreeMap<String, crate::build::BuildRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -122,6 +124,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
         networks: state.read_records(Kind::Network)?,
         network_drift: BTreeMap::new(),
         unrecorded: BTreeSet::new(),
+        builds: crate::build::read_records(&state.root),
         containers: containers
             .into_iter()
             .map(|(n, record)| {

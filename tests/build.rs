@@ -370,3 +370,114 @@ fn built_images_run_under_podman_and_unpack_with_umoci() {
     assert!(!theirs.contains_key("bin/true"), "the whiteout hides it");
     assert!(theirs.contains_key("bin/sh"));
 }
+
+/// An image declared with `build` is built by `apply`, and built again (its containers
+/// replaced) when a file of its context changes; the plan names the file.
+#[test]
+fn declared_builds_are_planned_built_and_rebuilt_on_change() {
+    let b = Build::new();
+    let m = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(m.path().join("app")).unwrap();
+    std::fs::write(
+        m.path().join("app/Containerfile"),
+        format!("FROM {BASE}\nCOPY msg /msg\nCMD [\"cat\", \"/msg\"]\n"),
+    )
+    .unwrap();
+    std::fs::write(m.path().join("app/msg"), "v1\n").unwrap();
+    let name = format!("decl{}", std::process::id());
+    std::fs::write(
+        m.path().join("host.toml"),
+        format!(
+            "[image.app]\nref = \"localhost/declared-app:1\"\nbuild = {{ context = \"app/\" }}\n\n[container.{name}]\nimage = \"app\"\nnetworks = [\"none\"]\n"
+        ),
+    )
+    .unwrap();
+    let dir = m.path().to_str().unwrap();
+    let plan = ok(&berth(b.s(), &["plan", dir]));
+    assert!(
+        plan.contains("build localhost/declared-app:1: not in the store"),
+        "{plan}"
+    );
+    ok(&berth(b.s(), &["apply", dir]));
+    let logs = || {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = ok(&berth(b.s(), &["logs", &name]));
+            if !out.is_empty() || std::time::Instant::now() > end {
+                return out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    assert_eq!(logs().trim(), "v1");
+    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+
+    std::fs::write(m.path().join("app/msg"), "v2\n").unwrap();
+    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
+    let plan = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{plan}");
+    assert!(plan.contains("changed in the context: msg"), "{plan}");
+    assert!(plan.contains("is built again"), "{plan}");
+    ok(&berth(b.s(), &["apply", dir]));
+    assert_eq!(logs().trim(), "v2");
+    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// The README's first command (scripts/demo) in a test: the hello example, its program
+/// compiled static, applied offline with a throw-away state directory.
+#[test]
+fn the_hello_example_runs_offline() {
+    let b = Build::new();
+    let ex = tempfile::tempdir().unwrap();
+    let src = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/hello");
+    std::fs::create_dir_all(ex.path().join("app")).unwrap();
+    for f in [
+        "host.toml",
+        "app/Containerfile",
+        "app/.dockerignore",
+        "app/hello.rs",
+    ] {
+        std::fs::copy(src.join(f), ex.path().join(f)).unwrap();
+    }
+    let rustc = std::env::var("RUSTC").unwrap_or_else(|_| "rustc".into());
+    let o = Command::new(rustc)
+        .args(["-O", "-C", "target-feature=+crt-static", "-o"])
+        .arg(ex.path().join("app/hello"))
+        .arg(ex.path().join("app/hello.rs"))
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "rustc: {o:?}");
+    let dir = ex.path().to_str().unwrap();
+    ok(&berth(b.s(), &["apply", dir]));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let logs = loop {
+        let out = ok(&berth(b.s(), &["logs", "hello"]));
+        if !out.is_empty() || std::time::Instant::now() > end {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        logs.starts_with("hello from berth: pid 1 in container hello"),
+        "{logs}"
+    );
+    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+}

@@ -74,7 +74,7 @@ fn bad_manifest_corpus() {
 
 #[test]
 fn valid_examples_pass() {
-    for dir in ["examples/webapp", "manifests"] {
+    for dir in ["examples/webapp", "examples/hello", "manifests"] {
         let out = berth()
             .arg("validate")
             .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join(dir))

@@ -40,6 +40,8 @@ pub enum ApplyError {
     /// A dependency that may still meet its condition did not in time.
     #[error("{0}")]
     Waiting(String),
+    #[error(transparent)]
+    Build(#[from] Box<crate::build::BuildError>),
     /// A step failed; `transient` when trying again later may succeed.
     #[error("{message}")]
     Step { message: String, transient: bool },
@@ -385,6 +387,51 @@ impl Executor<'_> {
                 self.handle.block_on(self.puller()?.pull(&r))?;
                 crate::fault::point("after-pull");
             }
+            Op::BuildImage => {
+                let img = self
+                    .desired
+                    .images
+                    .get(name)
+                    .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
+                let b = img
+                    .spec
+                    .build
+                    .as_ref()
+                    .ok_or_else(|| ApplyError::Invalid("declares no build".into()))?;
+                let host = crate::reconcile::Host {
+                    state: self.state.clone(),
+                    config: self.config.clone(),
+                    exe: self.runtime.berth_exe.clone(),
+                    handle: self.handle.clone(),
+                };
+                let reference = img.spec.reference.to_string();
+                let built = crate::build::build(
+                    &host,
+                    &crate::build::BuildOptions {
+                        context: b.context.clone(),
+                        file: b.file.clone(),
+                        tag: reference.clone(),
+                        args: b.args.clone(),
+                        network: if b.host_network {
+                            crate::build::Network::Host
+                        } else {
+                            crate::build::Network::None
+                        },
+                        no_cache: false,
+                    },
+                    &Quiet,
+                )
+                .map_err(Box::new)?;
+                crate::build::write_record(
+                    &self.state.root,
+                    &crate::build::BuildRecord {
+                        reference,
+                        inputs: b.inputs.clone(),
+                        digest: built.digest,
+                    },
+                )
+                .map_err(StateError::Io)?;
+            }
             Op::CreateVolume => {
                 let v = self
                     .desired
@@ -591,6 +638,7 @@ pub fn error_chain(e: &dyn std::error::Error) -> String {
 fn op_name(op: Op) -> &'static str {
     match op {
         Op::PullImage => "pull image",
+        Op::BuildImage => "build image",
         Op::CreateVolume => "create volume",
         Op::CreateNetwork => "create network",
         Op::RemoveNetwork => "remove network",
@@ -601,3 +649,7 @@ fn op_name(op: Op) -> &'static str {
         Op::UpdateContainer => "update container",
     }
 }
+
+/// A build inside an apply tells nothing as it goes (the step's outcome says how it went).
+struct Quiet;
+impl crate::build::BuildEvents for Quiet {}

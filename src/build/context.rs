@@ -390,6 +390,42 @@ fn remove_any(p: &Path) -> std::io::Result<()> {
     }
 }
 
+/// Every file of a build context that is not ignored, with a digest of what it is (type,
+/// mode, owner, content or link target): what decides whether an image must be built again.
+pub fn file_digests(root: &Path) -> Result<std::collections::BTreeMap<String, String>, String> {
+    let ignore = Ignore::load(root).map_err(|e| e.to_string())?;
+    let mut out = std::collections::BTreeMap::new();
+    let mut stack = vec![String::new()];
+    while let Some(r) = stack.pop() {
+        let dir = root.join(&r);
+        let rd = std::fs::read_dir(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        for e in rd.flatten() {
+            let name = e.file_name();
+            let Some(n) = name.to_str() else { continue };
+            let rel = if r.is_empty() {
+                n.to_string()
+            } else {
+                format!("{r}/{n}")
+            };
+            if ignore.ignored(&rel) {
+                continue;
+            }
+            if out.len() > MAX_ENTRIES {
+                return Err(format!("{}: more than {MAX_ENTRIES} files", root.display()));
+            }
+            if e.file_type().is_ok_and(|t| t.is_dir()) {
+                stack.push(rel);
+                continue;
+            }
+            let mut h = Sha256::new();
+            // the entry alone: its name is the key
+            hash_tree(root, &rel, &Ignore::default(), &mut h)?;
+            out.insert(rel, hex::encode(h.finalize()));
+        }
+    }
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

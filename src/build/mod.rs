@@ -1192,6 +1192,40 @@ impl Builder<'_> {
     }
 }
 
+/// What the last build of an image declared in the manifests was built from.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct BuildRecord {
+    pub reference: String,
+    pub inputs: crate::manifest::spec::BuildInputs,
+    pub digest: String,
+}
+
+fn records_dir(state_root: &Path) -> PathBuf {
+    state_root.join("build").join("records")
+}
+
+/// Remember that `reference` was built from `inputs`.
+pub fn write_record(state_root: &Path, r: &BuildRecord) -> Result<(), PathError> {
+    let name = hex::encode(Sha256::digest(r.reference.as_bytes()));
+    crate::fsutil::write_json(&records_dir(state_root).join(format!("{name}.json")), r)
+}
+
+/// Every build record, by reference (unreadable ones are skipped: the image is then built
+/// again).
+pub fn read_records(state_root: &Path) -> BTreeMap<String, BuildRecord> {
+    let Ok(rd) = std::fs::read_dir(records_dir(state_root)) else {
+        return BTreeMap::new();
+    };
+    rd.flatten()
+        .filter_map(|e| {
+            crate::fsutil::read_json::<BuildRecord>(&e.path())
+                .ok()
+                .flatten()
+        })
+        .map(|r| (r.reference.clone(), r))
+        .collect()
+}
+
 fn verb(add: bool) -> &'static str {
     if add { "ADD" } else { "COPY" }
 }

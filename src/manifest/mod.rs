@@ -515,7 +515,13 @@ impl Loader {
         tbl: &dyn TableLike,
         pos: &Pos,
     ) -> Option<ImageSpec> {
-        self.check_keys(f, &format!("[image.{name}]"), tbl, &["ref", "pull"]);
+        self.check_keys(
+            f,
+            &format!("[image.{name}]"),
+            tbl,
+            &["ref", "pull", "build"],
+        );
+        let build = self.field(f, tbl, "build", |i| build_spec(i, &f.display));
         let reference = self.field(f, tbl, "ref", |i| {
             string(i)?.parse::<Reference>().map_err(|e| (None, e))
         });
@@ -545,6 +551,7 @@ impl Loader {
             reference: reference?,
             pull,
             implicit: false,
+            build,
         })
     }
 
@@ -1222,6 +1229,7 @@ impl Loader {
                         reference: c.image_ref.clone(),
                         pull: PullPolicy::Missing,
                         implicit: true,
+                        build: None,
                     },
                 });
             }
@@ -1581,6 +1589,93 @@ cpus = 0.5
         .unwrap();
         assert_eq!(d.volumes.len(), 2);
     }
+}
+
+/// `build = { context = "app/", file = "Containerfile", args = { K = "V" }, network = "none" }`:
+/// paths relative to the manifest file `manifest`; the inputs read now.
+fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
+    let tbl = item
+        .as_table_like()
+        .ok_or((None, "expected a table: { context = \"app/\" }".to_string()))?;
+    let known = ["context", "file", "args", "network"];
+    for (k, _) in tbl.iter() {
+        if !known.contains(&k) {
+            return Err((
+                tbl.key(k).and_then(|x| x.span()),
+                format!("unknown key {k:?}{}", did_you_mean(k, &known)),
+            ));
+        }
+    }
+    let base = manifest.parent().unwrap_or(Path::new("."));
+    let at = |p: &str| std::path::absolute(base.join(p)).unwrap_or_else(|_| base.join(p));
+    let context = match tbl.get("context") {
+        Some(i) => at(&string(i)?),
+        None => return Err((None, "needs `context`, the build context directory".into())),
+    };
+    if !context.is_dir() {
+        return Err((
+            tbl.get("context").and_then(|i| i.span()),
+            format!("context {} is not a directory", context.display()),
+        ));
+    }
+    let file = match tbl.get("file") {
+        Some(i) => Some(context.join(string(i)?)),
+        None => None,
+    };
+    let args = match tbl.get("args") {
+        Some(i) => string_map(i)?,
+        None => BTreeMap::new(),
+    };
+    let host_network = match tbl.get("network") {
+        None => false,
+        Some(i) => match string(i)?.as_str() {
+            "none" => false,
+            "host" => true,
+            other => {
+                return Err((
+                    i.span(),
+                    format!("network: expected \"none\" or \"host\", found {other:?}"),
+                ));
+            }
+        },
+    };
+    let containerfile = file.clone().unwrap_or_else(|| {
+        let c = context.join("Containerfile");
+        if c.exists() {
+            c
+        } else {
+            context.join("Dockerfile")
+        }
+    });
+    let cf_bytes = std::fs::read(&containerfile).map_err(|e| {
+        (
+            tbl.get("file")
+                .or(tbl.get("context"))
+                .and_then(|i| i.span()),
+            format!("{}: {e}", containerfile.display()),
+        )
+    })?;
+    let files = crate::build::context::file_digests(&context).map_err(|e| (None, e))?;
+    let mut h = sha2::Sha256::new();
+    use sha2::Digest;
+    h.update(&cf_bytes);
+    h.update(format!("\0{args:?}\0{host_network}\0").as_bytes());
+    for (k, v) in &files {
+        h.update(k.as_bytes());
+        h.update([0]);
+        h.update(v.as_bytes());
+        h.update([0]);
+    }
+    Ok(BuildSpec {
+        context,
+        file,
+        args,
+        host_network,
+        inputs: BuildInputs {
+            digest: hex::encode(h.finalize()),
+            files,
+        },
+    })
 }
 
 #[cfg(test)]

@@ -72,6 +72,33 @@ pub struct ImageSpec {
     /// True when no `[image.*]` declares it: a container named a reference directly.
     #[serde(default)]
     pub implicit: bool,
+    /// Built on this host from a Containerfile instead of pulled.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub build: Option<BuildSpec>,
+}
+
+/// `build = { context, file, args, network }` of an `[image.*]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BuildSpec {
+    /// The build context, absolute (written relative to the manifest file).
+    pub context: PathBuf,
+    /// The Containerfile, absolute; None: the context's Containerfile or Dockerfile.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
+    #[serde(default)]
+    pub args: BTreeMap<String, String>,
+    /// RUN steps may use the host's network.
+    #[serde(default)]
+    pub host_network: bool,
+    /// What the inputs are now (read when the manifests are loaded): a digest of all of
+    /// them, and each context file's (relative path → digest), for the plan's reasons.
+    pub inputs: BuildInputs,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct BuildInputs {
+    pub digest: String,
+    pub files: BTreeMap<String, String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]

@@ -42,6 +42,7 @@ impl Action {
 #[serde(rename_all = "snake_case")]
 pub enum Op {
     PullImage,
+    BuildImage,
     CreateVolume,
     CreateNetwork,
     RemoveNetwork,
@@ -331,6 +332,8 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
 
     // 2. images
     let mut image_digest: BTreeMap<String, Option<String>> = BTreeMap::new();
+    // images this plan builds (again): what runs them is replaced
+    let mut rebuilt: BTreeSet<String> = BTreeSet::new();
     for (name, img) in &desired.images {
         let r = img.spec.reference.to_string();
         let seen = observed.images.get(&r);
@@ -339,6 +342,44 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
         } else {
             format!("image.{name}")
         };
+        if let Some(b) = &img.spec.build {
+            let rec = observed.builds.get(&r);
+            let why = match (seen, rec) {
+                (Some(o), Some(rec))
+                    if rec.inputs.digest == b.inputs.digest && rec.digest == o.digest =>
+                {
+                    image_digest.insert(r.clone(), Some(o.digest.clone()));
+                    continue;
+                }
+                (None, _) => vec![Reason::note(format!("build {r}: not in the store"))],
+                (Some(_), None) => vec![Reason::note(format!(
+                    "build {r}: not built here from these manifests"
+                ))],
+                (Some(o), Some(rec)) if rec.digest != o.digest => {
+                    vec![Reason::note(format!(
+                        "build {r}: the tag was moved since it was built"
+                    ))]
+                }
+                (Some(_), Some(rec)) => build_changes(&rec.inputs, &b.inputs),
+            };
+            let mut st = step(
+                Kind::Image,
+                name,
+                if seen.is_some() {
+                    Action::Update
+                } else {
+                    Action::Create
+                },
+                vec![Op::BuildImage],
+                why,
+                src(&img.source),
+            );
+            st.address = label.clone();
+            plan.steps.push(st);
+            image_digest.insert(r.clone(), None);
+            rebuilt.insert(r.clone());
+            continue;
+        }
         let mut s = |action, reasons| {
             let mut st = step(
                 Kind::Image,
@@ -480,6 +521,7 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
             observed,
             c,
             &image_digest,
+            &rebuilt,
             &replaced_networks,
             &mut plan.kept,
         );
@@ -602,11 +644,47 @@ fn replacement(name: &str, reasons: Vec<Reason>, source: Option<String>) -> Step
     )
 }
 
+/// Why an image is built again: the context files added, removed or changed (the first
+/// ten), the Containerfile, arguments or network.
+fn build_changes(
+    before: &crate::manifest::spec::BuildInputs,
+    now: &crate::manifest::spec::BuildInputs,
+) -> Vec<Reason> {
+    let mut changed: Vec<String> = vec![];
+    for (f, d) in &now.files {
+        match before.files.get(f) {
+            None => changed.push(format!("{f} (new)")),
+            Some(b) if b != d => changed.push(f.clone()),
+            _ => {}
+        }
+    }
+    for f in before.files.keys().filter(|f| !now.files.contains_key(*f)) {
+        changed.push(format!("{f} (removed)"));
+    }
+    if changed.is_empty() {
+        return vec![Reason::note(
+            "build: the Containerfile, build arguments or network changed",
+        )];
+    }
+    let n = changed.len();
+    let shown: Vec<String> = changed.into_iter().take(10).collect();
+    vec![Reason::note(format!(
+        "build: changed in the context: {}{}",
+        shown.join(", "),
+        if n > 10 {
+            format!(" and {} more", n - 10)
+        } else {
+            String::new()
+        }
+    ))]
+}
+
 fn container_step(
     desired: &Desired,
     observed: &Observed,
     c: &Declared<ContainerSpec>,
     image_digest: &BTreeMap<String, Option<String>>,
+    rebuilt: &BTreeSet<String>,
     replaced_networks: &BTreeSet<String>,
     kept: &mut Vec<Kept>,
 ) -> Option<Step> {
@@ -648,6 +726,15 @@ fn container_step(
             forces_replacement: true,
             message: format!("image: {} → {} forces replacement", short(have), short(w)),
         });
+    }
+    if let Some(i) = desired.image_for(&c.spec)
+        && rebuilt.contains(&i.spec.reference.to_string())
+        && !reasons.iter().any(|r| r.field.as_deref() == Some("image"))
+    {
+        reasons.push(Reason::forcing(format!(
+            "image {} is built again",
+            i.spec.reference
+        )));
     }
     for n in &c.spec.networks {
         if replaced_networks.contains(n) {
