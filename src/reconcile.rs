@@ -267,6 +267,8 @@ pub fn converge(
     let mut first: Option<Plan> = None;
     loop {
         let guard = lock()?;
+        // build containers and scratch files of builds that were killed
+        crate::build::reap(host);
         let released = crate::apply::release_orphan_leases(&host.state)?;
         if !released.is_empty() {
             events.released(&released);

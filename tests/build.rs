@@ -369,6 +369,46 @@ fn built_images_run_under_podman_and_unpack_with_umoci() {
     );
     assert!(!theirs.contains_key("bin/true"), "the whiteout hides it");
     assert!(theirs.contains_key("bin/sh"));
+    // berth's own layers give the same tree, entry for entry
+    let merged = Merged::mount(b.s(), &dest);
+    let ours = tree(merged.dir.path());
+    assert_eq!(
+        ours, theirs,
+        "the built image unpacks differently with umoci"
+    );
+}
+
+/// ADD of a URL downloads it (mode 0600, as docker); with network none only from public
+/// addresses (a repository's Containerfile must not fetch the host's loopback services).
+#[test]
+fn add_downloads_urls() {
+    let b = Build::new();
+    let reg = Registry::start();
+    b.file(
+        "Containerfile",
+        &format!(
+            "FROM {BASE}\nADD http://{}/v2/ /fetched.json\nCMD [\"sh\", \"-c\", \"cat /fetched.json; echo; stat -c %a /fetched.json\"]\n",
+            reg.addr
+        ),
+    );
+    let o = b.build("localhost/url:1").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("is not a public address"), "{err}");
+    ok(&berth(
+        b.s(),
+        &[
+            "image",
+            "build",
+            "--quiet",
+            "--network",
+            "host",
+            "-t",
+            "localhost/url:1",
+            b.ctx.path().to_str().unwrap(),
+        ],
+    ));
+    let out = b.run("urlapp", "localhost/url:1", None);
+    assert_eq!(out.lines().collect::<Vec<_>>(), vec!["{}", "600"], "{out}");
 }
 
 /// An image declared with `build` is built by `apply`, and built again (its containers
@@ -479,5 +519,129 @@ fn the_hello_example_runs_offline() {
         Some(0),
         "{}",
         String::from_utf8_lossy(&o.stdout)
+    );
+}
+
+/// What an attack review of builds found, each refused or cleaned up.
+#[test]
+fn hostile_contexts_and_interrupted_builds() {
+    let b = Build::new();
+    // a Containerfile that is a symlink out of the context is not read (nor echoed)
+    let secret = tempfile::tempdir().unwrap();
+    std::fs::write(
+        secret.path().join("shadow"),
+        "root:$6$SECRETHASH:19000:0:99999:7:::\n",
+    )
+    .unwrap();
+    std::os::unix::fs::symlink(
+        secret.path().join("shadow"),
+        b.ctx.path().join("Containerfile"),
+    )
+    .unwrap();
+    let o = b.build("localhost/leak:1").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(!err.contains("SECRETHASH"), "{err}");
+    std::fs::remove_file(b.ctx.path().join("Containerfile")).unwrap();
+
+    // a source through a symlinked directory is refused
+    std::os::unix::fs::symlink("/etc", b.ctx.path().join("hostetc")).unwrap();
+    b.file("Containerfile", "FROM scratch\nCOPY hostetc/hostname /x\n");
+    let o = b.build("localhost/leak:2").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("goes through the symlink hostetc"), "{err}");
+
+    // a variable doubled twenty times is refused, not grown to gigabytes
+    let mut cf = String::from("FROM scratch\nENV A=xxxxxxxxxxxxxxxx\n");
+    for _ in 0..20 {
+        cf.push_str("ENV A=$A$A\n");
+    }
+    b.file("Containerfile", &cf);
+    let o = b.build("localhost/big:1").unwrap_err();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("longer than 1 MiB"), "{err}");
+
+    // SIGTERM during a RUN: the build stops and removes its container
+    b.file("Containerfile", &format!("FROM {BASE}\nRUN sleep 600\n"));
+    let containers = b.s().join("build/containers");
+    let names = || -> Vec<String> {
+        std::fs::read_dir(&containers)
+            .map(|rd| {
+                rd.flatten()
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .filter(|n| !n.ends_with(".lock"))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let wait_for = |what: &str, f: &dyn Fn() -> bool| {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        while !f() {
+            assert!(std::time::Instant::now() < end, "never {what}");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+    let start = || {
+        Command::new(berth_bin())
+            .arg("--state-dir")
+            .arg(b.s())
+            .args(["image", "build", "-q", "-t", "localhost/slow:1"])
+            .arg(b.ctx.path())
+            .env("BERTH_CONFIG", "/dev/null")
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let running = |n: &str| {
+        b.s()
+            .join("build/containers")
+            .join(n)
+            .join("state.json")
+            .exists()
+    };
+    let child = start();
+    wait_for("a build container running", &|| {
+        names().iter().any(|n| running(n))
+    });
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("interrupted"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(names().is_empty(), "left: {:?}", names());
+
+    // SIGKILL: nothing can clean up then; the next build (or apply) removes what was left
+    let mut child = start();
+    wait_for("a build container running", &|| {
+        names().iter().any(|n| running(n))
+    });
+    let left = names();
+    let shim: i64 = {
+        let st: Value = serde_json::from_slice(
+            &std::fs::read(containers.join(&left[0]).join("state.json")).unwrap(),
+        )
+        .unwrap();
+        st["shim_pid"].as_i64().unwrap()
+    };
+    child.kill().unwrap();
+    let _ = child.wait();
+    b.file("Containerfile", "FROM scratch\nLABEL a=b\n");
+    b.built("localhost/after:1");
+    assert!(names().is_empty(), "left: {:?}", names());
+    wait_for("the killed build's supervisor gone", &|| {
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(shim as i32), None).is_err()
+    });
+    let tmp = b.s().join("build/tmp");
+    assert_eq!(
+        std::fs::read_dir(&tmp).map(|r| r.count()).unwrap_or(0),
+        0,
+        "scratch left in {}",
+        tmp.display()
     );
 }

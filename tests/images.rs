@@ -29,51 +29,6 @@ fn first_extra_layer() -> Vec<u8> {
         .build()
 }
 
-/// Mount berth's snapshots of an image read-only as overlayfs (as the runtime will) and
-/// return the mount point; unmounted on drop.
-struct Merged {
-    dir: tempfile::TempDir,
-}
-impl Merged {
-    fn mount(state: &Path, reference: &str) -> Merged {
-        let out = berth(state, &["image", "inspect", reference]);
-        let v: serde_json::Value = serde_json::from_str(&ok(&out)).unwrap();
-        let lowers: Vec<String> = v["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .rev()
-            .map(|l| {
-                state
-                    .join("snapshots")
-                    .join(&l["chain_id"].as_str().unwrap()[7..])
-                    .join("fs")
-                    .display()
-                    .to_string()
-            })
-            .collect();
-        let dir = tempfile::tempdir().unwrap();
-        let st = Command::new("mount")
-            .args([
-                "-t",
-                "overlay",
-                "overlay",
-                "-o",
-                &format!("ro,lowerdir={}", lowers.join(":")),
-            ])
-            .arg(dir.path())
-            .status()
-            .unwrap();
-        assert!(st.success(), "overlay mount failed");
-        Merged { dir }
-    }
-}
-impl Drop for Merged {
-    fn drop(&mut self) {
-        let _ = Command::new("umount").arg(self.dir.path()).status();
-    }
-}
-
 #[test]
 fn pull_matches_umoci_and_skopeo_reads_the_store() {
     let reg = Registry::start();

@@ -418,6 +418,7 @@ impl Executor<'_> {
                             crate::build::Network::None
                         },
                         no_cache: false,
+                        cancel: self.cancel.clone(),
                     },
                     &Quiet,
                 )

@@ -582,7 +582,13 @@ impl Parser<'_> {
             self.err(
                 l,
                 kw_at,
-                format!("unsupported instruction {}", printable(kw, ECHO)),
+                // a word that is not a keyword is not echoed: a Containerfile that is
+                // some other file must not have its lines printed
+                if kw.len() <= 20 && kw.bytes().all(|b| b.is_ascii_alphabetic()) {
+                    format!("unsupported instruction {}", printable(kw, ECHO))
+                } else {
+                    "unsupported instruction (not an instruction keyword)".to_string()
+                },
             );
             return Vec::new();
         }

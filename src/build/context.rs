@@ -12,6 +12,8 @@ use std::path::{Component, Path, PathBuf};
 
 /// Entries one COPY may match (a bound on hostile or mistaken contexts).
 const MAX_ENTRIES: usize = 1_000_000;
+/// `.dockerignore` rules read.
+const MAX_RULES: usize = 1000;
 
 /// Whether one path segment matches a pattern segment (`*`, `?`, `[a-z]`, `[!x]`, `\x`).
 fn segment_matches(pat: &[u8], s: &[u8]) -> bool {
@@ -82,22 +84,56 @@ fn class(pat: &[u8], p: usize, c: u8) -> Option<usize> {
 }
 
 /// Whether `path` (relative, `/`-separated) matches `pattern` (`**` matches any number of
-/// segments).
+/// segments). Dynamic programming over (pattern segment, path segment): linear in their
+/// product whatever the number of `**` (backtracking was exponential in it).
 pub fn path_matches(pattern: &str, path: &str) -> bool {
-    let pat: Vec<&str> = pattern.split('/').filter(|s| !s.is_empty()).collect();
+    let mut pat: Vec<&str> = vec![];
+    for p in pattern.split('/').filter(|s| !s.is_empty()) {
+        // consecutive `**` are one
+        if p == "**" && pat.last() == Some(&"**") {
+            continue;
+        }
+        pat.push(p);
+    }
     let segs: Vec<&str> = path.split('/').filter(|s| !s.is_empty()).collect();
-    fn go(pat: &[&str], segs: &[&str]) -> bool {
-        match pat.first() {
-            None => segs.is_empty(),
-            Some(&"**") => (0..=segs.len()).any(|k| go(&pat[1..], &segs[k..])),
-            Some(p) => {
-                !segs.is_empty()
-                    && segment_matches(p.as_bytes(), segs[0].as_bytes())
-                    && go(&pat[1..], &segs[1..])
+    // ok[j]: the pattern so far matches the first j path segments
+    let mut ok = vec![false; segs.len() + 1];
+    ok[0] = true;
+    for p in &pat {
+        let mut next = vec![false; segs.len() + 1];
+        if *p == "**" {
+            let mut any = false;
+            for j in 0..=segs.len() {
+                any |= ok[j];
+                next[j] = any;
+            }
+        } else {
+            for j in 1..=segs.len() {
+                next[j] = ok[j - 1] && segment_matches(p.as_bytes(), segs[j - 1].as_bytes());
             }
         }
+        ok = next;
     }
-    go(&pat, &segs)
+    ok[segs.len()]
+}
+
+/// Refuse a source path that goes through a symlink before its last component: it would
+/// lead out of the context (or out of a stage's files).
+pub fn check_components(root: &Path, rel: &str) -> Result<(), String> {
+    let mut p = root.to_path_buf();
+    let parts: Vec<&str> = rel.split('/').filter(|s| !s.is_empty()).collect();
+    for (i, c) in parts.iter().enumerate() {
+        if i + 1 == parts.len() || c.contains(['*', '?', '[']) {
+            break;
+        }
+        p.push(c);
+        if std::fs::symlink_metadata(&p).is_ok_and(|m| m.file_type().is_symlink()) {
+            return Err(format!(
+                "{rel}: goes through the symlink {c}, which is not followed"
+            ));
+        }
+    }
+    Ok(())
 }
 
 /// `.dockerignore`: patterns in order, `!` re-including; the last that matches decides.
@@ -110,7 +146,8 @@ impl Ignore {
     /// Read `context/.dockerignore` (none: nothing ignored).
     pub fn load(context: &Path) -> Result<Ignore, PathError> {
         let p = context.join(".dockerignore");
-        let text = match crate::fsutil::open_regular(&p, None) {
+        // inside the context, through no symlink
+        let text = match crate::fsutil::open_regular(Path::new(".dockerignore"), Some(context)) {
             Ok(f) => {
                 let mut s = String::new();
                 f.take(1 << 20)
@@ -125,6 +162,7 @@ impl Ignore {
             .lines()
             .map(str::trim)
             .filter(|l| !l.is_empty() && !l.starts_with('#'))
+            .take(MAX_RULES)
             .map(|l| {
                 let (keep, pat) = match l.strip_prefix('!') {
                     Some(rest) => (true, rest.trim()),
@@ -198,6 +236,7 @@ fn has_glob(s: &str) -> bool {
 /// as themselves, never followed.
 pub fn matches(root: &Path, src: &str, ignore: &Ignore) -> Result<Vec<String>, String> {
     let rel = relative_source(src)?;
+    check_components(root, &rel)?;
     if !has_glob(&rel) {
         let p = root.join(&rel);
         return match std::fs::symlink_metadata(&p) {
@@ -441,6 +480,17 @@ mod tests {
         assert!(!path_matches("[!a-c]x", "bx"));
         assert!(path_matches("src/**", "src/a/b"));
         assert!(!path_matches("src", "src/a"));
+    }
+
+    #[test]
+    fn many_double_stars_stay_linear() {
+        // backtracking took minutes on this; the table takes microseconds
+        let pat = "**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/**/zz";
+        let path = vec!["a"; 60].join("/");
+        assert!(!path_matches(pat, &path));
+        assert!(path_matches(pat, &format!("{path}/zz")));
+        assert!(path_matches("a/**/b/**/c", "a/x/b/y/z/c"));
+        assert!(!path_matches("a/**/b/**/c", "a/x/c"));
     }
 
     #[test]

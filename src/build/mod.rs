@@ -31,6 +31,13 @@ const CONFIG_MEDIA_TYPE: &str = "application/vnd.oci.image.config.v1+json";
 const MANIFEST_MEDIA_TYPE: &str = "application/vnd.oci.image.manifest.v1+json";
 /// Lines of a failed RUN's output shown with the error.
 const LAST_LINES: usize = 20;
+/// Processes a RUN step may have at once.
+const BUILD_PIDS: u64 = 4096;
+/// The longest value a variable expands to, and the largest image config.
+const MAX_VALUE: usize = 1 << 20;
+const MAX_CONFIG: usize = 16 << 20;
+/// The most an ADD of a URL downloads.
+const MAX_DOWNLOAD: u64 = 4 << 30;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
@@ -79,6 +86,9 @@ pub struct BuildOptions {
     pub network: Network,
     /// Run every step, reusing nothing.
     pub no_cache: bool,
+    /// Cancelled to stop (SIGINT, SIGTERM, an agent stopping): the RUN under way is killed
+    /// and everything the build made so far removed.
+    pub cancel: tokio_util::sync::CancellationToken,
 }
 
 /// What a build tells as it goes.
@@ -271,7 +281,7 @@ pub fn build(
             }
         }
     };
-    let text = read_text(&file)?;
+    let text = read_text(&opts.context, &file)?;
     let cf = containerfile::parse(&text, &file).map_err(BuildError::Parse)?;
     let b = Builder {
         host,
@@ -288,16 +298,31 @@ pub fn build(
         ),
         tmp: host.state.root.join("build").join("tmp"),
         cache: host.state.root.join("build").join("cache"),
+        owner: String::new(),
     };
     b.store.init()?;
     // nothing this build stands on or makes is collected before it is tagged
     let _lease = b.store.lease()?;
+    // what builds killed before they could clean up left behind goes first
+    reap(host);
+    let owner = Owner::claim(&host.state.root.join("build"))?;
+    let b = Builder {
+        owner: owner.id.clone(),
+        ..b
+    };
     b.run(&cf)
 }
 
-fn read_text(file: &Path) -> Result<String, BuildError> {
+/// The Containerfile: a file in the context is opened inside it, through no symlink (one
+/// pointing at /etc/shadow would have its lines echoed as errors); one named elsewhere on
+/// the command line as given.
+fn read_text(context: &Path, file: &Path) -> Result<String, BuildError> {
     use std::io::Read;
-    let f = crate::fsutil::open_regular(file, None).map_err(|e| PathError::new("open", file, e))?;
+    let opened = match file.strip_prefix(context) {
+        Ok(rel) => crate::fsutil::open_regular(rel, Some(context)),
+        Err(_) => crate::fsutil::open_regular(file, None),
+    };
+    let f = opened.map_err(|e| PathError::new("open", file, e))?;
     let mut s = String::new();
     f.take(1 << 20)
         .read_to_string(&mut s)
@@ -316,6 +341,8 @@ struct Builder<'a> {
     runtime: Runtime,
     tmp: PathBuf,
     cache: PathBuf,
+    /// This build's id: its containers and scratch directories carry it (see [`reap`]).
+    owner: String,
 }
 
 impl Builder<'_> {
@@ -375,6 +402,9 @@ impl Builder<'_> {
                 millis: t0.elapsed().as_millis() as u64,
             });
             for ins in &stage.instructions {
+                if self.opts.cancel.is_cancelled() {
+                    return Err(self.err(ins.line, "the build was interrupted"));
+                }
                 n += 1;
                 let t0 = Instant::now();
                 let (cached, layer) = self.step(&mut st, ins, &stages, &globals, n, total)?;
@@ -437,7 +467,18 @@ impl Builder<'_> {
     }
 
     fn expand(&self, st: &StageState, s: &str, line: usize) -> Result<String, BuildError> {
-        containerfile::expand(s, self.escape, &|v| st.var(v)).map_err(|e| self.err(line, e))
+        let v =
+            containerfile::expand(s, self.escape, &|v| st.var(v)).map_err(|e| self.err(line, e))?;
+        if v.len() > MAX_VALUE {
+            return Err(self.err(
+                line,
+                format!(
+                    "a value longer than {} MiB after expansion",
+                    MAX_VALUE >> 20
+                ),
+            ));
+        }
+        Ok(v)
     }
 
     /// One instruction: (served from the cache, the layer digest if it makes one).
@@ -567,7 +608,7 @@ impl Builder<'_> {
             Kind::Run(c) => {
                 // the build arguments a RUN sees are inputs too
                 // the command itself (the text squeezes blanks a quoted string keeps)
-                let mut key_input = format!("RUN {c:?}");
+                let mut key_input = format!("RUN {c:?}\0{:?}", self.opts.network);
                 for (k, v) in &st.args {
                     key_input.push_str(&format!("\0{k}={v}"));
                 }
@@ -602,26 +643,26 @@ impl Builder<'_> {
                     Some(c) => Some(self.expand(st, c, line)?),
                     None => None,
                 };
-                let from_root = match &spec.from {
-                    Some(f) => Some(self.source_root(f, stages, line)?),
+                let from_state = match &spec.from {
+                    Some(f) => Some(self.stage_for(f, stages, line)?),
                     None => None,
                 };
-                // the inputs: what each source names, byte for byte
+                // the inputs: what each source names, byte for byte (from another stage:
+                // that stage's key, which covers everything it is made of)
                 let mut h = Sha256::new();
+                if let Some(fs) = &from_state {
+                    h.update(fs.key.as_bytes());
+                }
                 for s in &sources {
                     h.update(s.as_bytes());
                     h.update([0]);
-                    if add && is_url(s) {
+                    if (add && is_url(s)) || from_state.is_some() {
                         continue;
                     }
-                    let (root, ignore) = match &from_root {
-                        Some(r) => (r.path.clone(), context::Ignore::default()),
-                        None => (self.opts.context.clone(), self.ignore.clone()),
-                    };
-                    for m in context::matches(&root, s, &ignore)
+                    for m in context::matches(&self.opts.context, s, &self.ignore)
                         .map_err(|e| self.err(line, format!("{}: {e}", verb(add))))?
                     {
-                        context::hash_tree(&root, &m, &ignore, &mut h)
+                        context::hash_tree(&self.opts.context, &m, &self.ignore, &mut h)
                             .map_err(|e| self.err(line, e))?;
                     }
                 }
@@ -636,6 +677,10 @@ impl Builder<'_> {
                     }
                     _ => {
                         self.events.step(n, total, &ins.text, false);
+                        let from_root = match &from_state {
+                            Some(fs) => Some(self.source_root(fs, &sources, line)?),
+                            None => None,
+                        };
                         let l = self.copy_step(
                             st,
                             &sources,
@@ -683,7 +728,7 @@ impl Builder<'_> {
     /// A fresh private directory for one step's scratch files, removed on drop.
     fn scratch(&self) -> Result<Scratch, BuildError> {
         std::fs::create_dir_all(&self.tmp).map_err(|e| PathError::new("create", &self.tmp, e))?;
-        let p = self.tmp.join(random_name());
+        let p = self.tmp.join(format!("{}-{}", self.owner, random_name()));
         crate::fsutil::create_dir_mode(&p, 0o700)?;
         Ok(Scratch(p))
     }
@@ -776,7 +821,7 @@ impl Builder<'_> {
                 env.push((k.clone(), v.clone()));
             }
         }
-        let name = format!("build-{}", random_name());
+        let name = format!("build-{}-{}", self.owner, random_name());
         let cfg = RuntimeConfig {
             name: name.clone(),
             layers,
@@ -798,7 +843,11 @@ impl Builder<'_> {
                 seccomp: true,
             },
             mounts: vec![],
-            limits: Default::default(),
+            // a fork bomb in a RUN stops here, not at the host's limit
+            limits: rc::Limits {
+                pids: Some(BUILD_PIDS),
+                ..Default::default()
+            },
             cgroup_parent: self.host.config.cgroup_parent.clone(),
             log_max_size: rc::LOG_MAX_SIZE,
             log_max_files: rc::LOG_MAX_FILES,
@@ -831,6 +880,10 @@ impl Builder<'_> {
         };
         let status = loop {
             take(&mut follower)?;
+            if self.opts.cancel.is_cancelled() {
+                // the guard removes the container (SIGKILL) on the way out
+                return Err(self.err(line, "RUN: the build was interrupted"));
+            }
             match self.runtime.status(&name)? {
                 crate::observe::ContainerStatus::Exited { code, signal, .. } => {
                     break (code, signal);
@@ -883,31 +936,51 @@ impl Builder<'_> {
         self.store_layer(st, &file, &out)
     }
 
-    /// The root a `COPY --from` reads: an earlier stage's (or an image's) files, merged
-    /// from its layers into a scratch directory.
-    fn source_root(
+    /// The stage (by name or index) or image a `--from` names.
+    fn stage_for(
         &self,
         from: &str,
         stages: &[StageState],
         line: usize,
-    ) -> Result<FromRoot, BuildError> {
-        let state = match from.parse::<usize>() {
+    ) -> Result<StageState, BuildError> {
+        match from.parse::<usize>() {
             Ok(i) => stages.get(i).cloned().ok_or_else(|| {
                 self.err(line, format!("--from={from}: no stage {i} before this one"))
-            })?,
+            }),
             Err(_) => match stages
                 .iter()
                 .find(|s| s.name.as_deref() == Some(from.to_ascii_lowercase().as_str()))
             {
-                Some(s) => s.clone(),
-                None => self.base(from, line)?,
+                Some(s) => Ok(s.clone()),
+                None => self.base(from, line),
             },
-        };
+        }
+    }
+
+    /// The root a `COPY --from` reads: what the sources name in that stage's (or image's)
+    /// files, merged from its layers into a scratch directory (only those paths: not the
+    /// whole image).
+    fn source_root(
+        &self,
+        state: &StageState,
+        sources: &[String],
+        line: usize,
+    ) -> Result<FromRoot, BuildError> {
         let scratch = self.scratch()?;
         let root = scratch.0.join("root");
         crate::fsutil::create_dir_mode(&root, 0o755)?;
-        for dir in st_layers(&self.store, &state)? {
-            merge_layer(&dir, &root).map_err(|e| self.err(line, format!("--from={from}: {e}")))?;
+        for s in sources {
+            let rel = context::relative_source(s).map_err(|e| self.err(line, e))?;
+            // the part before any wildcard
+            let prefix: Vec<&str> = rel
+                .split('/')
+                .take_while(|c| !c.contains(['*', '?', '[']))
+                .collect();
+            let prefix = prefix.join("/");
+            for dir in st_layers(&self.store, state)? {
+                merge_layer(&dir, &root, &prefix)
+                    .map_err(|e| self.err(line, format!("--from: {e}")))?;
+            }
         }
         Ok(FromRoot {
             path: root,
@@ -991,10 +1064,16 @@ impl Builder<'_> {
                     }
                     continue;
                 }
-                if add && meta.is_file() && from_root.is_none() && is_archive(&src) {
-                    mk_parents(&target)?;
-                    self.extract(&src, &target, line)?;
-                    continue;
+                if add && meta.is_file() && from_root.is_none() {
+                    // opened once, inside the context through no symlink: what is checked
+                    // is what is extracted
+                    let f = crate::fsutil::open_regular(Path::new(&m), Some(&root))
+                        .map_err(|e| PathError::new("open", &src, e))?;
+                    if let Some(f) = archive(f, &src)? {
+                        mk_parents(&target)?;
+                        self.extract(f, &src, &target, line)?;
+                        continue;
+                    }
                 }
                 let base = Path::new(&m)
                     .file_name()
@@ -1080,11 +1159,16 @@ impl Builder<'_> {
     }
 
     /// ADD of a local archive: extracted (gzip, bzip2? no: gzip, zstd or plain tar) into `to`.
-    fn extract(&self, src: &Path, to: &Path, line: usize) -> Result<(), BuildError> {
+    fn extract(
+        &self,
+        f: std::fs::File,
+        src: &Path,
+        to: &Path,
+        line: usize,
+    ) -> Result<(), BuildError> {
         let scratch = self.scratch()?;
         let out = scratch.0.join("x");
         crate::fsutil::create_dir_mode(&out, 0o755)?;
-        let f = std::fs::File::open(src).map_err(|e| PathError::new("open", src, e))?;
         let mut r = std::io::BufReader::new(f);
         let magic = {
             use std::io::BufRead;
@@ -1109,34 +1193,91 @@ impl Builder<'_> {
             &crate::reconcile::unpack_options(&self.host.state, &self.host.config),
         )
         .map_err(|e| self.err(line, format!("ADD {}: {e}", src.display())))?;
-        merge_layer(&out, to).map_err(|e| self.err(line, format!("ADD {}: {e}", src.display())))
+        merge_layer(&out, to, "").map_err(|e| self.err(line, format!("ADD {}: {e}", src.display())))
     }
 
-    /// ADD of a URL: downloaded to `to` (mode 0600, as docker).
+    /// ADD of a URL: downloaded to `to` (mode 0600, as docker). With network none (the
+    /// default) only public addresses are fetched, at every redirect too: a Containerfile
+    /// from a repository cannot put the host's loopback services or a cloud metadata
+    /// endpoint into an image. Bounded in size, with a connect and an idle timeout.
     fn download(&self, url: &str, to: &Path, line: usize) -> Result<(), BuildError> {
+        let host_net = self.opts.network == Network::Host;
+        let check = move |u: &reqwest::Url| -> Result<(), String> {
+            if !matches!(u.scheme(), "http" | "https") {
+                return Err(format!("{u}: only http and https are fetched"));
+            }
+            if host_net {
+                return Ok(());
+            }
+            let host = u.host_str().unwrap_or_default();
+            let port = u.port_or_known_default().unwrap_or(80);
+            let addrs: Vec<std::net::IpAddr> = match host.trim_matches(['[', ']']).parse() {
+                Ok(ip) => vec![ip],
+                Err(_) => std::net::ToSocketAddrs::to_socket_addrs(&(host, port))
+                    .map_err(|e| format!("{host}: {e}"))?
+                    .map(|a| a.ip())
+                    .collect(),
+            };
+            match addrs.iter().find(|ip| !public(ip)) {
+                Some(ip) => Err(format!(
+                    "{u}: {ip} is not a public address; a build with --network none (network = \"none\") fetches only public ones"
+                )),
+                None => Ok(()),
+            }
+        };
+        let parsed =
+            reqwest::Url::parse(url).map_err(|e| self.err(line, format!("ADD {url}: {e}")))?;
+        check(&parsed).map_err(|e| self.err(line, format!("ADD {e}")))?;
         let client = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(30))
             .timeout(self.host.config.pull.max_time.as_std())
+            .redirect(reqwest::redirect::Policy::custom(move |a| {
+                if a.previous().len() >= 10 {
+                    return a.error("more than 10 redirects");
+                }
+                match check(a.url()) {
+                    Ok(()) => a.follow(),
+                    Err(e) => a.error(e),
+                }
+            }))
             .build()
             .map_err(|e| self.err(line, format!("ADD {url}: {e}")))?;
         let to2 = to.to_path_buf();
+        let min_free = self.store.min_free;
         self.host.handle.block_on(async {
             use futures::StreamExt;
             let resp = client
                 .get(url)
                 .send()
                 .await
-                .and_then(|r| r.error_for_status())
-                .map_err(|e| self.err(line, format!("ADD {url}: {e}")))?;
+                .map_err(|e| self.err(line, format!("ADD {url}: {}", crate::apply::error_chain(&e))))?;
+            if !resp.status().is_success() {
+                return Err(self.err(line, format!("ADD {url}: {}", resp.status())));
+            }
             let mut f = std::fs::OpenOptions::new()
                 .write(true)
                 .create_new(true)
                 .open(&to2)
                 .map_err(|e| PathError::new("create", &to2, e))?;
             let mut body = resp.bytes_stream();
-            while let Some(chunk) = body.next().await {
+            let mut total = 0u64;
+            loop {
+                let next = tokio::time::timeout(Duration::from_secs(60), body.next())
+                    .await
+                    .map_err(|_| self.err(line, format!("ADD {url}: no data for 60 s")))?;
+                let Some(chunk) = next else { break };
                 let chunk = chunk.map_err(|e| self.err(line, format!("ADD {url}: {e}")))?;
-                f.write_all(&chunk)
-                    .map_err(|e| PathError::new("write", &to2, e))?;
+                total += chunk.len() as u64;
+                if total > MAX_DOWNLOAD {
+                    return Err(self.err(line, format!("ADD {url}: larger than {} GiB", MAX_DOWNLOAD >> 30)));
+                }
+                if min_free > 0
+                    && let Ok(v) = nix::sys::statvfs::statvfs(to2.as_path())
+                    && v.blocks_available().saturating_mul(v.fragment_size()) < min_free
+                {
+                    return Err(self.err(line, format!("ADD {url}: the state directory's file system is down to its reserve ([store] min_free)")));
+                }
+                f.write_all(&chunk).map_err(|e| PathError::new("write", &to2, e))?;
             }
             {
                 use std::os::unix::fs::PermissionsExt;
@@ -1154,6 +1295,12 @@ impl Builder<'_> {
         config["rootfs"] = json!({"type": "layers", "diff_ids": st.diff_ids});
         config["created"] = json!(st.created);
         let cbytes = serde_json::to_vec(&config).map_err(|e| BuildError::Invalid(e.to_string()))?;
+        if cbytes.len() > MAX_CONFIG {
+            return Err(BuildError::Invalid(format!(
+                "the image config would be {} bytes (at most {MAX_CONFIG})",
+                cbytes.len()
+            )));
+        }
         let cdigest = self.store.put_bytes(&cbytes)?;
         let manifest = Manifest {
             schema_version: 2,
@@ -1238,17 +1385,24 @@ fn target_is_dir(p: &Path) -> bool {
     std::fs::symlink_metadata(p).is_ok_and(|m| m.is_dir())
 }
 
-/// A local file ADD extracts: gzip or zstd compressed, or a plain tar (ustar magic).
-fn is_archive(p: &Path) -> bool {
-    use std::io::Read;
-    let Ok(mut f) = std::fs::File::open(p) else {
-        return false;
-    };
+/// The open file back, rewound, if ADD extracts it: gzip or zstd compressed, or a plain tar
+/// (ustar magic).
+fn archive(mut f: std::fs::File, p: &Path) -> Result<Option<std::fs::File>, BuildError> {
+    use std::io::{Read, Seek};
     let mut head = [0u8; 512];
-    let n = f.read(&mut head).unwrap_or(0);
-    head[..n].starts_with(&[0x1f, 0x8b])
+    let mut n = 0;
+    while n < head.len() {
+        match f.read(&mut head[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) => return Err(PathError::new("read", p, e).into()),
+        }
+    }
+    let yes = head[..n].starts_with(&[0x1f, 0x8b])
         || head[..n].starts_with(&[0x28, 0xb5, 0x2f, 0xfd])
-        || (n >= 262 && &head[257..262] == b"ustar")
+        || (n >= 262 && &head[257..262] == b"ustar");
+    f.rewind().map_err(|e| PathError::new("read", p, e))?;
+    Ok(yes.then_some(f))
 }
 
 /// The snapshot directories of a stage's layers, bottom first.
@@ -1259,63 +1413,107 @@ fn st_layers(store: &Store, st: &StageState) -> Result<Vec<PathBuf>, BuildError>
         .collect()
 }
 
-/// Merge one unpacked layer (overlay format: whiteouts are 0/0 character devices, opaque
-/// directories carry `trusted.overlay.opaque`) onto `root`, as overlayfs would show it.
-fn merge_layer(layer: &Path, root: &Path) -> Result<(), String> {
-    use std::os::unix::fs::{FileTypeExt, MetadataExt};
-    let mut stack = vec![PathBuf::new()];
-    while let Some(rel) = stack.pop() {
-        let dir = layer.join(&rel);
-        let Ok(rd) = std::fs::read_dir(&dir) else {
+/// Merge what one unpacked layer (overlay format: whiteouts are 0/0 character devices,
+/// opaque directories carry `trusted.overlay.opaque`) has at `prefix` (relative, "" for
+/// everything) onto `root`, as overlayfs would show it. Symlinks are copied as symlinks,
+/// never followed; every directory written to in `root` was made here, so nothing is
+/// written through a link.
+fn merge_layer(layer: &Path, root: &Path, prefix: &str) -> Result<(), String> {
+    let parts: Vec<&str> = prefix.split('/').filter(|s| !s.is_empty()).collect();
+    let mut rel = PathBuf::new();
+    let mut stack: Vec<PathBuf> = vec![];
+    for (i, c) in parts.iter().enumerate() {
+        rel.push(c);
+        let src = layer.join(&rel);
+        let Ok(m) = std::fs::symlink_metadata(&src) else {
+            // this layer has nothing there
+            return Ok(());
+        };
+        if i + 1 == parts.len() {
+            merge_entry(layer, root, &rel, &mut stack)?;
+            break;
+        }
+        // an ancestor deleted or replaced by a non-directory here hides what was below it
+        if is_whiteout(&m) || !m.is_dir() {
+            remove_path(&root.join(&rel));
+            return Ok(());
+        }
+        merge_dir(&src, &root.join(&rel), &m)?;
+    }
+    if parts.is_empty() {
+        stack.push(PathBuf::new());
+    }
+    while let Some(dir_rel) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(layer.join(&dir_rel)) else {
             continue;
         };
         for e in rd.flatten() {
-            let name = e.file_name();
-            let r = rel.join(&name);
-            let src = layer.join(&r);
-            let dst = root.join(&r);
-            let m =
-                std::fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
-            let ft = m.file_type();
-            if ft.is_char_device() && m.rdev() == 0 {
-                remove_path(&dst);
-                continue;
-            }
-            if ft.is_dir() {
-                let opaque = xattr::get(&src, "trusted.overlay.opaque")
-                    .ok()
-                    .flatten()
-                    .as_deref()
-                    == Some(b"y");
-                if opaque || !std::fs::symlink_metadata(&dst).is_ok_and(|x| x.is_dir()) {
-                    remove_path(&dst);
-                }
-                if !dst.exists() {
-                    std::fs::create_dir(&dst).map_err(|e| format!("{}: {e}", dst.display()))?;
-                }
-                let _ = std::fs::set_permissions(
-                    &dst,
-                    std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
-                );
-                let _ = std::os::unix::fs::lchown(&dst, Some(m.uid()), Some(m.gid()));
-                stack.push(r);
-                continue;
-            }
-            remove_path(&dst);
-            let rs = r.to_string_lossy().into_owned();
-            context::copy_tree(layer, &rs, &dst, &context::Ignore::default(), None).or_else(
-                |e| {
-                    // devices and FIFOs of an image are not copied by COPY --from (as docker)
-                    if ft.is_file() || ft.is_symlink() {
-                        Err(e)
-                    } else {
-                        Ok(())
-                    }
-                },
-            )?;
+            merge_entry(layer, root, &dir_rel.join(e.file_name()), &mut stack)?;
         }
     }
     Ok(())
+}
+
+fn is_whiteout(m: &std::fs::Metadata) -> bool {
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    m.file_type().is_char_device() && m.rdev() == 0
+}
+
+/// A directory of a layer onto `dst`: made if missing (replacing a non-directory), emptied
+/// first when the layer marks it opaque, given the layer's mode and owner.
+fn merge_dir(src: &Path, dst: &Path, m: &std::fs::Metadata) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let opaque = xattr::get(src, "trusted.overlay.opaque")
+        .ok()
+        .flatten()
+        .as_deref()
+        == Some(b"y");
+    if opaque || !std::fs::symlink_metadata(dst).is_ok_and(|x| x.is_dir()) {
+        remove_path(dst);
+    }
+    if std::fs::symlink_metadata(dst).is_err() {
+        std::fs::create_dir(dst).map_err(|e| format!("{}: {e}", dst.display()))?;
+    }
+    let _ = std::fs::set_permissions(
+        dst,
+        std::os::unix::fs::PermissionsExt::from_mode(m.mode() & 0o7777),
+    );
+    let _ = std::os::unix::fs::lchown(dst, Some(m.uid()), Some(m.gid()));
+    Ok(())
+}
+
+/// One entry of a layer onto `root`; a directory's children are left on `stack`.
+fn merge_entry(
+    layer: &Path,
+    root: &Path,
+    r: &Path,
+    stack: &mut Vec<PathBuf>,
+) -> Result<(), String> {
+    let src = layer.join(r);
+    let dst = root.join(r);
+    let m = std::fs::symlink_metadata(&src).map_err(|e| format!("{}: {e}", src.display()))?;
+    let ft = m.file_type();
+    if is_whiteout(&m) {
+        remove_path(&dst);
+        return Ok(());
+    }
+    if ft.is_dir() {
+        merge_dir(&src, &dst, &m)?;
+        stack.push(r.to_path_buf());
+        return Ok(());
+    }
+    remove_path(&dst);
+    // devices and FIFOs of an image are not copied by COPY --from (as docker)
+    if !(ft.is_file() || ft.is_symlink()) {
+        return Ok(());
+    }
+    let Some(rs) = r.to_str() else {
+        return Err(format!(
+            "{}: a name that is not UTF-8 is not copied",
+            crate::text::printable_bytes(r.as_os_str().as_encoded_bytes(), 200)
+        ));
+    };
+    context::copy_tree(layer, rs, &dst, &context::Ignore::default(), None)
 }
 
 fn remove_path(p: &Path) {
@@ -1420,4 +1618,106 @@ fn random_name() -> String {
 
 fn now_rfc3339() -> String {
     crate::runtime::logs::rfc3339(std::time::SystemTime::now())
+}
+
+/// Whether an address is on the public internet (not loopback, private, link-local — cloud
+/// metadata lives there —, unspecified, multicast, documentation or shared space).
+fn public(ip: &std::net::IpAddr) -> bool {
+    match ip {
+        std::net::IpAddr::V4(v) => {
+            let o = v.octets();
+            !(v.is_loopback()
+                || v.is_private()
+                || v.is_link_local()
+                || v.is_unspecified()
+                || v.is_broadcast()
+                || v.is_multicast()
+                || v.is_documentation()
+                || o[0] == 0
+                || (o[0] == 100 && (64..128).contains(&o[1])))
+        }
+        std::net::IpAddr::V6(v) => {
+            let s = v.segments();
+            !(v.is_loopback()
+                || v.is_unspecified()
+                || v.is_multicast()
+                || (s[0] & 0xfe00) == 0xfc00
+                || (s[0] & 0xffc0) == 0xfe80
+                || v.to_ipv4_mapped()
+                    .is_some_and(|m| !public(&std::net::IpAddr::V4(m))))
+        }
+    }
+}
+
+/// This build's claim on what it makes: `STATE/build/owners/ID.lock`, locked for the build's
+/// life. Its containers are `build-ID-…` and its scratch directories `ID-…`.
+struct Owner {
+    id: String,
+    _lock: nix::fcntl::Flock<std::fs::File>,
+}
+
+impl Owner {
+    fn claim(build_dir: &Path) -> Result<Owner, BuildError> {
+        let owners = build_dir.join("owners");
+        std::fs::create_dir_all(&owners).map_err(|e| PathError::new("create", &owners, e))?;
+        let id = random_name();
+        let p = owners.join(format!("{id}.lock"));
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&p)
+            .map_err(|e| PathError::new("create", &p, e))?;
+        let lock = nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|(_, e)| PathError::new("lock", &p, e.into()))?;
+        Ok(Owner { id, _lock: lock })
+    }
+}
+
+/// Remove what builds that are no longer running left behind (killed before they could
+/// clean up): their build containers (killed first), scratch directories and locks. A
+/// build is running while its owner lock is held.
+pub fn reap(host: &Host) {
+    let build = host.state.root.join("build");
+    let owners = build.join("owners");
+    let alive = |id: &str| -> bool {
+        let p = owners.join(format!("{id}.lock"));
+        match std::fs::File::open(&p) {
+            Ok(f) => {
+                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
+            }
+            Err(_) => false,
+        }
+    };
+    let owner_of = |name: &str| name.split('-').next().unwrap_or_default().to_string();
+    let rt = Runtime::new(
+        build.join("containers"),
+        host.exe.clone(),
+        host.config.cgroup_parent.clone(),
+    );
+    for name in rt.names() {
+        let id = owner_of(name.strip_prefix("build-").unwrap_or(&name));
+        if !alive(&id) {
+            tracing::info!(container = %name, "removing a build container a killed build left");
+            let _ = rt.remove(&name, "SIGKILL", Duration::from_secs(5));
+            let _ = crate::store::remove_tree(&rt.dir(&name).0);
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(build.join("tmp")) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if !alive(&owner_of(&name)) {
+                let _ = crate::store::remove_tree(&e.path());
+            }
+        }
+    }
+    if let Ok(rd) = std::fs::read_dir(&owners) {
+        for e in rd.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            if let Some(id) = name.strip_suffix(".lock")
+                && !alive(id)
+            {
+                let _ = std::fs::remove_file(e.path());
+            }
+        }
+    }
 }

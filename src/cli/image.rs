@@ -320,6 +320,7 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
                     BuildNetwork::Host => crate::build::Network::Host,
                 },
                 no_cache,
+                cancel: Default::default(),
             },
             quiet || json,
             json,
@@ -434,6 +435,25 @@ impl crate::build::BuildEvents for BuildOutput {
 fn build_cmd(c: &Ctx, opts: crate::build::BuildOptions, quiet: bool, json: bool) -> Result<()> {
     let tokio = runtime()?;
     let host = super::host(c, &tokio)?;
+    // Ctrl-C or SIGTERM: the RUN under way is killed and the build's leftovers removed
+    // before berth exits, instead of a step running on unattended
+    let cancel = opts.cancel.clone();
+    tokio.spawn(async move {
+        use tokio::signal::unix::{SignalKind, signal};
+        let (Ok(mut i), Ok(mut t), Ok(mut h)) = (
+            signal(SignalKind::interrupt()),
+            signal(SignalKind::terminate()),
+            signal(SignalKind::hangup()),
+        ) else {
+            return;
+        };
+        tokio::select! {
+            _ = i.recv() => {}
+            _ = t.recv() => {}
+            _ = h.recv() => {}
+        }
+        cancel.cancel();
+    });
     let built = crate::build::build(&host, &opts, &BuildOutput { quiet })?;
     if json {
         println!("{}", serde_json::to_string_pretty(&built)?);

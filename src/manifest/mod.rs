@@ -1618,8 +1618,22 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
             format!("context {} is not a directory", context.display()),
         ));
     }
+    // the Containerfile lies in the context (it is read through no symlink, see below)
     let file = match tbl.get("file") {
-        Some(i) => Some(context.join(string(i)?)),
+        Some(i) => {
+            let f = string(i)?;
+            let p = Path::new(&f);
+            if p.is_absolute()
+                || p.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+            {
+                return Err((
+                    i.span(),
+                    format!("file {f:?}: give a path inside the context"),
+                ));
+            }
+            Some(context.join(p))
+        }
         None => None,
     };
     let args = match tbl.get("args") {
@@ -1647,14 +1661,23 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
             context.join("Dockerfile")
         }
     });
-    let cf_bytes = std::fs::read(&containerfile).map_err(|e| {
-        (
-            tbl.get("file")
-                .or(tbl.get("context"))
-                .and_then(|i| i.span()),
-            format!("{}: {e}", containerfile.display()),
-        )
-    })?;
+    let cf_bytes = containerfile
+        .strip_prefix(&context)
+        .map_err(std::io::Error::other)
+        .and_then(|rel| crate::fsutil::open_regular(rel, Some(&context)))
+        .and_then(|f| {
+            use std::io::Read;
+            let mut b = vec![];
+            f.take(1 << 20).read_to_end(&mut b).map(|_| b)
+        })
+        .map_err(|e| {
+            (
+                tbl.get("file")
+                    .or(tbl.get("context"))
+                    .and_then(|i| i.span()),
+                format!("{}: {e}", containerfile.display()),
+            )
+        })?;
     let files = crate::build::context::file_digests(&context).map_err(|e| (None, e))?;
     let mut h = sha2::Sha256::new();
     use sha2::Digest;
