@@ -645,3 +645,59 @@ fn hostile_contexts_and_interrupted_builds() {
         tmp.display()
     );
 }
+
+/// A build on a declared network: its RUN steps get an address there (released after),
+/// and the network is created before the image is built.
+#[test]
+fn builds_on_a_declared_network() {
+    let b = Build::new();
+    let m = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(m.path().join("app")).unwrap();
+    std::fs::write(
+        m.path().join("app/Containerfile"),
+        format!(
+            "FROM {BASE}\nRUN /bin/busybox ip -4 addr show eth0 > /netinfo\nCMD [\"cat\", \"/netinfo\"]\n"
+        ),
+    )
+    .unwrap();
+    let net = format!("bn{}", std::process::id());
+    let name = format!("bnc{}", std::process::id());
+    std::fs::write(
+        m.path().join("host.toml"),
+        format!(
+            "[network.{net}]\nsubnet = \"10.251.{}.0/24\"\n\n[image.app]\nref = \"localhost/net-built:1\"\nbuild = {{ context = \"app/\", network = \"{net}\" }}\n\n[container.{name}]\nimage = \"app\"\nnetworks = [\"none\"]\n",
+            std::process::id() % 250
+        ),
+    )
+    .unwrap();
+    ok(&berth(b.s(), &["apply", m.path().to_str().unwrap()]));
+    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    let out = loop {
+        let out = ok(&berth(b.s(), &["logs", &name]));
+        if !out.is_empty() || std::time::Instant::now() > end {
+            break out;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(
+        out.contains(&format!("inet 10.251.{}.", std::process::id() % 250)),
+        "{out}"
+    );
+    let ipam = std::fs::read_to_string(b.s().join(format!("net/{net}.json"))).unwrap();
+    assert!(
+        !ipam.contains("build-"),
+        "the build's lease is released: {ipam}"
+    );
+    // undeclared: a validation error naming the image
+    std::fs::write(
+        m.path().join("host.toml"),
+        "[image.app]\nref = \"localhost/net-built:1\"\nbuild = { context = \"app/\", network = \"nosuch\" }\n",
+    )
+    .unwrap();
+    let o = berth(b.s(), &["validate", m.path().to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("build network \"nosuch\" is not declared"),
+        "{err}"
+    );
+}

@@ -412,12 +412,9 @@ impl Executor<'_> {
                         file: b.file.clone(),
                         tag: reference.clone(),
                         args: b.args.clone(),
-                        network: if b.host_network {
-                            crate::build::Network::Host
-                        } else {
-                            crate::build::Network::None
-                        },
+                        network: crate::build::Network::parse(&b.network),
                         no_cache: false,
+                        state_locked: true,
                         cancel: self.cancel.clone(),
                     },
                     &Quiet,

@@ -212,7 +212,9 @@ impl Executor<'_> {
 /// Returns the names released.
 pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
     let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
-    let released = release_leases(&state.root.join("net"), |n| records.contains_key(n))?;
+    let released = release_leases(&state.root.join("net"), |n| {
+        records.contains_key(n) || crate::build::lease_in_use(&state.root, n)
+    })?;
     if !released.is_empty() {
         refresh_hosts(state, None)?;
     }

@@ -33,7 +33,8 @@ pub struct Need {
 /// - A network that is created or changed needs every container destroy (a removed
 ///   network's subnet or a detached container); a network destroy needs every container
 ///   step (nothing is attached any more).
-/// - Images and volumes need nothing.
+/// - An image built on a network needs that network; other images and volumes need
+///   nothing.
 pub fn graph(
     plan: &Plan,
     desired: &Desired,
@@ -63,7 +64,16 @@ pub fn graph(
         .iter()
         .enumerate()
         .map(|(i, st)| match (st.kind, st.action) {
-            (Kind::Image | Kind::Volume, _) => vec![],
+            // an image built on a network needs that network
+            (Kind::Image, _) => desired
+                .images
+                .get(&st.name)
+                .and_then(|i| i.spec.build.as_ref())
+                .and_then(|b| index.get(&(Kind::Network, b.network.as_str())))
+                .filter(|&&j| !is_destroy(j))
+                .map(|&step| vec![Need { step, uses: true }])
+                .unwrap_or_default(),
+            (Kind::Volume, _) => vec![],
             (Kind::Network, Action::Destroy) => order(
                 &plan
                     .steps

@@ -68,11 +68,24 @@ pub enum BuildError {
 }
 
 /// Where `RUN` steps may connect.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Network {
     None,
     Host,
+    /// A bridge network berth created: the step gets an address on it, for the time it runs.
+    Bridge(String),
+}
+
+impl Network {
+    /// "none", "host" or a network's name.
+    pub fn parse(s: &str) -> Network {
+        match s {
+            "none" => Network::None,
+            "host" => Network::Host,
+            n => Network::Bridge(n.to_string()),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]
@@ -89,6 +102,9 @@ pub struct BuildOptions {
     /// Cancelled to stop (SIGINT, SIGTERM, an agent stopping): the RUN under way is killed
     /// and everything the build made so far removed.
     pub cancel: tokio_util::sync::CancellationToken,
+    /// The caller holds the state directory's lock (apply): addresses on a network are
+    /// leased without taking it again.
+    pub state_locked: bool,
 }
 
 /// What a build tells as it goes.
@@ -822,15 +838,24 @@ impl Builder<'_> {
             }
         }
         let name = format!("build-{}-{}", self.owner, random_name());
+        // an address on the network for the time the step runs (released after the
+        // container is gone: guards drop in reverse order)
+        let _lease;
+        let net = match &self.opts.network {
+            Network::None => NetMode::None,
+            Network::Host => NetMode::Host,
+            Network::Bridge(n) => {
+                let (mode, lease) = self.lease(n, &name, line)?;
+                _lease = lease;
+                mode
+            }
+        };
         let cfg = RuntimeConfig {
             name: name.clone(),
             layers,
             read_only: false,
             hostname: "berth-build".into(),
-            net: match self.opts.network {
-                Network::None => NetMode::None,
-                Network::Host => NetMode::Host,
-            },
+            net,
             process: ProcessSpec {
                 args,
                 env: env.iter().map(|(k, v)| format!("{k}={v}")).collect(),
@@ -934,6 +959,62 @@ impl Builder<'_> {
             },
         )?;
         self.store_layer(st, &file, &out)
+    }
+
+    /// An address for build container `name` on network `n` (berth's IPAM, under the state
+    /// lock unless the caller holds it), released when the returned guard drops.
+    fn lease(&self, n: &str, name: &str, line: usize) -> Result<(NetMode, Lease), BuildError> {
+        let root = self.host.state.root.clone();
+        let path = crate::net::ipam_path(&root, n);
+        let _lock = if self.opts.state_locked {
+            None
+        } else {
+            Some(
+                self.host
+                    .state
+                    .lock(true)
+                    .map_err(|e| self.err(line, e.to_string()))?,
+            )
+        };
+        let mut ipam = crate::net::ipam::Ipam::load(&path)
+            .map_err(|e| self.err(line, e.to_string()))?
+            .ok_or_else(|| {
+                self.err(
+                    line,
+                    format!("network {n:?} has not been created (declare and apply it first)"),
+                )
+            })?;
+        let addr = ipam
+            .lease(name)
+            .map_err(|e| self.err(line, e.to_string()))?;
+        ipam.save(&path)
+            .map_err(|e| self.err(line, e.to_string()))?;
+        let host_veth = crate::net::veth_name(&root, name, 0);
+        let iface = rc::BridgeIface {
+            network: n.to_string(),
+            bridge: ipam.bridge.clone(),
+            peer: format!("bp{}", &host_veth[2..]),
+            host_veth,
+            name: "eth0".into(),
+            addr,
+            prefix: ipam.subnet.prefix,
+        };
+        let gateway = crate::net::Subnet::new(addr, ipam.subnet.prefix).gateway();
+        Ok((
+            NetMode::Bridge {
+                ifaces: vec![iface],
+                gateway,
+            },
+            Lease {
+                path,
+                name: name.to_string(),
+                state: if self.opts.state_locked {
+                    None
+                } else {
+                    Some(self.host.state.clone())
+                },
+            },
+        ))
     }
 
     /// The stage (by name or index) or image a `--from` names.
@@ -1201,7 +1282,8 @@ impl Builder<'_> {
     /// from a repository cannot put the host's loopback services or a cloud metadata
     /// endpoint into an image. Bounded in size, with a connect and an idle timeout.
     fn download(&self, url: &str, to: &Path, line: usize) -> Result<(), BuildError> {
-        let host_net = self.opts.network == Network::Host;
+        // a build on a network of berth's may reach what that network reaches
+        let host_net = self.opts.network != Network::None;
         let check = move |u: &reqwest::Url| -> Result<(), String> {
             if !matches!(u.scheme(), "http" | "https") {
                 return Err(format!("{u}: only http and https are fetched"));
@@ -1596,6 +1678,41 @@ impl Drop for Scratch {
 struct FromRoot {
     path: PathBuf,
     _scratch: Scratch,
+}
+
+/// A build container's address, released when dropped (under the state lock when the build
+/// does not hold it already).
+struct Lease {
+    path: PathBuf,
+    name: String,
+    state: Option<crate::state::StateDir>,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _lock = self.state.as_ref().and_then(|s| s.lock(true).ok());
+        if let Ok(Some(mut ipam)) = crate::net::ipam::Ipam::load(&self.path) {
+            ipam.release(&self.name);
+            let _ = ipam.save(&self.path);
+        }
+    }
+}
+
+/// Whether a lease named `name` belongs to a build that is still running (an apply keeps
+/// those when it releases the leases of containers it has no record of).
+pub fn lease_in_use(state_root: &Path, name: &str) -> bool {
+    let Some(rest) = name.strip_prefix("build-") else {
+        return false;
+    };
+    let id = rest.split('-').next().unwrap_or_default();
+    let p = state_root
+        .join("build")
+        .join("owners")
+        .join(format!("{id}.lock"));
+    match std::fs::File::open(&p) {
+        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
+        Err(_) => false,
+    }
 }
 
 /// Removes a build container when dropped, whatever happened.

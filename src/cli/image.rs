@@ -36,9 +36,10 @@ pub enum ImageCommand {
         /// A build argument (ARG), repeatable: --build-arg VERSION=1.2.
         #[arg(long = "build-arg", value_name = "K=V")]
         build_args: Vec<String>,
-        /// Where RUN steps may connect: none (default) or host.
-        #[arg(long, value_enum, default_value_t = BuildNetwork::None)]
-        network: BuildNetwork,
+        /// Where RUN steps may connect: none (default), host, or a network berth created
+        /// (declared in the manifests and applied).
+        #[arg(long, default_value = "none", value_name = "NETWORK")]
+        network: String,
         /// Run every step again, reusing no cached layer.
         #[arg(long)]
         no_cache: bool,
@@ -315,11 +316,9 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
                         }),
                     })
                     .collect::<Result<_>>()?,
-                network: match network {
-                    BuildNetwork::None => crate::build::Network::None,
-                    BuildNetwork::Host => crate::build::Network::Host,
-                },
+                network: crate::build::Network::parse(&network),
                 no_cache,
+                state_locked: false,
                 cancel: Default::default(),
             },
             quiet || json,
@@ -395,12 +394,6 @@ fn keep_chains(c: &Ctx, st: &Store) -> Result<BTreeSet<String>> {
         }
     }
     Ok(keep)
-}
-
-#[derive(Copy, Clone, Debug, clap::ValueEnum, PartialEq, Eq)]
-pub enum BuildNetwork {
-    None,
-    Host,
 }
 
 /// Step lines and RUN output on stderr (stdout keeps the result).

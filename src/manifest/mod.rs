@@ -1016,6 +1016,29 @@ impl Loader {
 
     /// Checks that need every file: references, cycles, port clashes, subnet overlaps.
     fn cross_check(&mut self) {
+        // an image built on a network names a declared one
+        let builds: Vec<(String, String, Source)> = self
+            .desired
+            .images
+            .iter()
+            .filter_map(|(n, i)| {
+                let b = i.spec.build.as_ref()?;
+                Some((n.clone(), b.network.clone(), i.source.clone()))
+            })
+            .collect();
+        for (name, net, source) in builds {
+            if net == NET_NONE || net == NET_HOST || self.desired.networks.contains_key(&net) {
+                continue;
+            }
+            self.diags.push(Diagnostic {
+                file: source.file.clone(),
+                line: source.line,
+                col: 1,
+                message: format!(
+                    "[image.{name}] build network {net:?} is not declared: use \"none\", \"host\" or add [network.{net}]"
+                ),
+            });
+        }
         let crefs = std::mem::take(&mut self.crefs);
         let names: Vec<String> = self.desired.containers.keys().cloned().collect();
         for cname in &names {
@@ -1640,18 +1663,10 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
         Some(i) => string_map(i)?,
         None => BTreeMap::new(),
     };
-    let host_network = match tbl.get("network") {
-        None => false,
-        Some(i) => match string(i)?.as_str() {
-            "none" => false,
-            "host" => true,
-            other => {
-                return Err((
-                    i.span(),
-                    format!("network: expected \"none\" or \"host\", found {other:?}"),
-                ));
-            }
-        },
+    // "none", "host" or a declared network (checked with the other references)
+    let network = match tbl.get("network") {
+        None => NET_NONE.to_string(),
+        Some(i) => string(i)?,
     };
     let containerfile = file.clone().unwrap_or_else(|| {
         let c = context.join("Containerfile");
@@ -1682,7 +1697,7 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
     let mut h = sha2::Sha256::new();
     use sha2::Digest;
     h.update(&cf_bytes);
-    h.update(format!("\0{args:?}\0{host_network}\0").as_bytes());
+    h.update(format!("\0{args:?}\0{network}\0").as_bytes());
     for (k, v) in &files {
         h.update(k.as_bytes());
         h.update([0]);
@@ -1693,7 +1708,7 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
         context,
         file,
         args,
-        host_network,
+        network,
         inputs: BuildInputs {
             digest: hex::encode(h.finalize()),
             files,

@@ -87,12 +87,16 @@ pub struct BuildSpec {
     pub file: Option<PathBuf>,
     #[serde(default)]
     pub args: BTreeMap<String, String>,
-    /// RUN steps may use the host's network.
-    #[serde(default)]
-    pub host_network: bool,
+    /// Where RUN steps may connect: "none" (default), "host", or a declared network.
+    #[serde(default = "no_network")]
+    pub network: String,
     /// What the inputs are now (read when the manifests are loaded): a digest of all of
     /// them, and each context file's (relative path → digest), for the plan's reasons.
     pub inputs: BuildInputs,
+}
+
+fn no_network() -> String {
+    NET_NONE.to_string()
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
