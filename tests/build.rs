@@ -117,6 +117,30 @@ impl Build {
         ok(&berth(self.s(), &["logs", name]))
     }
 
+    /// Container `name`'s output once it has written some (at most 60 s: a bound, not a
+    /// timing assertion).
+    fn logs(&self, name: &str) -> String {
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
+        loop {
+            let out = ok(&berth(self.s(), &["logs", name]));
+            if !out.is_empty() || std::time::Instant::now() > end {
+                return out;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    }
+
+    /// `plan --detailed-exitcode DIR` says there is nothing to do.
+    fn converged(&self, dir: &str) {
+        let o = berth(self.s(), &["plan", "--detailed-exitcode", dir]);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+    }
+
     /// The entry names of a layer blob in the store.
     fn layer_entries(&self, digest: &str) -> Vec<String> {
         let hex = digest.strip_prefix("sha256:").unwrap();
@@ -439,24 +463,9 @@ fn declared_builds_are_planned_built_and_rebuilt_on_change() {
         "{plan}"
     );
     ok(&berth(b.s(), &["apply", dir]));
-    let logs = || {
-        let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-        loop {
-            let out = ok(&berth(b.s(), &["logs", &name]));
-            if !out.is_empty() || std::time::Instant::now() > end {
-                return out;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
+    let logs = || b.logs(&name);
     assert_eq!(logs().trim(), "v1");
-    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    b.converged(dir);
 
     std::fs::write(m.path().join("app/msg"), "v2\n").unwrap();
     let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
@@ -466,13 +475,7 @@ fn declared_builds_are_planned_built_and_rebuilt_on_change() {
     assert!(plan.contains("is built again"), "{plan}");
     ok(&berth(b.s(), &["apply", dir]));
     assert_eq!(logs().trim(), "v2");
-    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    b.converged(dir);
 }
 
 /// The README's first command (scripts/demo) in a test: the hello example, its program
@@ -501,25 +504,12 @@ fn the_hello_example_runs_offline() {
     assert!(o.status.success(), "rustc: {o:?}");
     let dir = ex.path().to_str().unwrap();
     ok(&berth(b.s(), &["apply", dir]));
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let logs = loop {
-        let out = ok(&berth(b.s(), &["logs", "hello"]));
-        if !out.is_empty() || std::time::Instant::now() > end {
-            break out;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let logs = b.logs("hello");
     assert!(
         logs.starts_with("hello from berth: pid 1 in container hello"),
         "{logs}"
     );
-    let o = berth(b.s(), &["plan", "--detailed-exitcode", dir]);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stdout)
-    );
+    b.converged(dir);
 }
 
 /// What an attack review of builds found, each refused or cleaned up.
@@ -671,14 +661,7 @@ fn builds_on_a_declared_network() {
     )
     .unwrap();
     ok(&berth(b.s(), &["apply", m.path().to_str().unwrap()]));
-    let end = std::time::Instant::now() + std::time::Duration::from_secs(60);
-    let out = loop {
-        let out = ok(&berth(b.s(), &["logs", &name]));
-        if !out.is_empty() || std::time::Instant::now() > end {
-            break out;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    };
+    let out = b.logs(&name);
     assert!(
         out.contains(&format!("inet 10.251.{}.", std::process::id() % 250)),
         "{out}"
