@@ -346,15 +346,21 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     push_image(&r, &[big]);
     let disk = SmallDisk::new("8m");
     let state = disk.0.path().join("state");
-    // the layer would eat into the reserve (10% of the disk): refused before it is written
+    // the missing layer (12 MiB to download, reckoned at 4x that unpacked) does not fit
+    // beside the reserve (10% of the disk): refused before anything is downloaded, saying
+    // the sizes
     let err = pull_error(&state, &r);
-    assert!(err.contains("would keep less than its reserve"), "{err}");
+    assert!(err.contains("nothing was downloaded"), "{err}");
+    assert!(
+        err.contains("to download") && err.contains("keeps a reserve of"),
+        "{err}"
+    );
     assert!(
         err.contains(&state.display().to_string()),
         "names the path: {err}"
     );
     assert_store_clean(&state);
-    // without a reserve, the disk fills: the pull fails cleanly all the same
+    // without a reserve it still does not fit: refused the same way
     let cfg = disk.0.path().join("no-reserve.toml");
     std::fs::write(&cfg, "[store]\nmin_free = \"0\"\n").unwrap();
     let out = berth(
@@ -363,11 +369,38 @@ fn a_full_disk_fails_the_pull_cleanly_and_a_retry_after_freeing_space_works() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("nothing was downloaded"), "{err}");
+    assert_store_clean(&state);
+    // a layer that compresses 1000 times passes the check and fills the disk when it is
+    // unpacked: that pull fails cleanly all the same (busybox's layer fits, 40 MiB of
+    // zeros do not)
+    disk.resize("16m");
+    let zeros = format!("{}/full/zeros:1", reg.addr);
+    push_image(
+        &zeros,
+        &[LayerBuilder::new()
+            .dir("z", 0o755)
+            .file("z/zeros", &vec![0u8; 40 << 20], 0o644)
+            .build()],
+    );
+    let out = berth(
+        &state,
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "image",
+            "pull",
+            "-q",
+            &zeros,
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("No space left on device"), "{err}");
     assert!(err.contains(&state.display().to_string()), "{err}");
     assert_store_clean(&state);
     // room again: the same pull completes, nothing half-written got in its way
-    disk.resize("64m");
+    disk.resize("128m");
     ok(&berth(&state, &["image", "pull", "-q", &r]));
     assert_unpacked(&state, &r);
 }

@@ -57,6 +57,8 @@ impl ApplyError {
             ApplyError::Step { transient, .. } => *transient,
             ApplyError::Waiting(_) => true,
             ApplyError::Image(ImageError::Registry(r)) => r.is_transient(),
+            // space may be freed (a prune, a removal): tried again later
+            ApplyError::Image(ImageError::NoRoom { .. }) => true,
             ApplyError::Runtime(RuntimeError::StartFailed { message, .. }) => {
                 message.contains("Address in use") || message.contains("address already in use")
             }

@@ -11,10 +11,32 @@ use crate::registry::client::RegistryError;
 use crate::store::StoreError;
 use crate::store::unpack::UnpackError;
 
+/// The unpacked size of a layer reckoned from its compressed size when checking for room
+/// before a pull: generous (text compresses further, binaries less).
+pub const UNPACK_FACTOR: u64 = 4;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ImageError {
     #[error(transparent)]
     Registry(#[from] RegistryError),
+    /// The missing layers would not fit beside the reserve: refused before any is fetched.
+    #[error(
+        "pull {reference}: needs about {} ({} to download, about {} unpacked, reckoned at {UNPACK_FACTOR}x the compressed size) but {} has {} free and keeps a reserve of {} ([store] min_free); nothing was downloaded and nothing running was touched",
+        crate::manifest::units::human_bytes(.download + .unpacked),
+        crate::manifest::units::human_bytes(*.download),
+        crate::manifest::units::human_bytes(*.unpacked),
+        .path.display(),
+        crate::manifest::units::human_bytes(*.available),
+        crate::manifest::units::human_bytes(*.reserve)
+    )]
+    NoRoom {
+        reference: String,
+        path: std::path::PathBuf,
+        download: u64,
+        unpacked: u64,
+        available: u64,
+        reserve: u64,
+    },
     #[error(transparent)]
     Store(#[from] StoreError),
     /// `root` is the snapshot directory being filled: an entry's path alone does not say which

@@ -480,6 +480,8 @@ impl Puller {
             });
         }
         let chains = chain_ids(&config.rootfs.diff_ids);
+        // room for what is missing, before a byte of it is fetched
+        self.check_room(r, &manifest.layers, &chains)?;
         let sem = Arc::new(tokio::sync::Semaphore::new(self.concurrency.max(1)));
         let jobs = manifest
             .layers
@@ -508,6 +510,51 @@ impl Puller {
             reused,
             downloaded,
         })
+    }
+
+    /// Refuse a pull whose missing layers (blobs to download, snapshots to unpack, the
+    /// latter reckoned at [`UNPACK_FACTOR`] times the compressed size) would eat into the
+    /// store's reserve: refused before anything is downloaded, rather than failing half way.
+    fn check_room(
+        &self,
+        r: &Reference,
+        layers: &[Descriptor],
+        chains: &[String],
+    ) -> Result<(), ImageError> {
+        let mut download = 0u64;
+        let mut unpacked = 0u64;
+        for (l, c) in layers.iter().zip(chains) {
+            if self.store.has_snapshot(c) {
+                continue;
+            }
+            if !self.store.has_blob_sized(&l.digest, l.size)? {
+                download = download.saturating_add(l.size);
+            }
+            unpacked = unpacked.saturating_add(l.size.saturating_mul(super::UNPACK_FACTOR));
+        }
+        if download == 0 && unpacked == 0 {
+            return Ok(());
+        }
+        let path = self.store.root.clone();
+        let Some(v) = path
+            .ancestors()
+            .find_map(|d| nix::sys::statvfs::statvfs(d).ok())
+        else {
+            return Ok(());
+        };
+        let available = v.blocks_available().saturating_mul(v.fragment_size());
+        let reserve = self.store.min_free;
+        if download.saturating_add(unpacked).saturating_add(reserve) > available {
+            return Err(ImageError::NoRoom {
+                reference: r.to_string(),
+                path,
+                download,
+                unpacked,
+                available,
+                reserve,
+            });
+        }
+        Ok(())
     }
 
     async fn fetch_small_blob(&self, r: &Reference, d: &Descriptor) -> Result<Vec<u8>, ImageError> {
