@@ -44,6 +44,10 @@ pub struct ObservedContainer {
     /// The health check's verdict, while it runs.
     #[serde(default)]
     pub health: Option<crate::runtime::health::Health>,
+    /// While it runs and holds its update lock: since when a replacement waits for it
+    /// (`Some(None)`: none has yet).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update_lock: Option<Option<u64>>,
 }
 
 /// The live state of a container berth created.
@@ -143,6 +147,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
                         status,
                         live_limits: None,
                         health: None,
+                        update_lock: None,
                     },
                 )
             })
@@ -174,7 +179,11 @@ pub fn observe(
         };
         if matches!(oc.status, ContainerStatus::Running { .. }) {
             oc.live_limits = runtime.live_limits(name);
-            oc.health = crate::runtime::health::read(&runtime.dir(name));
+            let cd = runtime.dir(name);
+            oc.health = crate::runtime::health::read(&cd);
+            if std::fs::symlink_metadata(cd.update_lock()).is_ok() {
+                oc.update_lock = Some(crate::apply::deferred_since(&cd));
+            }
         }
     }
     o.unrecorded = runtime

@@ -41,6 +41,7 @@ fn main() {
         killed_at_every_step_an_apply_converges_with_nothing_leaked,
         dependents_that_ask_are_restarted_after_their_dependency,
         a_step_starts_when_what_it_needs_is_done_not_a_wave_later,
+        an_update_lock_defers_a_replacement_until_it_goes_or_the_deadline,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1738,4 +1739,74 @@ fn a_step_starts_when_what_it_needs_is_done_not_a_wave_later() {
     let pos = |n: &str| out.find(&format!("container.{}: done", h.name(n))).unwrap();
     assert!(pos("c") < pos("slow"), "{out}");
     assert_eq!(state(&h.ps("slow")), "running");
+}
+
+/// A container holding /run/berth/update.lock defers its replacement (the step fails as
+/// deferred, the container keeps running) until the lock goes or `lock_deadline` passes;
+/// plan says so; a removal is not deferred.
+fn an_update_lock_defers_a_replacement_until_it_goes_or_the_deadline() {
+    let h = Host::new("ulk");
+    let body = |v: &str, deadline: &str| {
+        format!(
+            "command = [\"sleep\", \"1000\"]\nenv = {{ V = \"{v}\" }}\nupdate = {{ lock_deadline = \"{deadline}\" }}"
+        )
+    };
+    h.declare(&[("a", &body("1", "1h"))]);
+    h.apply();
+    let pid = |h: &Host| {
+        h.wait_for("a", "running", |r| state(r) == "running")["pid"]
+            .as_i64()
+            .unwrap()
+    };
+    let first = pid(&h);
+    h.sh("a", "touch /run/berth/update.lock");
+    // a replacement waits while the lock is held
+    h.declare(&[("a", &body("2", "1h"))]);
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(2), "{out}");
+    assert!(out.contains("update lock"), "{out}");
+    let o = h.run(&["apply", h.d()]);
+    let all = format!(
+        "{}{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(o.status.code(), Some(1), "{all}");
+    assert!(
+        all.contains("deferred: the container holds its update lock"),
+        "{all}"
+    );
+    assert_eq!(pid(&h), first, "not replaced while the lock is held");
+    // the lock goes: replaced at the next apply
+    h.sh("a", "rm /run/berth/update.lock");
+    h.apply();
+    let second = pid(&h);
+    assert_ne!(second, first);
+    // held again, with a deadline of 1 s: deferred once, replaced once it has passed
+    h.sh("a", "touch /run/berth/update.lock");
+    h.declare(&[("a", &body("3", "1s"))]);
+    assert_eq!(
+        h.run(&["apply", h.d()]).status.code(),
+        Some(1),
+        "deferred first"
+    );
+    let end = Instant::now() + Duration::from_secs(60);
+    loop {
+        let o = h.run(&["apply", h.d()]);
+        if o.status.success() {
+            break;
+        }
+        assert!(
+            Instant::now() < end,
+            "never replaced after the deadline: {o:?}"
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    let third = pid(&h);
+    assert_ne!(third, second);
+    // a removal is not deferred
+    h.sh("a", "touch /run/berth/update.lock");
+    h.declare(&[]);
+    ok(&h.run(&["apply", "--allow-empty", h.d()]));
+    assert_eq!(h.ps("a"), Value::Null);
 }

@@ -75,6 +75,7 @@ fn converged(d: &Desired) -> Observed {
                 },
                 live_limits: None,
                 health: None,
+                update_lock: None,
             },
         );
     }

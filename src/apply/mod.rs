@@ -369,6 +369,9 @@ impl Executor<'_> {
     }
 
     fn run_step(&self, st: &Step) -> Result<(), ApplyError> {
+        if st.kind == Kind::Container && st.action == Action::Replace {
+            self.check_update_lock(&st.name)?;
+        }
         if st.kind == Kind::Container && st.ops.contains(&Op::StartContainer) {
             self.wait_for_dependencies(&st.name)?;
         }
@@ -554,6 +557,56 @@ impl Executor<'_> {
         Ok(())
     }
 
+    /// A replacement waits while the running container holds its update lock
+    /// (`/run/berth/update.lock`), up to its `lock_deadline` counted from when a replacement
+    /// first found it: until then the step fails as deferred (transient: the agent tries
+    /// again). Removals are never deferred.
+    fn check_update_lock(&self, name: &str) -> Result<(), ApplyError> {
+        let cd = self.runtime.dir(name);
+        let held = std::fs::symlink_metadata(cd.update_lock()).is_ok();
+        let running = matches!(
+            self.runtime.status(name),
+            Ok(crate::observe::ContainerStatus::Running { .. })
+        );
+        if !held || !running {
+            let _ = std::fs::remove_file(cd.deferred_since());
+            return Ok(());
+        }
+        let deadline = self
+            .desired
+            .containers
+            .get(name)
+            .and_then(|c| c.spec.update)
+            .unwrap_or_default()
+            .lock_deadline;
+        let now = crate::fsutil::now_unix();
+        let since = match deferred_since(&cd) {
+            Some(t) => t,
+            None => {
+                crate::fsutil::write_atomic(&cd.deferred_since(), now.to_string().as_bytes())
+                    .map_err(StateError::Io)?;
+                now
+            }
+        };
+        let ends = since.saturating_add(deadline.0 / 1000);
+        if now >= ends {
+            tracing::warn!(
+                container = name,
+                "its update lock is held past the deadline ({deadline}): replaced anyway"
+            );
+            let _ = std::fs::remove_file(cd.deferred_since());
+            return Ok(());
+        }
+        Err(ApplyError::Step {
+            message: format!(
+                "deferred: the container holds its update lock (/run/berth/update.lock) since {} ago; it is replaced once the lock is gone, or in {} (lock_deadline {deadline})",
+                crate::manifest::units::Duration((now - since) * 1000),
+                crate::manifest::units::Duration((ends - now) * 1000),
+            ),
+            transient: true,
+        })
+    }
+
     fn record(&self, name: &str) -> Result<Option<ContainerRecord>, ApplyError> {
         Ok(
             crate::fsutil::read_json(&self.state.record_path(Kind::Container, name))
@@ -598,6 +651,9 @@ impl Executor<'_> {
             &img,
             net,
         )?;
+        // /run/berth's source (see runtime_config)
+        crate::fsutil::create_dir_mode(&self.runtime.dir(name).berth_run(), 0o755)
+            .map_err(StateError::Io)?;
         let rec = ContainerRecord {
             name: name.into(),
             source: c.source.clone(),
@@ -653,3 +709,10 @@ fn op_name(op: Op) -> &'static str {
 /// A build inside an apply tells nothing as it goes (the step's outcome says how it went).
 struct Quiet;
 impl crate::build::BuildEvents for Quiet {}
+
+/// When a replacement first found `cd`'s update lock held (Unix seconds), if one did.
+pub fn deferred_since(cd: &rc::ContainerDir) -> Option<u64> {
+    std::fs::read_to_string(cd.deferred_since())
+        .ok()
+        .and_then(|s| s.trim().parse().ok())
+}

@@ -605,6 +605,7 @@ impl Loader {
             "labels",
             "health",
             "backoff",
+            "update",
         ];
         self.check_keys(f, &format!("[container.{name}]"), tbl, KEYS);
         let mut refs = ContainerRefs::default();
@@ -889,6 +890,34 @@ impl Loader {
                     &item.span(),
                     format!(
                         "health: expected a table ([container.{name}.health]), found {}",
+                        item.type_name()
+                    ),
+                ),
+            }
+        }
+        if let Some(item) = tbl.get("update") {
+            match item.as_table_like() {
+                Some(u) => {
+                    self.check_keys(
+                        f,
+                        &format!("[container.{name}.update]"),
+                        u,
+                        &["lock_deadline"],
+                    );
+                    let d = UpdateSpec::default();
+                    c.update = Some(UpdateSpec {
+                        lock_deadline: self
+                            .field(f, u, "lock_deadline", |i| {
+                                duration_between(i, Duration(0), Duration::from_secs(7 * 86_400))
+                            })
+                            .unwrap_or(d.lock_deadline),
+                    });
+                }
+                None => self.err(
+                    f,
+                    &item.span(),
+                    format!(
+                        "update: expected a table ([container.{name}.update]), found {}",
                         item.type_name()
                     ),
                 ),

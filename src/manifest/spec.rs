@@ -241,6 +241,9 @@ pub struct ContainerSpec {
     /// Absent from records made before it existed and when not declared.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub backoff: Option<BackoffSpec>,
+    /// `[container.NAME.update]`: how a replacement goes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub update: Option<UpdateSpec>,
     /// Dependencies whose replacement or restart restarts this container after them
     /// (`depends_on = { db = { condition = "…", restart = true } }`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
@@ -277,6 +280,7 @@ impl ContainerSpec {
             labels: BTreeMap::new(),
             health: None,
             backoff: None,
+            update: None,
             restart_with: Default::default(),
         }
     }
@@ -294,11 +298,28 @@ impl ContainerSpec {
         "health",
         "backoff",
         "restart_with",
+        "update",
     ];
 
     pub fn field_forces_replacement(field: &str) -> bool {
         let top = field.split(['.', '[']).next().unwrap_or(field);
         !Self::IN_PLACE_FIELDS.contains(&top)
+    }
+}
+
+/// `[container.NAME.update]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UpdateSpec {
+    /// How long a replacement waits while the container holds its update lock
+    /// (`/run/berth/update.lock` inside it); then it proceeds.
+    pub lock_deadline: Duration,
+}
+
+impl Default for UpdateSpec {
+    fn default() -> Self {
+        UpdateSpec {
+            lock_deadline: Duration::from_secs(3600),
+        }
     }
 }
 

@@ -574,6 +574,24 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
                 ),
             });
         }
+        // a replacement waits for the container's update lock (apply says how long)
+        if let (Some(s), Some(o)) = (st.as_mut(), observed.containers.get(&c.name))
+            && s.action == Action::Replace
+            && let Some(since) = o.update_lock
+        {
+            let deadline = c.spec.update.unwrap_or_default().lock_deadline;
+            s.reasons.push(Reason::note(match since {
+                Some(t) => format!(
+                    "deferred by the container's update lock since {}, deadline {deadline} after that",
+                    crate::runtime::logs::rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(t)
+                    )
+                ),
+                None => format!(
+                    "deferred while the container holds its update lock (/run/berth/update.lock), at most {deadline}"
+                ),
+            }));
+        }
         if let Some(st) = st {
             if starts(&st) {
                 restarted.insert(c.name.clone());

@@ -166,6 +166,19 @@ impl ContainerDir {
     pub fn health(&self) -> PathBuf {
         self.0.join("health.json")
     }
+    /// Mounted at `/run/berth` in the container (read-write): where it puts `update.lock`.
+    pub fn berth_run(&self) -> PathBuf {
+        self.0.join("berth-run")
+    }
+    /// The container's update lock, as the host sees it.
+    pub fn update_lock(&self) -> PathBuf {
+        self.berth_run().join("update.lock")
+    }
+    /// When a replacement first found the update lock held (Unix seconds): the deadline
+    /// counts from there.
+    pub fn deferred_since(&self) -> PathBuf {
+        self.0.join("update-deferred-since")
+    }
 }
 
 /// Merge entrypoint and command with the image config exactly as docker does: a manifest
