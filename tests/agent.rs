@@ -34,19 +34,7 @@ impl Drop for Host {
 
 impl Host {
     fn new(tag: &'static str) -> Host {
-        let layout = tempfile::tempdir().unwrap();
-        write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
-        let state = tempfile::tempdir().unwrap();
-        ok(&berth(
-            state.path(),
-            &[
-                "image",
-                "import",
-                "--tag",
-                IMAGE,
-                layout.path().to_str().unwrap(),
-            ],
-        ));
+        let state = state_with_image(IMAGE, vec![]);
         let log = state.path().join("agent.log");
         Host {
             agent: None,

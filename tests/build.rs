@@ -22,19 +22,7 @@ struct Build {
 
 impl Build {
     fn new() -> Build {
-        let layout = tempfile::tempdir().unwrap();
-        write_layout(layout.path(), "t", &[busybox_layer()], &["/bin/sh"]);
-        let state = tempfile::tempdir().unwrap();
-        ok(&berth(
-            state.path(),
-            &[
-                "image",
-                "import",
-                "--tag",
-                BASE,
-                layout.path().to_str().unwrap(),
-            ],
-        ));
+        let state = state_with_image(BASE, vec![]);
         Build {
             _teardown: Teardown::new(state.path()),
             state,

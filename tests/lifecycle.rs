@@ -84,21 +84,7 @@ impl Host {
 
     /// [`Host::new`] with more layers over busybox in the image.
     fn with_layers(tag: &'static str, extra: Vec<Vec<u8>>) -> Host {
-        let layout = tempfile::tempdir().unwrap();
-        let mut layers = vec![busybox_layer()];
-        layers.extend(extra);
-        write_layout(layout.path(), "t", &layers, &["/bin/sh"]);
-        let state = tempfile::tempdir().unwrap();
-        ok(&berth(
-            state.path(),
-            &[
-                "image",
-                "import",
-                "--tag",
-                IMAGE,
-                layout.path().to_str().unwrap(),
-            ],
-        ));
+        let state = state_with_image(IMAGE, extra);
         Host {
             _teardown: Teardown::new(state.path()),
             state,

@@ -80,25 +80,13 @@ struct Host {
 
 impl Host {
     fn new(tag: &'static str) -> Host {
-        let layout = tempfile::tempdir().unwrap();
         let extra = LayerBuilder::new()
             .dir("bin", 0o755)
             .file("bin/probe", &probe(), 0o755)
             .dir("seed", 0o755)
             .file("seed/a", b"from the image\n", 0o644)
             .build();
-        write_layout(layout.path(), "t", &[busybox_layer(), extra], &["/bin/sh"]);
-        let state = tempfile::tempdir().unwrap();
-        ok(&berth(
-            state.path(),
-            &[
-                "image",
-                "import",
-                "--tag",
-                IMAGE,
-                layout.path().to_str().unwrap(),
-            ],
-        ));
+        let state = state_with_image(IMAGE, vec![extra]);
         Host {
             _teardown: Teardown::new(state.path()),
             state,

@@ -988,3 +988,24 @@ impl Drop for Merged {
         let _ = Command::new("umount").arg(self.dir.path()).status();
     }
 }
+
+/// A fresh state directory holding one image, busybox's layer then `extra`, with `/bin/sh`
+/// as its command, imported under `tag`.
+pub fn state_with_image(tag: &str, extra: Vec<Vec<u8>>) -> tempfile::TempDir {
+    let layout = tempfile::tempdir().unwrap();
+    let mut layers = vec![busybox_layer()];
+    layers.extend(extra);
+    write_layout(layout.path(), "t", &layers, &["/bin/sh"]);
+    let state = tempfile::tempdir().unwrap();
+    ok(&berth(
+        state.path(),
+        &[
+            "image",
+            "import",
+            "--tag",
+            tag,
+            layout.path().to_str().unwrap(),
+        ],
+    ));
+    state
+}
