@@ -331,8 +331,10 @@ pub fn converge(
             notice: &notice,
             cancel: settings.cancel.clone(),
         };
+        // a failed pull before the lock stands as it was reported then; anything else is
+        // reported as it happens
         let report = |o: &StepOutcome| {
-            if !pulled.contains_key(&o.address) {
+            if pulled.get(&o.address).is_none_or(|(_, p)| p.ok) {
                 events.step(o);
             }
         };
@@ -342,7 +344,9 @@ pub fn converge(
         let mut steps: Vec<Step> = vec![];
         let mut outcomes: Vec<StepOutcome> = vec![];
         for (a, (st, o)) in &pulled {
-            if !plan.steps.iter().any(|s| &s.address == a) {
+            // a failed pull whose step is gone from the plan (the image arrived meanwhile)
+            // is not a failure of this pass
+            if o.ok && !plan.steps.iter().any(|s| &s.address == a) {
                 steps.push(st.clone());
                 outcomes.push(o.clone());
             }

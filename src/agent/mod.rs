@@ -483,7 +483,12 @@ impl Agent {
                 if destroyed > 0 {
                     self.deleted.push((Instant::now(), destroyed));
                 }
-                self.record_outcomes(&desired, &pass.outcomes, &held);
+                if pass.outcomes.is_empty() && !ok {
+                    // failed before any step (a preflight check): nothing is known of the
+                    // resources beyond what was known before
+                } else {
+                    self.record_outcomes(&desired, &pass.outcomes, &held);
+                }
                 let error = pass.result.as_ref().err().map(|e| e.to_string());
                 self.set(|s| {
                     s.last_reconcile = Some(LastReconcile {
@@ -541,6 +546,15 @@ impl Agent {
                         error: Some(msg),
                     })
                 });
+            }
+        }
+        // a retry that came due and was not rescheduled by an outcome of its own (the
+        // resource was not planned, was skipped, or the pass failed before it) must not stay
+        // due: the loop would run passes back to back
+        let now = crate::fsutil::now_unix_ms();
+        for r in self.retries.values_mut() {
+            if r.next_retry_ms.is_some_and(|t| t <= now) {
+                r.next_retry_ms = None;
             }
         }
         self.set(|s| s.reconciling = false);
@@ -670,8 +684,12 @@ impl Agent {
             self.retries.insert(o.address.clone(), r.clone());
             resources.insert(o.address.clone(), r);
         }
-        // a resource that is no longer declared is not retried
-        self.retries.retain(|a, _| resources.contains_key(a));
+        // a resource that is no longer declared is not retried, nor one the plan no longer
+        // has a step for (converged meanwhile)
+        let seen: std::collections::BTreeSet<&str> =
+            outcomes.iter().map(|o| o.address.as_str()).collect();
+        self.retries
+            .retain(|a, _| resources.contains_key(a) && seen.contains(a.as_str()));
         // keep `since` for resources whose state did not change
         for (a, r) in resources.iter_mut() {
             if let Some(b) = before.get(a)

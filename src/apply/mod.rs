@@ -191,7 +191,9 @@ impl Executor<'_> {
                         }
                         let st = &plan.steps[i];
                         if let Some(o) = preset.get(&st.address) {
-                            report(o);
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                report(o)
+                            }));
                             started[i] = true;
                             done[i] = Some(if o.ok {
                                 Ok(())
@@ -217,7 +219,9 @@ impl Executor<'_> {
                                 transient: false,
                                 millis: 0,
                             };
-                            report(&o);
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                report(&o)
+                            }));
                             started[i] = true;
                             done[i] = Some(Err(o.error.clone().unwrap_or_default()));
                             outcomes.push(o);
@@ -233,7 +237,9 @@ impl Executor<'_> {
                                 transient: true,
                                 millis: 0,
                             };
-                            report(&o);
+                            let _ = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                                report(&o)
+                            }));
                             started[i] = true;
                             done[i] = Some(Err(STOPPING.into()));
                             outcomes.push(o);
@@ -279,9 +285,11 @@ impl Executor<'_> {
                 // the leases of what finished durable; names of containers that came or
                 // went, everywhere
                 if containers
-                    && let Err(e) = self
-                        .sync_leases()
-                        .and_then(|()| refresh_hosts(self.state, None))
+                    && let Err(e) = self.sync_leases().and_then(|()| {
+                        // workers write hosts files under the same lock
+                        let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
+                        refresh_hosts(self.state, None)
+                    })
                 {
                     failed.insert("hosts files".into(), e.to_string());
                 }
@@ -389,7 +397,13 @@ impl Executor<'_> {
         match op {
             Op::PullImage => {
                 let r = self.image_ref(st)?;
-                self.handle.block_on(self.puller()?.pull(&r))?;
+                let puller = self.puller()?;
+                self.handle.block_on(async {
+                    tokio::select! {
+                        r = puller.pull(&r) => r.map(|_| ()).map_err(ApplyError::from),
+                        () = self.cancel.cancelled() => Err(ApplyError::Waiting(STOPPING.into())),
+                    }
+                })?;
                 crate::fault::point("after-pull");
             }
             Op::BuildImage => {
@@ -580,11 +594,27 @@ impl Executor<'_> {
             .unwrap_or_default()
             .lock_deadline;
         let now = crate::fsutil::now_unix();
-        let since = match deferred_since(&cd) {
-            Some(t) => t,
-            None => {
-                crate::fsutil::write_atomic(&cd.deferred_since(), now.to_string().as_bytes())
-                    .map_err(StateError::Io)?;
+        // the deadline counts from when a replacement by this same spec first found the lock
+        // (a deferral of another spec, since reverted, does not count)
+        let want = self
+            .desired
+            .containers
+            .get(name)
+            .map(|c| {
+                use sha2::Digest;
+                hex::encode(sha2::Sha256::digest(
+                    serde_json::to_vec(&c.spec).unwrap_or_default(),
+                ))
+            })
+            .unwrap_or_default();
+        let since = match deferred_marker(&cd) {
+            Some((t, spec)) if spec == want => t,
+            _ => {
+                crate::fsutil::write_atomic(
+                    &cd.deferred_since(),
+                    format!("{now} {want}").as_bytes(),
+                )
+                .map_err(StateError::Io)?;
                 now
             }
         };
@@ -600,8 +630,8 @@ impl Executor<'_> {
         Err(ApplyError::Step {
             message: format!(
                 "deferred: the container holds its update lock (/run/berth/update.lock) since {} ago; it is replaced once the lock is gone, or in {} (lock_deadline {deadline})",
-                crate::manifest::units::Duration((now - since) * 1000),
-                crate::manifest::units::Duration((ends - now) * 1000),
+                crate::manifest::units::Duration(now.saturating_sub(since) * 1000),
+                crate::manifest::units::Duration(ends.saturating_sub(now) * 1000),
             ),
             transient: true,
         })
@@ -712,7 +742,13 @@ impl crate::build::BuildEvents for Quiet {}
 
 /// When a replacement first found `cd`'s update lock held (Unix seconds), if one did.
 pub fn deferred_since(cd: &rc::ContainerDir) -> Option<u64> {
-    std::fs::read_to_string(cd.deferred_since())
-        .ok()
-        .and_then(|s| s.trim().parse().ok())
+    deferred_marker(cd).map(|(t, _)| t)
+}
+
+/// The deferral marker: since when, and for which spec (a digest of it).
+fn deferred_marker(cd: &rc::ContainerDir) -> Option<(u64, String)> {
+    let s = std::fs::read_to_string(cd.deferred_since()).ok()?;
+    let mut parts = s.split_whitespace();
+    let t = parts.next()?.parse().ok()?;
+    Some((t, parts.next().unwrap_or_default().to_string()))
 }

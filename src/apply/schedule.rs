@@ -54,6 +54,17 @@ pub fn graph(
         .filter(|(_, s)| s.kind == Kind::Container && s.action == Action::Destroy)
         .map(|(i, _)| i)
         .collect();
+    // the network an image step builds on, when it is a bridge network
+    let build_network = |j: usize| -> Option<&str> {
+        let s = &plan.steps[j];
+        if s.kind != Kind::Image {
+            return None;
+        }
+        let b = desired.images.get(&s.name)?.spec.build.as_ref()?;
+        (b.network != crate::manifest::spec::NET_NONE
+            && b.network != crate::manifest::spec::NET_HOST)
+            .then_some(b.network.as_str())
+    };
     let order = |steps: &[usize]| -> Vec<Need> {
         steps
             .iter()
@@ -64,15 +75,25 @@ pub fn graph(
         .iter()
         .enumerate()
         .map(|(i, st)| match (st.kind, st.action) {
-            // an image built on a network needs that network
-            (Kind::Image, _) => desired
-                .images
-                .get(&st.name)
-                .and_then(|i| i.spec.build.as_ref())
-                .and_then(|b| index.get(&(Kind::Network, b.network.as_str())))
-                .filter(|&&j| !is_destroy(j))
-                .map(|&step| vec![Need { step, uses: true }])
-                .unwrap_or_default(),
+            // an image built on a network needs that network, and goes after the builds on
+            // it before it (a build leases an address without the executor's network lock)
+            (Kind::Image, _) => {
+                let Some(net) = build_network(i) else {
+                    return vec![];
+                };
+                let mut needs: Vec<Need> = index
+                    .get(&(Kind::Network, net))
+                    .filter(|&&j| !is_destroy(j))
+                    .map(|&step| Need { step, uses: true })
+                    .into_iter()
+                    .collect();
+                needs.extend(
+                    (0..i)
+                        .filter(|&j| build_network(j) == Some(net))
+                        .map(|step| Need { step, uses: false }),
+                );
+                needs
+            }
             (Kind::Volume, _) => vec![],
             (Kind::Network, Action::Destroy) => order(
                 &plan
@@ -97,6 +118,17 @@ pub fn graph(
             }
             (Kind::Container, _) => {
                 let mut needs = order(&container_destroys);
+                // after the builds on its networks: they lease addresses there unlocked
+                if let Some(c) = desired.containers.get(&st.name) {
+                    needs.extend(
+                        (0..plan.steps.len())
+                            .filter(|&j| {
+                                build_network(j)
+                                    .is_some_and(|n| c.spec.networks.iter().any(|x| x == n))
+                            })
+                            .map(|step| Need { step, uses: false }),
+                    );
+                }
                 let Some(c) = desired.containers.get(&st.name) else {
                     return needs;
                 };
@@ -313,6 +345,50 @@ image = "127.0.0.1:5000/a:1"
         assert_eq!(
             needs_of(&plan, &g, "container.web"),
             vec![("container.app", false), ("container.db", false)]
+        );
+    }
+
+    #[test]
+    fn builds_on_a_network_go_one_after_another_and_before_its_containers() {
+        let dir = tempfile::tempdir().unwrap();
+        for a in ["a", "b"] {
+            std::fs::create_dir_all(dir.path().join(a)).unwrap();
+            std::fs::write(dir.path().join(a).join("Containerfile"), "FROM scratch\n").unwrap();
+        }
+        std::fs::write(
+            dir.path().join("host.toml"),
+            r#"
+[network.n]
+[image.a]
+ref = "127.0.0.1:5000/a:1"
+build = { context = "a/", network = "n" }
+[image.b]
+ref = "127.0.0.1:5000/b:1"
+build = { context = "b/", network = "n" }
+[image.c]
+ref = "127.0.0.1:5000/c:1"
+[container.web]
+image = "c"
+networks = ["n"]
+"#,
+        )
+        .unwrap();
+        let d = crate::manifest::load_dir(dir.path()).unwrap();
+        let plan = crate::plan::diff(&d, &Observed::default()).unwrap();
+        let g = graph(&plan, &d, &BTreeMap::new());
+        assert_eq!(needs_of(&plan, &g, "image.a"), vec![("network.n", true)]);
+        assert_eq!(
+            needs_of(&plan, &g, "image.b"),
+            vec![("image.a", false), ("network.n", true)]
+        );
+        assert_eq!(
+            needs_of(&plan, &g, "container.web"),
+            vec![
+                ("image.a", false),
+                ("image.b", false),
+                ("image.c", true),
+                ("network.n", true)
+            ]
         );
     }
 }
