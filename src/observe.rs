@@ -23,6 +23,8 @@ pub struct Observed {
     pub unrecorded: BTreeSet<String>,
     /// The last build of each image built here, by reference: from which inputs.
     pub builds: BTreeMap<String, crate::build::BuildRecord>,
+    /// Replacements undone, by container: which desired spec was refused, and why.
+    pub rollbacks: BTreeMap<String, crate::state::RollbackRecord>,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -129,6 +131,7 @@ pub fn from_records(state: &StateDir, store: &Store) -> Result<Observed, Observe
         network_drift: BTreeMap::new(),
         unrecorded: BTreeSet::new(),
         builds: crate::build::read_records(&state.root),
+        rollbacks: state.read_rollbacks(),
         containers: containers
             .into_iter()
             .map(|(n, record)| {

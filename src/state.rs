@@ -90,7 +90,49 @@ impl AgentLock {
     }
 }
 
+/// A replacement that did not prove itself and was undone: not tried again while the
+/// container's desired spec is the same (`spec`, [`ContainerSpec::digest`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RollbackRecord {
+    pub spec: String,
+    pub reason: String,
+    /// Unix seconds.
+    pub at: u64,
+}
+
 impl StateDir {
+    fn rollback_path(&self, name: &str) -> PathBuf {
+        self.root.join("rollbacks").join(format!("{name}.json"))
+    }
+
+    pub fn write_rollback(&self, name: &str, r: &RollbackRecord) -> Result<(), StateError> {
+        Ok(crate::fsutil::write_json(&self.rollback_path(name), r)?)
+    }
+
+    /// Forget a rollback (`apply --retry NAME`, or a replacement that proved itself).
+    pub fn remove_rollback(&self, name: &str) -> Result<(), StateError> {
+        let p = self.rollback_path(name);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(PathError::new("remove", &p, e).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    pub fn read_rollbacks(&self) -> BTreeMap<String, RollbackRecord> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("rollbacks")) else {
+            return BTreeMap::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                let r = crate::fsutil::read_json(&e.path()).ok().flatten()?;
+                Some((name, r))
+            })
+            .collect()
+    }
+
     pub fn agent_lock_path(&self) -> PathBuf {
         self.root.join("agent.lock")
     }

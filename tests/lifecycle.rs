@@ -42,6 +42,7 @@ fn main() {
         dependents_that_ask_are_restarted_after_their_dependency,
         a_step_starts_when_what_it_needs_is_done_not_a_wave_later,
         an_update_lock_defers_a_replacement_until_it_goes_or_the_deadline,
+        a_replacement_that_does_not_prove_itself_is_rolled_back,
     ]
     .into_iter()
     .map(|t| match t.name() {
@@ -1795,4 +1796,89 @@ fn an_update_lock_defers_a_replacement_until_it_goes_or_the_deadline() {
     h.declare(&[]);
     ok(&h.run(&["apply", "--allow-empty", h.d()]));
     assert_eq!(h.ps("a"), Value::Null);
+}
+
+/// A replacement whose new container crashes, or turns unhealthy, is undone: the previous
+/// container (its spec and image, the same volume) runs again, `apply` fails saying why,
+/// the same spec is not tried again until the manifests change or `apply --retry`;
+/// `rollback = false` keeps the new one.
+fn a_replacement_that_does_not_prove_itself_is_rolled_back() {
+    let h = Host::new("rbk");
+    let vol = h.name("v");
+    let name = h.name("a");
+    let write = |body: &str| {
+        std::fs::write(
+            h.dir.path().join("c.toml"),
+            format!(
+                "[image.bb]\nref = \"{IMAGE}\"\npull = \"never\"\n\n[volume.{vol}]\n\n[container.{name}]\nimage = \"bb\"\nnetworks = [\"none\"]\nstop_timeout = \"1s\"\nvolumes = [\"{vol}:/data\"]\nrollout = {{ min_ready = \"1s\", timeout = \"10s\" }}\n{body}\n"
+            ),
+        )
+        .unwrap()
+    };
+    let apply = |extra: &[&str]| {
+        let mut args = vec!["apply"];
+        args.extend_from_slice(extra);
+        args.push(h.d());
+        let o = h.run(&args);
+        (
+            o.status.code(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    write("command = [\"sleep\", \"1000\"]");
+    assert_eq!(apply(&[]).0, Some(0));
+    h.wait_for("a", "running", |r| state(r) == "running");
+    h.sh("a", "echo kept > /data/keep");
+
+    // crashes at start: rolled back, the volume's data intact
+    write("command = [\"sh\", \"-c\", \"exit 3\"]");
+    let (code, out) = apply(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("rolled back: the new container exited 3"),
+        "{out}"
+    );
+    let r = h.wait_for("a", "running again", |r| r["detail"]["state"] == "running");
+    assert_eq!(state(&r), "running (rolled back)", "{r}");
+    assert_eq!(h.sh("a", "cat /data/keep").trim(), "kept");
+    assert!(h.sh("a", "cat /proc/1/cmdline").contains("sleep"));
+    // not tried again: plan and apply leave it, saying why
+    let (code, out) = h.plan();
+    assert_eq!(code, Some(0), "{out}");
+    assert!(out.contains("rolled back at"), "{out}");
+    assert_eq!(apply(&[]).0, Some(0));
+    // --retry tries again (and rolls back again)
+    let (code, out) = apply(&["--retry", &name]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(out.contains("rolled back"), "{out}");
+
+    // unhealthy: rolled back with the check's output
+    // (an env change: a replacement; health alone changes in place)
+    write(
+        "command = [\"sleep\", \"1000\"]\nenv = { V = \"2\" }\nhealth = { cmd = [\"sh\", \"-c\", \"echo not ready; exit 1\"], interval = \"200ms\", retries = 1 }",
+    );
+    let (code, out) = apply(&[]);
+    assert_eq!(code, Some(1), "{out}");
+    assert!(
+        out.contains("rolled back: unhealthy: exit 1, not ready"),
+        "{out}"
+    );
+
+    // a good change goes through and clears the mark
+    write("command = [\"sleep\", \"2000\"]");
+    let (code, out) = apply(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    let r = h.wait_for("a", "running", |r| state(r) == "running");
+    assert!(r["rolled_back"].is_null(), "{r}");
+    assert_eq!(h.sh("a", "cat /data/keep").trim(), "kept");
+
+    // rollback = false keeps what it was asked to run
+    write("command = [\"sh\", \"-c\", \"exit 3\"]\nrollback = false");
+    let (code, out) = apply(&[]);
+    assert_eq!(code, Some(0), "{out}");
+    h.wait_for("a", "exited", |r| r["detail"]["state"] == "exited");
 }

@@ -123,7 +123,12 @@ impl Metrics {
     ) -> String {
         let _one = self.rendering.lock().unwrap_or_else(|e| e.into_inner());
         self.resources.clear();
-        for st in [State::Converged, State::Pending, State::Failing] {
+        for st in [
+            State::Converged,
+            State::Pending,
+            State::Failing,
+            State::RolledBack,
+        ] {
             let n = status.resources.values().filter(|r| r.state == st).count();
             let label = serde_json::to_value(st)
                 .ok()

@@ -487,7 +487,7 @@ impl Agent {
                     // failed before any step (a preflight check): nothing is known of the
                     // resources beyond what was known before
                 } else {
-                    self.record_outcomes(&desired, &pass.outcomes, &held);
+                    self.record_outcomes(&desired, &pass.outcomes, &held, &pass.plan.kept);
                 }
                 let error = pass.result.as_ref().err().map(|e| e.to_string());
                 self.set(|s| {
@@ -623,6 +623,7 @@ impl Agent {
         desired: &Desired,
         outcomes: &[StepOutcome],
         held: &BTreeMap<String, StepOutcome>,
+        kept: &[crate::plan::Kept],
     ) {
         let now = crate::fsutil::now_unix();
         let mut resources: BTreeMap<String, ResourceState> = addresses(desired)
@@ -683,6 +684,38 @@ impl Agent {
             };
             self.retries.insert(o.address.clone(), r.clone());
             resources.insert(o.address.clone(), r);
+        }
+        // a replacement rolled back (now, or in an earlier pass): not retried
+        for o in outcomes.iter().filter(|o| {
+            o.error
+                .as_deref()
+                .is_some_and(|e| e.starts_with("rolled back"))
+        }) {
+            self.retries.remove(&o.address);
+            resources.insert(
+                o.address.clone(),
+                ResourceState {
+                    state: State::RolledBack,
+                    error: o.error.clone(),
+                    transient: false,
+                    attempts: 0,
+                    next_retry_ms: None,
+                    since: now,
+                },
+            );
+        }
+        for k in kept.iter().filter(|k| k.message.starts_with("rolled back")) {
+            resources.insert(
+                k.address.clone(),
+                ResourceState {
+                    state: State::RolledBack,
+                    error: Some(k.message.clone()),
+                    transient: false,
+                    attempts: 0,
+                    next_retry_ms: None,
+                    since: now,
+                },
+            );
         }
         // a resource that is no longer declared is not retried, nor one the plan no longer
         // has a step for (converged meanwhile)

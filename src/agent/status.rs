@@ -72,6 +72,9 @@ pub enum State {
     Pending,
     /// Its last step failed; retried at `next_retry`.
     Failing,
+    /// A replacement did not prove itself and was undone: the previous container runs;
+    /// not tried again until the manifests change (or `berth apply --retry NAME`).
+    RolledBack,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -296,10 +299,11 @@ pub fn to_text(s: &Status) -> String {
     let count = |st: State| s.resources.values().filter(|r| r.state == st).count();
     let _ = writeln!(
         o,
-        "resources: {} converged, {} pending, {} failing",
+        "resources: {} converged, {} pending, {} failing, {} rolled back",
         count(State::Converged),
         count(State::Pending),
-        count(State::Failing)
+        count(State::Failing),
+        count(State::RolledBack)
     );
     let now_ms = crate::fsutil::now_unix_ms();
     for (a, r) in s
@@ -321,6 +325,7 @@ pub fn to_text(s: &Status) -> String {
                 State::Failing => "failing",
                 State::Pending => "pending",
                 State::Converged => "converged",
+                State::RolledBack => "rolled back",
             },
             if r.attempts > 0 {
                 format!(" ({} attempt(s))", r.attempts)

@@ -377,19 +377,184 @@ impl Executor<'_> {
     }
 
     fn run_step(&self, st: &Step) -> Result<(), ApplyError> {
-        if st.kind == Kind::Container && st.action == Action::Replace {
+        let replace = st.kind == Kind::Container && st.action == Action::Replace;
+        if replace {
             self.check_update_lock(&st.name)?;
         }
         if st.kind == Kind::Container && st.ops.contains(&Op::StartContainer) {
             self.wait_for_dependencies(&st.name)?;
         }
+        // what a replacement goes back to if the new container does not prove itself
+        let previous = if replace
+            && self
+                .desired
+                .containers
+                .get(&st.name)
+                .is_some_and(|c| c.spec.rollback)
+        {
+            self.record(&st.name)?
+        } else {
+            None
+        };
+        let mut removed = false;
         for op in &st.ops {
-            self.run_op(st, *op).map_err(|e| ApplyError::Step {
-                message: format!("{}: {}", op_name(*op), error_chain(&e)),
-                transient: e.is_transient(),
-            })?;
+            if let Err(e) = self.run_op(st, *op) {
+                let why = format!("{}: {}", op_name(*op), error_chain(&e));
+                if removed && let Some(prev) = &previous {
+                    return Err(self.roll_back(&st.name, prev, &why));
+                }
+                return Err(ApplyError::Step {
+                    message: why,
+                    transient: e.is_transient(),
+                });
+            }
+            removed |= *op == Op::RemoveContainer;
+        }
+        if let Some(prev) = &previous {
+            // a replacement for a change (of the spec or the image), not a repair
+            let changed = self
+                .record(&st.name)?
+                .is_some_and(|n| n.spec != prev.spec || n.image_digest != prev.image_digest);
+            if changed && let Err(why) = self.proves_itself(&st.name) {
+                return Err(self.roll_back(&st.name, prev, &why));
+            }
+            self.state.remove_rollback(&st.name)?;
         }
         Ok(())
+    }
+
+    /// Whether a new container proves itself: healthy within `rollout.timeout` when it has a
+    /// health check, otherwise running for `rollout.min_ready` (an exit with code 0 within
+    /// it is a job done). `Err` says why not.
+    fn proves_itself(&self, name: &str) -> Result<(), String> {
+        use crate::observe::ContainerStatus as S;
+        use crate::runtime::health::HealthStatus as H;
+        let Some(c) = self.desired.containers.get(name) else {
+            return Ok(());
+        };
+        let r = c.spec.rollout.unwrap_or_default();
+        let t0 = Instant::now();
+        let took = |t0: Instant| crate::manifest::units::Duration(t0.elapsed().as_millis() as u64);
+        loop {
+            if self.cancel.is_cancelled() {
+                return Ok(());
+            }
+            match self.runtime.status(name) {
+                Ok(S::Exited { code: Some(0), .. }) | Ok(S::StoppedByUser) => return Ok(()),
+                Ok(S::Exited { code, signal, .. }) | Ok(S::Restarting { code, signal, .. }) => {
+                    return Err(format!(
+                        "the new container {} after {}",
+                        match (code, signal) {
+                            (Some(c), _) => format!("exited {c}"),
+                            (_, Some(s)) => format!("was killed by signal {s}"),
+                            _ => "exited".into(),
+                        },
+                        took(t0)
+                    ));
+                }
+                Ok(S::Lost { reason }) => {
+                    return Err(format!("the new container was lost: {reason}"));
+                }
+                Ok(S::Running { .. }) | Ok(S::Created) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            if c.spec.health.is_some() {
+                match crate::runtime::health::read(&self.runtime.dir(name)) {
+                    Some(h) if h.status == H::Healthy => return Ok(()),
+                    Some(h) if h.status == H::Unhealthy => {
+                        let last = h.log.last().map_or(String::new(), |p| {
+                            format!(
+                                ": exit {}, {}",
+                                p.exit_code,
+                                crate::text::printable(p.output.trim(), 200)
+                            )
+                        });
+                        return Err(format!("unhealthy{last}"));
+                    }
+                    _ => {}
+                }
+                if t0.elapsed() >= r.timeout.as_std() {
+                    return Err(format!("not healthy within {}", r.timeout));
+                }
+            } else if t0.elapsed() >= r.min_ready.as_std() {
+                return Ok(());
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Undo a replacement: the new container removed, the previous one (its recorded spec
+    /// and image digest, the same volumes) created and started again, and the desired spec
+    /// remembered as refused (`apply --retry NAME` or a change of the manifests tries again).
+    fn roll_back(&self, name: &str, prev: &ContainerRecord, why: &str) -> ApplyError {
+        let restore = || -> Result<(), ApplyError> {
+            if self.runtime.exists(name) {
+                self.runtime
+                    .remove(name, "SIGKILL", Duration::from_secs(5))?;
+            }
+            self.release_addresses(name)?;
+            self.state.remove_record(Kind::Container, name)?;
+            let digest = prev
+                .image_digest
+                .clone()
+                .ok_or_else(|| ApplyError::Invalid("no image digest was recorded".into()))?;
+            let img = self.image_by_digest(&prev.spec.image_ref.to_string(), &digest)?;
+            self.create_container_from(name, &prev.spec, &prev.source, &img)?;
+            match self.runtime.start(name) {
+                Ok(_) | Err(RuntimeError::Restarting { .. }) => Ok(()),
+                Err(e) => Err(e.into()),
+            }
+        };
+        match restore() {
+            Ok(()) => {
+                tracing::warn!(container = name, "rolled back: {why}");
+                if let Some(c) = self.desired.containers.get(name) {
+                    let rec = crate::state::RollbackRecord {
+                        spec: c.spec.digest(),
+                        reason: why.to_string(),
+                        at: crate::fsutil::now_unix(),
+                    };
+                    if let Err(e) = self.state.write_rollback(name, &rec) {
+                        return ApplyError::Step {
+                            message: format!("rolled back: {why}; but: {e}"),
+                            transient: false,
+                        };
+                    }
+                }
+                ApplyError::Step {
+                    message: format!(
+                        "rolled back: {why}; the previous container runs again (`berth apply --retry {name}` tries this spec again)"
+                    ),
+                    transient: false,
+                }
+            }
+            Err(e) => ApplyError::Step {
+                message: format!("{why}; rolling back failed too: {}", error_chain(&e)),
+                transient: false,
+            },
+        }
+    }
+
+    /// An image in the store by its manifest digest (a tag may have moved since).
+    fn image_by_digest(
+        &self,
+        reference: &str,
+        digest: &str,
+    ) -> Result<crate::store::StoredImage, ApplyError> {
+        let desc = self
+            .store
+            .references()?
+            .into_values()
+            .find(|d| d.digest == digest)
+            .unwrap_or_else(|| crate::registry::types::Descriptor {
+                media_type: crate::registry::types::OCI_MANIFEST.into(),
+                digest: digest.to_string(),
+                size: self.store.blob_size(digest).unwrap_or(0),
+                platform: None,
+                annotations: BTreeMap::new(),
+                urls: vec![],
+            });
+        Ok(self.store.load(reference, &desc)?)
     }
 
     fn run_op(&self, st: &Step, op: Op) -> Result<(), ApplyError> {
@@ -670,6 +835,23 @@ impl Executor<'_> {
             .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
         let r = c.spec.image_ref.to_string();
         let img = self.store.get(&r)?;
+        self.create_container_from(name, &c.spec, &c.source, &img)
+    }
+
+    /// A container of `spec` from `img`: addresses, record, config.
+    fn create_container_from(
+        &self,
+        name: &str,
+        spec: &ContainerSpec,
+        source: &crate::manifest::spec::Source,
+        img: &crate::store::StoredImage,
+    ) -> Result<(), ApplyError> {
+        let c = Declared {
+            name: name.to_string(),
+            source: source.clone(),
+            spec: spec.clone(),
+        };
+        let img = img.clone();
         let net = self.attach(name, &c.spec)?;
         crate::fault::point("after-attach");
         let cfg = runtime_config(

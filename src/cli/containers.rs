@@ -266,6 +266,7 @@ pub fn ps(c: &Ctx, all: bool, json: bool) -> Result<ExitCode> {
 /// `ps --json`'s rows: every container (`all`) or the running and restarting ones.
 pub fn ps_rows(c: &Ctx, all: bool) -> Result<Vec<serde_json::Value>> {
     let rt = runtime(c)?;
+    let rollbacks = c.state.read_rollbacks();
     let o = observe::observe(&c.state, &image::store(c), &rt)?;
     let mut rows = vec![];
     for (name, oc) in &o.containers {
@@ -286,12 +287,17 @@ pub fn ps_rows(c: &Ctx, all: bool) -> Result<Vec<serde_json::Value>> {
         if let (Some(h), ContainerStatus::Running { .. }) = (&health, &oc.status) {
             state = format!("{state} ({})", h.status);
         }
+        let rolled_back = rollbacks.get(name);
+        if rolled_back.is_some() {
+            state = format!("{state} (rolled back)");
+        }
         rows.push(serde_json::json!({
             "name": name, "image": oc.record.spec.image_ref.to_string(), "state": state, "status": detail,
             "health": health,
             "restarts": st.as_ref().map(|s| s.restarts).unwrap_or(0),
             "pid": match oc.status { ContainerStatus::Running { pid, .. } => Some(pid), _ => None },
             "detail": oc.status,
+            "rolled_back": rolled_back.map(|r| &r.reason),
         }));
     }
     Ok(rows)

@@ -76,6 +76,9 @@ pub enum Command {
         /// completed, started) before it fails; e.g. "30s", "5m".
         #[arg(long, default_value = "5m", value_parser = parse_duration)]
         wait_timeout: crate::manifest::units::Duration,
+        /// Try again the replacement of container NAME that was rolled back (repeatable).
+        #[arg(long, value_name = "NAME")]
+        retry: Vec<String>,
     },
     /// Manage images in berth's store: pull, ls, inspect, tag, rm, push, import, prune.
     Image {
@@ -307,7 +310,13 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
             plan,
             parallel,
             wait_timeout,
-        } => containers::apply_cmd(&c, &plan, parallel, wait_timeout.as_std()),
+            retry,
+        } => {
+            for name in &retry {
+                c.state.remove_rollback(name)?;
+            }
+            containers::apply_cmd(&c, &plan, parallel, wait_timeout.as_std())
+        }
         Command::Ps { all, json } => containers::ps(&c, all, json),
         Command::Logs {
             name,

@@ -606,6 +606,8 @@ impl Loader {
             "health",
             "backoff",
             "update",
+            "rollback",
+            "rollout",
         ];
         self.check_keys(f, &format!("[container.{name}]"), tbl, KEYS);
         let mut refs = ContainerRefs::default();
@@ -890,6 +892,41 @@ impl Loader {
                     &item.span(),
                     format!(
                         "health: expected a table ([container.{name}.health]), found {}",
+                        item.type_name()
+                    ),
+                ),
+            }
+        }
+        if let Some(r) = self.field(f, tbl, "rollback", |i| {
+            i.as_bool().ok_or((
+                None,
+                format!("expected true or false, found {}", i.type_name()),
+            ))
+        }) {
+            c.rollback = r;
+        }
+        if let Some(item) = tbl.get("rollout") {
+            match item.as_table_like() {
+                Some(r) => {
+                    self.check_keys(
+                        f,
+                        &format!("[container.{name}.rollout]"),
+                        r,
+                        &["timeout", "min_ready"],
+                    );
+                    let d = RolloutSpec::default();
+                    let ranged =
+                        |i: &Item| duration_between(i, Duration(0), Duration::from_secs(86_400));
+                    c.rollout = Some(RolloutSpec {
+                        timeout: self.field(f, r, "timeout", ranged).unwrap_or(d.timeout),
+                        min_ready: self.field(f, r, "min_ready", ranged).unwrap_or(d.min_ready),
+                    });
+                }
+                None => self.err(
+                    f,
+                    &item.span(),
+                    format!(
+                        "rollout: expected a table ([container.{name}.rollout]), found {}",
                         item.type_name()
                     ),
                 ),

@@ -248,9 +248,49 @@ pub struct ContainerSpec {
     /// (`depends_on = { db = { condition = "…", restart = true } }`).
     #[serde(default, skip_serializing_if = "std::collections::BTreeSet::is_empty")]
     pub restart_with: std::collections::BTreeSet<String>,
+    /// A replacement that does not prove itself is undone (`rollback = false`: kept).
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub rollback: bool,
+    /// `[container.NAME.rollout]`: how a replacement proves itself.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutSpec>,
+}
+
+fn yes() -> bool {
+    true
+}
+
+fn is_yes(b: &bool) -> bool {
+    *b
+}
+
+/// `[container.NAME.rollout]`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RolloutSpec {
+    /// With a health check: healthy within this long.
+    pub timeout: Duration,
+    /// Without one: running this long without exiting (an exit with code 0 is a job done).
+    pub min_ready: Duration,
+}
+
+impl Default for RolloutSpec {
+    fn default() -> Self {
+        RolloutSpec {
+            timeout: Duration::from_secs(120),
+            min_ready: Duration::from_secs(10),
+        }
+    }
 }
 
 impl ContainerSpec {
+    /// A digest of the whole spec: which desired state a rollback refused.
+    pub fn digest(&self) -> String {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(
+            serde_json::to_vec(self).unwrap_or_default(),
+        ))
+    }
+
     /// A spec with every default, for `image`.
     pub fn with_image(image: &str, image_ref: Reference) -> Self {
         ContainerSpec {
@@ -281,6 +321,8 @@ impl ContainerSpec {
             health: None,
             backoff: None,
             update: None,
+            rollback: true,
+            rollout: None,
             restart_with: Default::default(),
         }
     }
@@ -299,6 +341,8 @@ impl ContainerSpec {
         "backoff",
         "restart_with",
         "update",
+        "rollback",
+        "rollout",
     ];
 
     pub fn field_forces_replacement(field: &str) -> bool {

@@ -525,6 +525,31 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
             &replaced_networks,
             &mut plan.kept,
         );
+        // a replacement by the spec a rollback refused is not tried again (a lost
+        // container is still repaired)
+        if let (Some(s), Some(rb), Some(o)) = (
+            st.as_ref(),
+            observed.rollbacks.get(&c.name),
+            observed.containers.get(&c.name),
+        ) && s.action == Action::Replace
+            && rb.spec == c.spec.digest()
+            && !matches!(o.status, ContainerStatus::Lost { .. })
+        {
+            plan.kept.push(Kept {
+                address: format!("container.{}", c.name),
+                kind: Kind::Container,
+                name: c.name.clone(),
+                message: format!(
+                    "rolled back at {}: {}; not tried again until the manifests change or `berth apply --retry {}`",
+                    crate::runtime::logs::rfc3339(
+                        std::time::UNIX_EPOCH + std::time::Duration::from_secs(rb.at)
+                    ),
+                    rb.reason,
+                    c.name
+                ),
+            });
+            st = None;
+        }
         let starts = |s: &Step| {
             s.action == Action::Replace
                 || s.action == Action::Create
