@@ -269,6 +269,27 @@ pub fn converge(
         let guard = lock()?;
         // build containers and scratch files of builds that were killed
         crate::build::reap(host);
+        // replacements an interrupted apply left undecided are decided first
+        if !host.state.read_rollouts().is_empty() {
+            let store = host.store();
+            let rt = host.runtime();
+            let notice = |m: &str| events.notice(m);
+            Executor {
+                state: &host.state,
+                store: &store,
+                runtime: &rt,
+                puller: None,
+                desired,
+                config: &host.config,
+                parallel: settings.parallel,
+                wait_timeout: settings.wait_timeout,
+                net_lock: Default::default(),
+                handle: host.handle.clone(),
+                notice: &notice,
+                cancel: settings.cancel.clone(),
+            }
+            .resume_rollouts();
+        }
         let released = crate::apply::release_orphan_leases(&host.state)?;
         if !released.is_empty() {
             events.released(&released);

@@ -95,6 +95,10 @@ impl AgentLock {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RollbackRecord {
     pub spec: String,
+    /// The image digest the refused container ran, when known: a later image of the same
+    /// spec is tried.
+    #[serde(default)]
+    pub image: Option<String>,
     pub reason: String,
     /// Unix seconds.
     pub at: u64,
@@ -118,6 +122,42 @@ impl StateDir {
             }
             _ => Ok(()),
         }
+    }
+
+    fn rollout_path(&self, name: &str) -> PathBuf {
+        self.root.join("rollouts").join(format!("{name}.json"))
+    }
+
+    /// A replacement under way: the container it replaces, to go back to.
+    pub fn write_rollout(&self, name: &str, previous: &ContainerRecord) -> Result<(), StateError> {
+        Ok(crate::fsutil::write_json(
+            &self.rollout_path(name),
+            previous,
+        )?)
+    }
+
+    pub fn remove_rollout(&self, name: &str) -> Result<(), StateError> {
+        let p = self.rollout_path(name);
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(PathError::new("remove", &p, e).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Replacements an interrupted apply left undecided, by container.
+    pub fn read_rollouts(&self) -> BTreeMap<String, ContainerRecord> {
+        let Ok(rd) = std::fs::read_dir(self.root.join("rollouts")) else {
+            return BTreeMap::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                let r = crate::fsutil::read_json(&e.path()).ok().flatten()?;
+                Some((name, r))
+            })
+            .collect()
     }
 
     pub fn read_rollbacks(&self) -> BTreeMap<String, RollbackRecord> {

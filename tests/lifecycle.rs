@@ -1807,10 +1807,16 @@ fn a_replacement_that_does_not_prove_itself_is_rolled_back() {
     let vol = h.name("v");
     let name = h.name("a");
     let write = |body: &str| {
+        // a short wait unless the body sets its own
+        let rollout = if body.contains("rollout") {
+            ""
+        } else {
+            "rollout = { min_ready = \"1s\", timeout = \"10s\" }\n"
+        };
         std::fs::write(
             h.dir.path().join("c.toml"),
             format!(
-                "[image.bb]\nref = \"{IMAGE}\"\npull = \"never\"\n\n[volume.{vol}]\n\n[container.{name}]\nimage = \"bb\"\nnetworks = [\"none\"]\nstop_timeout = \"1s\"\nvolumes = [\"{vol}:/data\"]\nrollout = {{ min_ready = \"1s\", timeout = \"10s\" }}\n{body}\n"
+                "[image.bb]\nref = \"{IMAGE}\"\npull = \"never\"\n\n[volume.{vol}]\n\n[container.{name}]\nimage = \"bb\"\nnetworks = [\"none\"]\nstop_timeout = \"1s\"\nvolumes = [\"{vol}:/data\"]\n{rollout}{body}\n"
             ),
         )
         .unwrap()
@@ -1875,6 +1881,37 @@ fn a_replacement_that_does_not_prove_itself_is_rolled_back() {
     let r = h.wait_for("a", "running", |r| state(r) == "running");
     assert!(r["rolled_back"].is_null(), "{r}");
     assert_eq!(h.sh("a", "cat /data/keep").trim(), "kept");
+
+    // an apply killed while the new container has to prove itself: the next apply finishes
+    // the rollout (here: rolls back, the new one exits 3 after 2 s)
+    let old_pid = h.wait_for("a", "running", |r| state(r) == "running")["pid"]
+        .as_i64()
+        .unwrap();
+    write("command = [\"sh\", \"-c\", \"sleep 2; exit 3\"]\nrollout = { min_ready = \"30s\" }");
+    let mut killed = Command::new(berth_bin())
+        .arg("--state-dir")
+        .arg(h.s())
+        .args(["apply", h.d()])
+        .env("BERTH_CONFIG", "/dev/null")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    h.wait_for("a", "replaced", |r| {
+        r["detail"]["state"] == "running" && r["pid"].as_i64() != Some(old_pid)
+    });
+    killed.kill().unwrap();
+    let _ = killed.wait();
+    let (code, out) = apply(&[]);
+    assert!(
+        out.contains("rolled back: the new container exited 3"),
+        "{code:?} {out}"
+    );
+    let r = h.wait_for("a", "the previous one again", |r| {
+        r["detail"]["state"] == "running"
+    });
+    assert_eq!(state(&r), "running (rolled back)", "{r}");
+    assert!(h.sh("a", "cat /proc/1/cmdline").contains("2000"));
 
     // rollback = false keeps what it was asked to run
     write("command = [\"sh\", \"-c\", \"exit 3\"]\nrollback = false");

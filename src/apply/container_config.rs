@@ -88,14 +88,17 @@ pub fn runtime_config(
             },
         });
     }
-    // /run/berth, last (over a tmpfs at /run): where the container holds its update lock
-    mounts.push(MountSpec {
-        target: std::path::PathBuf::from("/run/berth"),
-        kind: MountKind::Bind {
-            source: rc::ContainerDir(state.containers_dir().join(name)).berth_run(),
-            read_only: false,
-        },
-    });
+    // /run/berth, last (over a tmpfs at /run): where a container that declares
+    // [container.NAME.update] holds its update lock (only those get the writable mount)
+    if spec.update.is_some() {
+        mounts.push(MountSpec {
+            target: std::path::PathBuf::from("/run/berth"),
+            kind: MountKind::Bind {
+                source: rc::ContainerDir(state.containers_dir().join(name)).berth_run(),
+                read_only: false,
+            },
+        });
+    }
     let args = rc::merge_args(spec, &img.config);
     if args.is_empty() {
         return Err(ApplyError::Invalid(format!(

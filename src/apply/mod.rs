@@ -384,7 +384,9 @@ impl Executor<'_> {
         if st.kind == Kind::Container && st.ops.contains(&Op::StartContainer) {
             self.wait_for_dependencies(&st.name)?;
         }
-        // what a replacement goes back to if the new container does not prove itself
+        // what a replacement goes back to if the new container does not prove itself: only
+        // with its image still in the store (checked now: a prune waits for the state lock
+        // this apply holds)
         let previous = if replace
             && self
                 .desired
@@ -392,10 +394,31 @@ impl Executor<'_> {
                 .get(&st.name)
                 .is_some_and(|c| c.spec.rollback)
         {
-            self.record(&st.name)?
+            match self.record(&st.name)? {
+                Some(prev) => match prev
+                    .image_digest
+                    .as_deref()
+                    .map(|d| self.image_by_digest(&prev.spec.image_ref.to_string(), d))
+                {
+                    Some(Ok(_)) => Some(prev),
+                    _ => {
+                        (self.notice)(&format!(
+                            "container.{}: the previous image is no longer in the store: this replacement cannot be rolled back",
+                            st.name
+                        ));
+                        None
+                    }
+                },
+                None => None,
+            }
         } else {
             None
         };
+        // a rollout under way is remembered until it is decided, so that an apply killed
+        // meanwhile is finished by the next (see resume_rollouts)
+        if let Some(prev) = &previous {
+            self.state.write_rollout(&st.name, prev)?;
+        }
         let mut removed = false;
         for op in &st.ops {
             if let Err(e) = self.run_op(st, *op) {
@@ -403,6 +426,7 @@ impl Executor<'_> {
                 if removed && let Some(prev) = &previous {
                     return Err(self.roll_back(&st.name, prev, &why));
                 }
+                self.state.remove_rollout(&st.name)?;
                 return Err(ApplyError::Step {
                     message: why,
                     transient: e.is_transient(),
@@ -415,12 +439,46 @@ impl Executor<'_> {
             let changed = self
                 .record(&st.name)?
                 .is_some_and(|n| n.spec != prev.spec || n.image_digest != prev.image_digest);
-            if changed && let Err(why) = self.proves_itself(&st.name) {
-                return Err(self.roll_back(&st.name, prev, &why));
+            if changed {
+                match self.proves_itself(&st.name) {
+                    Ok(()) => {}
+                    // stopping: decided by the next apply or agent (the rollout stays)
+                    Err(why) if self.cancel.is_cancelled() => {
+                        return Err(ApplyError::Waiting(why));
+                    }
+                    Err(why) => return Err(self.roll_back(&st.name, prev, &why)),
+                }
             }
+            self.state.remove_rollout(&st.name)?;
+        }
+        if st.kind == Kind::Container && matches!(st.action, Action::Replace | Action::Destroy) {
             self.state.remove_rollback(&st.name)?;
         }
         Ok(())
+    }
+
+    /// Finish the rollouts an interrupted apply left undecided (killed while it waited for
+    /// the new container to prove itself, or in the middle of a rollback): the container is
+    /// checked again, and rolled back if it does not prove itself, or if it is gone.
+    pub fn resume_rollouts(&self) {
+        for (name, prev) in self.state.read_rollouts() {
+            let present = self.record(&name).ok().flatten().is_some() && self.runtime.exists(&name);
+            let outcome = if present {
+                self.proves_itself(&name)
+            } else {
+                Err("an apply was interrupted while it replaced it".to_string())
+            };
+            match outcome {
+                Ok(()) => {
+                    let _ = self.state.remove_rollout(&name);
+                }
+                Err(_) if self.cancel.is_cancelled() => {}
+                Err(why) => {
+                    let e = self.roll_back(&name, &prev, &why);
+                    (self.notice)(&format!("container.{name}: {e}"));
+                }
+            }
+        }
     }
 
     /// Whether a new container proves itself: healthy within `rollout.timeout` when it has a
@@ -434,13 +492,38 @@ impl Executor<'_> {
         };
         let r = c.spec.rollout.unwrap_or_default();
         let t0 = Instant::now();
+        // a restart by its supervisor while it is watched is a failure too (a 100 ms poll
+        // could miss the restarting state in between)
+        let restarts = self.runtime.state(name).map_or(0, |s| s.restarts);
         let took = |t0: Instant| crate::manifest::units::Duration(t0.elapsed().as_millis() as u64);
         loop {
             if self.cancel.is_cancelled() {
-                return Ok(());
+                return Err("berth is stopping".into());
+            }
+            if self
+                .runtime
+                .state(name)
+                .is_some_and(|s| s.restarts > restarts)
+            {
+                let how = self.runtime.exit(name).map_or("exited".to_string(), |e| {
+                    match (e.code, e.signal) {
+                        (Some(c), _) => format!("exited {c}"),
+                        (_, Some(s)) => format!("was killed by signal {s}"),
+                        _ => "exited".into(),
+                    }
+                });
+                if !how.ends_with(" 0") {
+                    return Err(format!(
+                        "the new container {how} and was restarted, within {}",
+                        took(t0)
+                    ));
+                }
             }
             match self.runtime.status(name) {
-                Ok(S::Exited { code: Some(0), .. }) | Ok(S::StoppedByUser) => return Ok(()),
+                // a job done (also when its restart policy runs it again)
+                Ok(S::Exited { code: Some(0), .. })
+                | Ok(S::Restarting { code: Some(0), .. })
+                | Ok(S::StoppedByUser) => return Ok(()),
                 Ok(S::Exited { code, signal, .. }) | Ok(S::Restarting { code, signal, .. }) => {
                     return Err(format!(
                         "the new container {} after {}",
@@ -487,10 +570,17 @@ impl Executor<'_> {
     /// and image digest, the same volumes) created and started again, and the desired spec
     /// remembered as refused (`apply --retry NAME` or a change of the manifests tries again).
     fn roll_back(&self, name: &str, prev: &ContainerRecord, why: &str) -> ApplyError {
+        // the refused image, for the plan (a later image of the same spec is tried)
+        let refused_image = self
+            .record(name)
+            .ok()
+            .flatten()
+            .and_then(|r| r.image_digest);
         let restore = || -> Result<(), ApplyError> {
             if self.runtime.exists(name) {
-                self.runtime
-                    .remove(name, "SIGKILL", Duration::from_secs(5))?;
+                // stopped as it asks (it may be writing to a volume the old one will use)
+                let (sig, timeout) = self.stop_settings(name)?;
+                self.runtime.remove(name, &sig, timeout)?;
             }
             self.release_addresses(name)?;
             self.state.remove_record(Kind::Container, name)?;
@@ -508,16 +598,20 @@ impl Executor<'_> {
         match restore() {
             Ok(()) => {
                 tracing::warn!(container = name, "rolled back: {why}");
+                let _ = self.state.remove_rollout(name);
                 if let Some(c) = self.desired.containers.get(name) {
                     let rec = crate::state::RollbackRecord {
                         spec: c.spec.digest(),
+                        image: refused_image,
                         reason: why.to_string(),
                         at: crate::fsutil::now_unix(),
                     };
                     if let Err(e) = self.state.write_rollback(name, &rec) {
                         return ApplyError::Step {
-                            message: format!("rolled back: {why}; but: {e}"),
-                            transient: false,
+                            message: format!(
+                                "the previous container runs again ({why}), but the rollback could not be recorded: {e}"
+                            ),
+                            transient: true,
                         };
                     }
                 }
@@ -785,11 +879,12 @@ impl Executor<'_> {
         };
         let ends = since.saturating_add(deadline.0 / 1000);
         if now >= ends {
+            // the marker stays until the replacement removes the old container's directory
+            // with it: a step that fails now does not start a fresh deadline
             tracing::warn!(
                 container = name,
                 "its update lock is held past the deadline ({deadline}): replaced anyway"
             );
-            let _ = std::fs::remove_file(cd.deferred_since());
             return Ok(());
         }
         Err(ApplyError::Step {
@@ -864,8 +959,10 @@ impl Executor<'_> {
             net,
         )?;
         // /run/berth's source (see runtime_config)
-        crate::fsutil::create_dir_mode(&self.runtime.dir(name).berth_run(), 0o755)
-            .map_err(StateError::Io)?;
+        if spec.update.is_some() {
+            crate::fsutil::create_dir_mode(&self.runtime.dir(name).berth_run(), 0o755)
+                .map_err(StateError::Io)?;
+        }
         let rec = ContainerRecord {
             name: name.into(),
             source: c.source.clone(),

@@ -915,8 +915,9 @@ impl Loader {
                         &["timeout", "min_ready"],
                     );
                     let d = RolloutSpec::default();
+                    // a wait of at least a second, at most an hour (the state lock is held)
                     let ranged =
-                        |i: &Item| duration_between(i, Duration(0), Duration::from_secs(86_400));
+                        |i: &Item| duration_between(i, Duration(1000), Duration::from_secs(3600));
                     c.rollout = Some(RolloutSpec {
                         timeout: self.field(f, r, "timeout", ranged).unwrap_or(d.timeout),
                         min_ready: self.field(f, r, "min_ready", ranged).unwrap_or(d.min_ready),

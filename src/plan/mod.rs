@@ -525,15 +525,24 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
             &replaced_networks,
             &mut plan.kept,
         );
-        // a replacement by the spec a rollback refused is not tried again (a lost
-        // container is still repaired)
+        // a replacement by the spec (and image) a rollback refused is not tried again; a
+        // repair still is (the container lost or exited, a network replaced), and a new
+        // image of the same spec is tried
+        let want_image = desired.image_for(&c.spec).and_then(|i| {
+            image_digest
+                .get(&i.spec.reference.to_string())
+                .cloned()
+                .flatten()
+        });
         if let (Some(s), Some(rb), Some(o)) = (
             st.as_ref(),
             observed.rollbacks.get(&c.name),
             observed.containers.get(&c.name),
         ) && s.action == Action::Replace
             && rb.spec == c.spec.digest()
-            && !matches!(o.status, ContainerStatus::Lost { .. })
+            && (rb.image.is_none() || rb.image == want_image)
+            && matches!(o.status, ContainerStatus::Running { .. })
+            && !s.reasons.iter().any(|r| r.message.contains(" is replaced"))
         {
             plan.kept.push(Kept {
                 address: format!("container.{}", c.name),
