@@ -269,26 +269,13 @@ pub fn converge(
         let guard = lock()?;
         // build containers and scratch files of builds that were killed
         crate::build::reap(host);
+        let store = host.store();
+        let rt = host.runtime();
+        let notice = |m: &str| events.notice(m);
+        let executor = |puller| executor(host, desired, settings, &store, &rt, &notice, puller);
         // replacements an interrupted apply left undecided are decided first
         if !host.state.read_rollouts().is_empty() {
-            let store = host.store();
-            let rt = host.runtime();
-            let notice = |m: &str| events.notice(m);
-            Executor {
-                state: &host.state,
-                store: &store,
-                runtime: &rt,
-                puller: None,
-                desired,
-                config: &host.config,
-                parallel: settings.parallel,
-                wait_timeout: settings.wait_timeout,
-                net_lock: Default::default(),
-                handle: host.handle.clone(),
-                notice: &notice,
-                cancel: settings.cancel.clone(),
-            }
-            .resume_rollouts();
+            executor(None).resume_rollouts();
         }
         let released = crate::apply::release_orphan_leases(&host.state)?;
         if !released.is_empty() {
@@ -335,23 +322,7 @@ pub fn converge(
         } else {
             None
         };
-        let store = host.store();
-        let rt = host.runtime();
-        let notice = |m: &str| events.notice(m);
-        let ex = Executor {
-            state: &host.state,
-            store: &store,
-            runtime: &rt,
-            puller: puller.as_ref(),
-            desired,
-            config: &host.config,
-            parallel: settings.parallel,
-            wait_timeout: settings.wait_timeout,
-            net_lock: Default::default(),
-            handle: host.handle.clone(),
-            notice: &notice,
-            cancel: settings.cancel.clone(),
-        };
+        let ex = executor(puller.as_ref());
         // a failed pull before the lock stands as it was reported then; anything else is
         // reported as it happens
         let report = |o: &StepOutcome| {
@@ -380,6 +351,32 @@ pub fn converge(
             result: done.result,
             pulled_bytes,
         });
+    }
+}
+
+/// The executor of a pass.
+fn executor<'a>(
+    host: &'a Host,
+    desired: &'a Desired,
+    settings: &Settings,
+    store: &'a Store,
+    rt: &'a Runtime,
+    notice: &'a (dyn Fn(&str) + Sync),
+    puller: Option<&'a Puller>,
+) -> Executor<'a> {
+    Executor {
+        state: &host.state,
+        store,
+        runtime: rt,
+        puller,
+        desired,
+        config: &host.config,
+        parallel: settings.parallel,
+        wait_timeout: settings.wait_timeout,
+        net_lock: Default::default(),
+        handle: host.handle.clone(),
+        notice,
+        cancel: settings.cancel.clone(),
     }
 }
 

@@ -105,72 +105,61 @@ pub struct RollbackRecord {
 }
 
 impl StateDir {
-    fn rollback_path(&self, name: &str) -> PathBuf {
-        self.root.join("rollbacks").join(format!("{name}.json"))
+    /// `STATE/DIR/NAME.json` written, removed, or all read (unreadable ones skipped): the
+    /// rollouts under way and the rollbacks done.
+    fn write_named<T: Serialize>(&self, dir: &str, name: &str, v: &T) -> Result<(), StateError> {
+        let p = self.root.join(dir).join(format!("{name}.json"));
+        Ok(crate::fsutil::write_json(&p, v)?)
+    }
+
+    fn remove_named(&self, dir: &str, name: &str) -> Result<(), StateError> {
+        let p = self.root.join(dir).join(format!("{name}.json"));
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                Err(PathError::new("remove", &p, e).into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn read_named<T: serde::de::DeserializeOwned>(&self, dir: &str) -> BTreeMap<String, T> {
+        let Ok(rd) = std::fs::read_dir(self.root.join(dir)) else {
+            return BTreeMap::new();
+        };
+        rd.flatten()
+            .filter_map(|e| {
+                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
+                let r = crate::fsutil::read_json(&e.path()).ok().flatten()?;
+                Some((name, r))
+            })
+            .collect()
     }
 
     pub fn write_rollback(&self, name: &str, r: &RollbackRecord) -> Result<(), StateError> {
-        Ok(crate::fsutil::write_json(&self.rollback_path(name), r)?)
+        self.write_named("rollbacks", name, r)
     }
 
     /// Forget a rollback (`apply --retry NAME`, or a replacement that proved itself).
     pub fn remove_rollback(&self, name: &str) -> Result<(), StateError> {
-        let p = self.rollback_path(name);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(PathError::new("remove", &p, e).into())
-            }
-            _ => Ok(()),
-        }
+        self.remove_named("rollbacks", name)
     }
 
-    fn rollout_path(&self, name: &str) -> PathBuf {
-        self.root.join("rollouts").join(format!("{name}.json"))
+    pub fn read_rollbacks(&self) -> BTreeMap<String, RollbackRecord> {
+        self.read_named("rollbacks")
     }
 
     /// A replacement under way: the container it replaces, to go back to.
     pub fn write_rollout(&self, name: &str, previous: &ContainerRecord) -> Result<(), StateError> {
-        Ok(crate::fsutil::write_json(
-            &self.rollout_path(name),
-            previous,
-        )?)
+        self.write_named("rollouts", name, previous)
     }
 
     pub fn remove_rollout(&self, name: &str) -> Result<(), StateError> {
-        let p = self.rollout_path(name);
-        match std::fs::remove_file(&p) {
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
-                Err(PathError::new("remove", &p, e).into())
-            }
-            _ => Ok(()),
-        }
+        self.remove_named("rollouts", name)
     }
 
     /// Replacements an interrupted apply left undecided, by container.
     pub fn read_rollouts(&self) -> BTreeMap<String, ContainerRecord> {
-        let Ok(rd) = std::fs::read_dir(self.root.join("rollouts")) else {
-            return BTreeMap::new();
-        };
-        rd.flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
-                let r = crate::fsutil::read_json(&e.path()).ok().flatten()?;
-                Some((name, r))
-            })
-            .collect()
-    }
-
-    pub fn read_rollbacks(&self) -> BTreeMap<String, RollbackRecord> {
-        let Ok(rd) = std::fs::read_dir(self.root.join("rollbacks")) else {
-            return BTreeMap::new();
-        };
-        rd.flatten()
-            .filter_map(|e| {
-                let name = e.file_name().to_str()?.strip_suffix(".json")?.to_string();
-                let r = crate::fsutil::read_json(&e.path()).ok().flatten()?;
-                Some((name, r))
-            })
-            .collect()
+        self.read_named("rollouts")
     }
 
     pub fn agent_lock_path(&self) -> PathBuf {
