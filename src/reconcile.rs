@@ -66,10 +66,7 @@ impl Host {
         config: Config,
         handle: tokio::runtime::Handle,
     ) -> std::io::Result<Host> {
-        let exe = match std::env::var_os("BERTH_EXE") {
-            Some(p) => p.into(),
-            None => std::env::current_exe()?,
-        };
+        let exe = berth_exe()?;
         crate::net::link::use_runtime(handle.clone());
         Ok(Host {
             state,
@@ -101,6 +98,14 @@ impl Host {
             progress: crate::image::progress::Progress::auto(quiet),
             unpack: unpack_options(&self.state, &self.config),
         })
+    }
+}
+
+/// The berth executable shims are started from: `BERTH_EXE` if set, else this process's.
+pub fn berth_exe() -> std::io::Result<PathBuf> {
+    match std::env::var_os("BERTH_EXE") {
+        Some(p) => Ok(p.into()),
+        None => std::env::current_exe(),
     }
 }
 

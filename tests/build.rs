@@ -362,18 +362,7 @@ fn built_images_run_under_podman_and_unpack_with_umoci() {
         &format!("docker://{dest}"),
         &format!("oci:{}:t", layout.path().display()),
     ]);
-    let bundle = tempfile::tempdir().unwrap();
-    let st = Command::new("umoci")
-        .args([
-            "unpack",
-            "--image",
-            &format!("{}:t", layout.path().display()),
-        ])
-        .arg(bundle.path().join("b"))
-        .output()
-        .unwrap();
-    assert!(st.status.success(), "umoci: {st:?}");
-    let theirs = tree(&bundle.path().join("b/rootfs"));
+    let theirs = umoci_tree(layout.path());
     assert_eq!(
         theirs
             .get("srv/msg")

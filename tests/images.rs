@@ -50,22 +50,7 @@ fn pull_matches_umoci_and_skopeo_reads_the_store() {
     assert_eq!(v["layers"].as_array().unwrap().len(), 3);
 
     // the unpacked root filesystem equals umoci's unpack of the same image
-    let bundle = tempfile::tempdir().unwrap();
-    let st = Command::new("umoci")
-        .args([
-            "unpack",
-            "--image",
-            &format!("{}:t", layout.path().display()),
-        ])
-        .arg(bundle.path().join("b"))
-        .output()
-        .expect("umoci is not installed (apt-get install umoci)");
-    assert!(
-        st.status.success(),
-        "umoci: {}",
-        String::from_utf8_lossy(&st.stderr)
-    );
-    let theirs = tree(&bundle.path().join("b/rootfs"));
+    let theirs = umoci_tree(layout.path());
     let merged = Merged::mount(state.path(), &dest);
     let ours = tree(merged.dir.path());
     assert!(

@@ -505,16 +505,14 @@ impl Executor<'_> {
                 .state(name)
                 .is_some_and(|s| s.restarts > restarts)
             {
-                let how = self.runtime.exit(name).map_or("exited".to_string(), |e| {
-                    match (e.code, e.signal) {
-                        (Some(c), _) => format!("exited {c}"),
-                        (_, Some(s)) => format!("was killed by signal {s}"),
-                        _ => "exited".into(),
-                    }
-                });
-                if !how.ends_with(" 0") {
+                let (code, signal) = self
+                    .runtime
+                    .exit(name)
+                    .map_or((None, None), |e| (e.code, e.signal));
+                if code != Some(0) {
                     return Err(format!(
-                        "the new container {how} and was restarted, within {}",
+                        "the new container {} and was restarted, within {}",
+                        exited(code, signal),
                         took(t0)
                     ));
                 }
@@ -527,11 +525,7 @@ impl Executor<'_> {
                 Ok(S::Exited { code, signal, .. }) | Ok(S::Restarting { code, signal, .. }) => {
                     return Err(format!(
                         "the new container {} after {}",
-                        match (code, signal) {
-                            (Some(c), _) => format!("exited {c}"),
-                            (_, Some(s)) => format!("was killed by signal {s}"),
-                            _ => "exited".into(),
-                        },
+                        exited(code, signal),
                         took(t0)
                     ));
                 }
@@ -859,12 +853,7 @@ impl Executor<'_> {
             .desired
             .containers
             .get(name)
-            .map(|c| {
-                use sha2::Digest;
-                hex::encode(sha2::Sha256::digest(
-                    serde_json::to_vec(&c.spec).unwrap_or_default(),
-                ))
-            })
+            .map(|c| c.spec.digest())
             .unwrap_or_default();
         let since = match deferred_marker(&cd) {
             Some((t, spec)) if spec == want => t,
@@ -1030,4 +1019,13 @@ fn deferred_marker(cd: &rc::ContainerDir) -> Option<(u64, String)> {
     let mut parts = s.split_whitespace();
     let t = parts.next()?.parse().ok()?;
     Some((t, parts.next().unwrap_or_default().to_string()))
+}
+
+/// How a container ended, for a rollback's reason: `exited 3`, `was killed by signal 9`.
+fn exited(code: Option<i32>, signal: Option<i32>) -> String {
+    match (code, signal) {
+        (Some(c), _) => format!("exited {c}"),
+        (_, Some(s)) => format!("was killed by signal {s}"),
+        _ => "exited".into(),
+    }
 }

@@ -563,11 +563,8 @@ impl<'a> Writer<'a> {
             return Err(self.refused(rel, "it is the layer being written"));
         }
         let meta = self.meta(&st);
-        if let Some(first) = self.first_link(&st, rel) {
-            return self.emit(
-                &Item::bare(EntryType::Link, rel, Some(first.as_slice()), meta),
-                None,
-            );
+        if let Some(done) = self.hard_link(&st, rel, meta) {
+            return done;
         }
         let xattrs = self.xattrs(&XattrSource::File(&file), rel)?;
         let size = u64::try_from(st.st_size).map_err(|_| self.refused(rel, "negative size"))?;
@@ -587,11 +584,8 @@ impl<'a> Writer<'a> {
         st: &FileStat,
     ) -> Result<(), LayerError> {
         let meta = self.meta(st);
-        if let Some(first) = self.first_link(st, rel) {
-            return self.emit(
-                &Item::bare(EntryType::Link, rel, Some(first.as_slice()), meta),
-                None,
-            );
+        if let Some(done) = self.hard_link(st, rel, meta) {
+            return done;
         }
         let target = readlinkat(parent, name)
             .map_err(|e| self.io("read link", rel, e.into()))?
@@ -619,11 +613,8 @@ impl<'a> Writer<'a> {
         st: &FileStat,
     ) -> Result<(), LayerError> {
         let meta = self.meta(st);
-        if let Some(first) = self.first_link(st, rel) {
-            return self.emit(
-                &Item::bare(EntryType::Link, rel, Some(first.as_slice()), meta),
-                None,
-            );
+        if let Some(done) = self.hard_link(st, rel, meta) {
+            return done;
         }
         let (kind, dev) = match st.st_mode & libc::S_IFMT {
             libc::S_IFCHR => (EntryType::Char, self.dev_numbers(st.st_rdev, rel)?),
@@ -699,6 +690,21 @@ impl<'a> Writer<'a> {
         self.opts
             .mtime
             .map_or(own, |t| i64::try_from(t).unwrap_or(i64::MAX))
+    }
+
+    /// A second path of an inode already written: its entry, a hard link to the first
+    /// (`Some` with the result of writing it); otherwise `None`.
+    fn hard_link(
+        &mut self,
+        st: &FileStat,
+        rel: &[u8],
+        meta: Meta,
+    ) -> Option<Result<(), LayerError>> {
+        let first = self.first_link(st, rel)?;
+        Some(self.emit(
+            &Item::bare(EntryType::Link, rel, Some(first.as_slice()), meta),
+            None,
+        ))
     }
 
     /// The path this inode was first written at, if it was; otherwise remember `rel` for the

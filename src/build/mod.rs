@@ -177,10 +177,6 @@ impl StageState {
         }
     }
 
-    fn run_config(&mut self) -> &mut serde_json::Map<String, Value> {
-        &mut self.run
-    }
-
     fn env(&self) -> Vec<(String, String)> {
         self.run
             .get("Env")
@@ -202,7 +198,7 @@ impl StageState {
             None => env.push((k.to_string(), v.to_string())),
         }
         let list: Vec<Value> = env.iter().map(|(k, v)| json!(format!("{k}={v}"))).collect();
-        self.run_config().insert("Env".into(), Value::Array(list));
+        self.run.insert("Env".into(), Value::Array(list));
     }
 
     fn workdir(&self) -> String {
@@ -286,18 +282,17 @@ pub fn build(
     opts: &BuildOptions,
     events: &dyn BuildEvents,
 ) -> Result<Built, BuildError> {
-    let file = match &opts.file {
-        Some(f) => f.clone(),
-        None => {
-            let c = opts.context.join("Containerfile");
-            if c.exists() {
-                c
-            } else {
-                opts.context.join("Dockerfile")
-            }
-        }
-    };
-    let text = read_text(&opts.context, &file)?;
+    let file = containerfile_path(&opts.context, opts.file.as_deref());
+    let text = String::from_utf8(
+        read_containerfile(&opts.context, &file).map_err(|e| PathError::new("read", &file, e))?,
+    )
+    .map_err(|e| {
+        PathError::new(
+            "read",
+            &file,
+            std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        )
+    })?;
     let cf = containerfile::parse(&text, &file).map_err(BuildError::Parse)?;
     let b = Builder {
         host,
@@ -329,21 +324,34 @@ pub fn build(
     b.run(&cf)
 }
 
-/// The Containerfile: a file in the context is opened inside it, through no symlink (one
-/// pointing at /etc/shadow would have its lines echoed as errors); one named elsewhere on
-/// the command line as given.
-fn read_text(context: &Path, file: &Path) -> Result<String, BuildError> {
+/// The Containerfile of a build: `file` if given, else the context's `Containerfile`, else
+/// its `Dockerfile`.
+pub fn containerfile_path(context: &Path, file: Option<&Path>) -> PathBuf {
+    match file {
+        Some(f) => f.to_path_buf(),
+        None => {
+            let c = context.join("Containerfile");
+            if c.exists() {
+                c
+            } else {
+                context.join("Dockerfile")
+            }
+        }
+    }
+}
+
+/// A Containerfile's bytes (at most 1 MiB): one in the context is opened inside it,
+/// through no symlink (one pointing at /etc/shadow would have its lines echoed as errors);
+/// one named elsewhere (`-f` on the command line) as given.
+pub fn read_containerfile(context: &Path, file: &Path) -> std::io::Result<Vec<u8>> {
     use std::io::Read;
-    let opened = match file.strip_prefix(context) {
+    let f = match file.strip_prefix(context) {
         Ok(rel) => crate::fsutil::open_regular(rel, Some(context)),
         Err(_) => crate::fsutil::open_regular(file, None),
-    };
-    let f = opened.map_err(|e| PathError::new("open", file, e))?;
-    let mut s = String::new();
-    f.take(1 << 20)
-        .read_to_string(&mut s)
-        .map_err(|e| PathError::new("read", file, e))?;
-    Ok(s)
+    }?;
+    let mut b = vec![];
+    f.take(1 << 20).read_to_end(&mut b)?;
+    Ok(b)
 }
 
 struct Builder<'a> {
@@ -542,14 +550,14 @@ impl Builder<'_> {
                 let p = self.expand(st, p, line)?;
                 let abs = Path::new(&st.workdir()).join(&p);
                 let abs = abs.to_string_lossy().into_owned();
-                st.run_config().insert("WorkingDir".into(), json!(abs));
+                st.run.insert("WorkingDir".into(), json!(abs));
                 config_only(st, format!("WORKDIR {abs}"));
                 Ok((false, None))
             }
             Kind::User(u) => {
                 self.events.step(n, total, &ins.text, false);
                 let u = self.expand(st, u, line)?;
-                st.run_config().insert("User".into(), json!(u));
+                st.run.insert("User".into(), json!(u));
                 config_only(st, format!("USER {u}"));
                 Ok((false, None))
             }
@@ -578,8 +586,7 @@ impl Builder<'_> {
                     shown.push(format!("{k}={v}"));
                     labels.insert(k, json!(v));
                 }
-                st.run_config()
-                    .insert("Labels".into(), Value::Object(labels));
+                st.run.insert("Labels".into(), Value::Object(labels));
                 config_only(st, format!("LABEL {}", shown.join(" ")));
                 Ok((false, None))
             }
@@ -600,8 +607,7 @@ impl Builder<'_> {
                     };
                     exposed.insert(p, json!({}));
                 }
-                st.run_config()
-                    .insert("ExposedPorts".into(), Value::Object(exposed));
+                st.run.insert("ExposedPorts".into(), Value::Object(exposed));
                 config_only(st, ins.text.clone());
                 Ok((false, None))
             }
@@ -612,11 +618,11 @@ impl Builder<'_> {
                     Command::Shell(s) => vec!["/bin/sh".into(), "-c".into(), s.clone()],
                 };
                 if matches!(ins.kind, Kind::Entrypoint(_)) {
-                    st.run_config().insert("Entrypoint".into(), json!(args));
+                    st.run.insert("Entrypoint".into(), json!(args));
                     // as docker: a new ENTRYPOINT drops the CMD inherited from the base
-                    st.run_config().remove("Cmd");
+                    st.run.remove("Cmd");
                 } else {
-                    st.run_config().insert("Cmd".into(), json!(args));
+                    st.run.insert("Cmd".into(), json!(args));
                 }
                 config_only(st, ins.text.clone());
                 Ok((false, None))
@@ -1701,15 +1707,17 @@ impl Drop for Lease {
 /// Whether a lease named `name` belongs to a build that is still running (an apply keeps
 /// those when it releases the leases of containers it has no record of).
 pub fn lease_in_use(state_root: &Path, name: &str) -> bool {
-    let Some(rest) = name.strip_prefix("build-") else {
-        return false;
-    };
-    let id = rest.split('-').next().unwrap_or_default();
-    let p = state_root
-        .join("build")
-        .join("owners")
-        .join(format!("{id}.lock"));
-    match std::fs::File::open(&p) {
+    name.strip_prefix("build-").is_some_and(|rest| {
+        owner_alive(
+            &state_root.join("build").join("owners"),
+            rest.split('-').next().unwrap_or_default(),
+        )
+    })
+}
+
+/// Whether the build `id` still runs: its owner lock (in `owners`) is held.
+fn owner_alive(owners: &Path, id: &str) -> bool {
+    match std::fs::File::open(owners.join(format!("{id}.lock"))) {
         Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err(),
         Err(_) => false,
     }
@@ -1796,15 +1804,7 @@ impl Owner {
 pub fn reap(host: &Host) {
     let build = host.state.root.join("build");
     let owners = build.join("owners");
-    let alive = |id: &str| -> bool {
-        let p = owners.join(format!("{id}.lock"));
-        match std::fs::File::open(&p) {
-            Ok(f) => {
-                nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err()
-            }
-            Err(_) => false,
-        }
-    };
+    let alive = |id: &str| owner_alive(&owners, id);
     let owner_of = |name: &str| name.split('-').next().unwrap_or_default().to_string();
     let rt = Runtime::new(
         build.join("containers"),

@@ -17,10 +17,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 pub fn runtime(c: &Ctx) -> Result<Runtime> {
-    let exe = match std::env::var_os("BERTH_EXE") {
-        Some(p) => p.into(),
-        None => std::env::current_exe().context("finding berth's own executable")?,
-    };
+    let exe = crate::reconcile::berth_exe().context("finding berth's own executable")?;
     Ok(Runtime::new(
         c.state.containers_dir(),
         exe,

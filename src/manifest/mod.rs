@@ -1735,31 +1735,15 @@ fn build_spec(item: &Item, manifest: &Path) -> Result<BuildSpec, Fail> {
         None => NET_NONE.to_string(),
         Some(i) => string(i)?,
     };
-    let containerfile = file.clone().unwrap_or_else(|| {
-        let c = context.join("Containerfile");
-        if c.exists() {
-            c
-        } else {
-            context.join("Dockerfile")
-        }
-    });
-    let cf_bytes = containerfile
-        .strip_prefix(&context)
-        .map_err(std::io::Error::other)
-        .and_then(|rel| crate::fsutil::open_regular(rel, Some(&context)))
-        .and_then(|f| {
-            use std::io::Read;
-            let mut b = vec![];
-            f.take(1 << 20).read_to_end(&mut b).map(|_| b)
-        })
-        .map_err(|e| {
-            (
-                tbl.get("file")
-                    .or(tbl.get("context"))
-                    .and_then(|i| i.span()),
-                format!("{}: {e}", containerfile.display()),
-            )
-        })?;
+    let containerfile = crate::build::containerfile_path(&context, file.as_deref());
+    let cf_bytes = crate::build::read_containerfile(&context, &containerfile).map_err(|e| {
+        (
+            tbl.get("file")
+                .or(tbl.get("context"))
+                .and_then(|i| i.span()),
+            format!("{}: {e}", containerfile.display()),
+        )
+    })?;
     let files = crate::build::context::file_digests(&context).map_err(|e| (None, e))?;
     let mut h = sha2::Sha256::new();
     use sha2::Digest;

@@ -1009,3 +1009,20 @@ pub fn state_with_image(tag: &str, extra: Vec<Vec<u8>>) -> tempfile::TempDir {
     ));
     state
 }
+
+/// `umoci unpack` of the OCI layout `layout` at tag `t`: the tree of the root filesystem it
+/// makes (see [`tree`]).
+pub fn umoci_tree(layout: &Path) -> std::collections::BTreeMap<String, String> {
+    let bundle = tempfile::tempdir().unwrap();
+    let st = Command::new("umoci")
+        .args(["unpack", "--image", &format!("{}:t", layout.display())])
+        .arg(bundle.path().join("b"))
+        .output()
+        .expect("umoci is not installed (apt-get install umoci)");
+    assert!(
+        st.status.success(),
+        "umoci: {}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    tree(&bundle.path().join("b/rootfs"))
+}
