@@ -17,6 +17,15 @@ pub const POINTS: &[&str] = &[
     "after-release",
 ];
 
+/// The points of a start-first replacement, in order (killed at each, the next apply
+/// finishes or undoes it without refusing a connection: `networks::start_first…`).
+pub const START_FIRST_POINTS: &[&str] = &[
+    "after-start-next",
+    "after-switch",
+    "after-hand-over",
+    "after-release-ports",
+];
+
 /// Die here if `BERTH_FAULT` names this point.
 pub fn point(name: &str) {
     if std::env::var_os("BERTH_FAULT").is_some_and(|v| v == name) {

@@ -36,6 +36,17 @@ pub fn short_hash(parts: &[&[u8]]) -> String {
     hex::encode(&h.finalize()[..5])
 }
 
+/// 16 random hex digits, for names that must not collide (scratch files, a container's
+/// directory).
+pub fn random_hex() -> String {
+    let mut b = [0u8; 8];
+    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
+        use std::io::Read;
+        let _ = f.read_exact(&mut b);
+    }
+    hex::encode(b)
+}
+
 /// `path` made absolute and free of symlinks, or as it is when that fails.
 pub fn canonical(path: &Path) -> PathBuf {
     std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())

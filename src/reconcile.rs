@@ -279,6 +279,7 @@ pub fn converge(
         let notice = |m: &str| events.notice(m);
         let executor = |puller| executor(host, desired, settings, &store, &rt, &notice, puller);
         // replacements an interrupted apply left undecided are decided first
+        executor(None).resume_hand_overs();
         if !host.state.read_rollouts().is_empty() {
             executor(None).resume_rollouts();
         }

@@ -625,3 +625,57 @@ mod sha_ni {
         store(yabef, ycdgh, sb);
     }
 }
+
+/// Send `bytes` on a unix stream socket with `fds` attached (SCM_RIGHTS): the receiver gets
+/// its own descriptors of the same open files.
+pub fn send_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    bytes: &[u8],
+    fds: &[std::os::fd::BorrowedFd<'_>],
+) -> nix::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, sendmsg};
+    use std::os::fd::AsRawFd;
+    let raw: Vec<i32> = fds.iter().map(|f| f.as_raw_fd()).collect();
+    let cmsgs = if raw.is_empty() {
+        vec![]
+    } else {
+        vec![ControlMessage::ScmRights(&raw)]
+    };
+    let iov = [std::io::IoSlice::new(bytes)];
+    sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsgs, MsgFlags::MSG_NOSIGNAL, None)
+}
+
+/// At most this many descriptors arrive with one message ([`recv_with_fds`]).
+pub const MAX_FDS: usize = 64;
+
+/// Receive into `buf` from a unix stream socket, with the descriptors that came along
+/// (close-on-exec, owned: closed when dropped). More than [`MAX_FDS`] is an error.
+pub fn recv_with_fds(
+    sock: std::os::fd::BorrowedFd<'_>,
+    buf: &mut [u8],
+) -> nix::Result<(usize, Vec<std::os::fd::OwnedFd>)> {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::{AsRawFd, FromRawFd};
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; MAX_FDS]);
+    let mut iov = [std::io::IoSliceMut::new(buf)];
+    let msg = recvmsg::<()>(
+        sock.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )?;
+    let mut fds = vec![];
+    for c in msg.cmsgs()? {
+        if let ControlMessageOwned::ScmRights(raw) = c {
+            for fd in raw {
+                // SAFETY: SCM_RIGHTS just installed this descriptor in our table for us;
+                // nothing else knows of it, so this is its only owner.
+                fds.push(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) });
+            }
+        }
+    }
+    if msg.flags.contains(MsgFlags::MSG_CTRUNC) {
+        return Err(nix::errno::Errno::EMSGSIZE);
+    }
+    Ok((msg.bytes, fds))
+}

@@ -531,15 +531,25 @@ fn hostile_contexts_and_interrupted_builds() {
     // SIGTERM during a RUN: the build stops and removes its container
     b.file("Containerfile", &format!("FROM {BASE}\nRUN sleep 600\n"));
     let containers = b.s().join("build/containers");
+    // the containers' names and their directories (slots)
     let names = || -> Vec<String> {
-        std::fs::read_dir(&containers)
-            .map(|rd| {
-                rd.flatten()
-                    .map(|e| e.file_name().to_string_lossy().into_owned())
-                    .filter(|n| !n.ends_with(".lock"))
-                    .collect()
-            })
-            .unwrap_or_default()
+        let list = |d: &std::path::Path| -> Vec<String> {
+            std::fs::read_dir(d)
+                .map(|rd| {
+                    rd.flatten()
+                        .map(|e| e.file_name().to_string_lossy().into_owned())
+                        .filter(|n| !n.ends_with(".lock") && n != ".slots")
+                        .collect()
+                })
+                .unwrap_or_default()
+        };
+        let mut v = list(&containers);
+        v.extend(
+            list(&containers.join(".slots"))
+                .into_iter()
+                .map(|n| format!(".slots/{n}")),
+        );
+        v
     };
     let wait_for = |what: &str, f: &dyn Fn() -> bool| {
         let end = std::time::Instant::now() + std::time::Duration::from_secs(60);

@@ -114,7 +114,7 @@ fn apply_run_exec_and_clean_up() {
     let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
     assert!(!mounts.contains(s.to_str().unwrap()), "mounts left behind");
     assert!(
-        paths_in(&s.join("containers")).is_empty(),
+        container_dirs(s).is_empty(),
         "container directories left behind"
     );
     let leftovers = cgroups_named(&name);

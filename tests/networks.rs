@@ -137,6 +137,29 @@ fn out(o: &std::process::Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
 }
 
+/// The time, to tell which step a client's failure fell in (the steps print it too).
+fn stamp() -> String {
+    let t = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap();
+    format!("{}.{:03}", t.as_secs(), t.subsec_millis())
+}
+
+/// What the UDP echo server behind published port `udp` sends back for "ping" (a few tries:
+/// it may still be starting).
+fn udp_echo(udp: u16) -> Option<Vec<u8>> {
+    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
+    let mut buf = [0u8; 64];
+    for _ in 0..10 {
+        u.send_to(b"ping", ("127.0.0.1", udp)).unwrap();
+        if let Ok((n, _)) = u.recv_from(&mut buf) {
+            return Some(buf[..n].to_vec());
+        }
+    }
+    None
+}
+
 fn nft_tables() -> String {
     std::process::Command::new("nft")
         .args(["list", "tables"])
@@ -232,19 +255,7 @@ fn published_tcp_and_udp_ports_answer_on_loopback_and_are_freed() {
         "{resp}"
     );
     assert!(resp.ends_with("hello from berth\n"), "{resp}");
-    let u = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
-    u.set_read_timeout(Some(Duration::from_secs(2))).unwrap();
-    let mut buf = [0u8; 64];
-    let mut echoed = None;
-    // the echo server may still be starting: a few tries
-    for _ in 0..10 {
-        u.send_to(b"ping", ("127.0.0.1", udp)).unwrap();
-        if let Ok((n, _)) = u.recv_from(&mut buf) {
-            echoed = Some(buf[..n].to_vec());
-            break;
-        }
-    }
-    assert_eq!(echoed.as_deref(), Some(&b"ping"[..]));
+    assert_eq!(udp_echo(udp).as_deref(), Some(&b"ping"[..]));
     // a port already taken on the host is a clear error at apply time
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let port = taken.local_addr().unwrap().port();
@@ -537,4 +548,210 @@ fn machines_routed_via_the_host_cannot_reach_unpublished_ports() {
         Some("out\n"),
         "the container could not connect out"
     );
+}
+
+/// A client of a published port on 127.0.0.1, connecting again and again until stopped:
+/// each connection sends `GET /` and reads the whole answer. Every connection that is not
+/// answered 200 (refused, reset, closed without an answer, timed out) is a failure.
+struct Client {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    thread: Option<std::thread::JoinHandle<Seen>>,
+}
+
+/// The failures a [`Client`] saw, and how often each body was answered.
+type Seen = (Vec<String>, std::collections::BTreeMap<String, usize>);
+
+impl Client {
+    fn start(port: u16) -> Client {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let s = stop.clone();
+        let thread = std::thread::spawn(move || {
+            let mut failures = vec![];
+            let mut answers = std::collections::BTreeMap::new();
+            while !s.load(std::sync::atomic::Ordering::SeqCst) {
+                let got = (|| -> std::io::Result<String> {
+                    let mut c = std::net::TcpStream::connect_timeout(
+                        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+                        Duration::from_secs(10),
+                    )?;
+                    c.set_read_timeout(Some(Duration::from_secs(10)))?;
+                    c.write_all(b"GET / HTTP/1.0\r\n\r\n")?;
+                    let mut r = String::new();
+                    c.read_to_string(&mut r)?;
+                    Ok(r)
+                })();
+                match got {
+                    Ok(r) if r.starts_with("HTTP/1.") && r.contains(" 200 ") => {
+                        let body = r.rsplit("\r\n\r\n").next().unwrap_or("").trim().to_string();
+                        *answers.entry(body).or_insert(0) += 1;
+                    }
+                    Ok(r) => failures.push(format!("{}: answered {r:?}", stamp())),
+                    Err(e) => failures.push(format!("{}: {e}", stamp())),
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            (failures, answers)
+        });
+        Client {
+            stop,
+            thread: Some(thread),
+        }
+    }
+
+    /// Stop; the failures and how often each body was answered.
+    fn finish(mut self) -> Seen {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.thread.take().unwrap().join().unwrap()
+    }
+}
+
+impl Drop for Client {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+#[test]
+/// `update = "start-first"`: while a client connects continuously to the published ports,
+/// the container is replaced again and again (an env change), with berth killed at each
+/// point of a replacement, and with a replacement that fails and is undone: no connection
+/// is refused or fails, every version answers in turn, peers' /etc/hosts follow the name
+/// to the new container, the UDP port passes too, and nothing of the old one is left. The
+/// server sends its output elsewhere (its shim answers hand-over requests all the same). A
+/// change the ports cannot pass through (a port's host address) goes stop-first, saying so.
+fn start_first_replaces_without_refusing_a_connection() {
+    let h = Host::new("sf");
+    let (tcp, udp) = (free_port(), free_port());
+    let web = h.name("web");
+    let declare = |v: &str, command: &str| {
+        h.declare(
+            "[network.pub]\n",
+            &[
+                (
+                    "web",
+                    &format!(
+                        "command = [\"sh\", \"-c\", '{command}']\nenv = {{ V = \"{v}\" }}\nnetworks = [\"pub\"]\nports = [\"127.0.0.1:{tcp}:80\", \"127.0.0.1:{udp}:9000/udp\"]\nupdate = \"start-first\"\n[container.{web}.rollout]\nmin_ready = \"1s\"\n"
+                    ),
+                ),
+                ("client", "command = [\"sleep\", \"1000\"]\nnetworks = [\"pub\"]"),
+            ],
+        )
+    };
+    let serve = "mkdir -p /w && echo v$V > /w/index.html && (udpecho 9000 >/dev/null 2>&1 &) && exec httpd -f -p 80 -h /w >/dev/null 2>&1";
+    // an apply, what it said printed with the time (shown if the test fails)
+    let apply = |env: &[(&str, &str)]| {
+        eprintln!("{} apply {env:?}", stamp());
+        let o = std::process::Command::new(berth_bin())
+            .arg("--state-dir")
+            .arg(h.s())
+            .args(["apply", "-v", h.d()])
+            .env("BERTH_CONFIG", "/dev/null")
+            .envs(env.iter().copied())
+            .output()
+            .unwrap();
+        eprintln!(
+            "{} done {:?}\n{}{}",
+            stamp(),
+            o.status,
+            out(&o),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        o
+    };
+    declare("1", serve);
+    h.apply();
+    let pid = h.pid("web");
+    let client = Client::start(tcp);
+    std::thread::sleep(Duration::from_millis(300));
+    // two plain replacements
+    for v in ["2", "3"] {
+        declare(v, serve);
+        let plan = ok(&berth(h.s(), &["plan", h.d()]));
+        assert!(plan.contains("start-first"), "{plan}");
+        assert!(apply(&[]).status.success());
+    }
+    assert_ne!(h.pid("web"), pid);
+    // killed at each point of a replacement: the next apply finishes (or undoes and redoes) it
+    let mut v = 3;
+    for point in berth::fault::START_FIRST_POINTS {
+        v += 1;
+        declare(&v.to_string(), serve);
+        let o = apply(&[("BERTH_FAULT", point)]);
+        use std::os::unix::process::ExitStatusExt;
+        assert_eq!(o.status.signal(), Some(9), "{point}: not met");
+        assert!(apply(&[]).status.success());
+        let plan = berth(h.s(), &["plan", "--detailed-exitcode", h.d()]);
+        assert_eq!(plan.status.code(), Some(0), "{point}: {}", out(&plan));
+    }
+    // a new container that does not prove itself is removed; the old one never stopped
+    let before = h.pid("web");
+    declare("bad", "exit 3");
+    let o = apply(&[]);
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr).into_owned() + &out(&o);
+    assert!(
+        err.contains("rolled back") && err.contains("kept running"),
+        "{err}"
+    );
+    assert_eq!(h.pid("web"), before);
+    std::thread::sleep(Duration::from_millis(300));
+    let (failures, answers) = client.finish();
+    assert!(
+        failures.is_empty(),
+        "{} failed: {failures:?}",
+        failures.len()
+    );
+    let last = format!("v{v}");
+    for n in 1..=v {
+        assert!(
+            answers.contains_key(&format!("v{n}")),
+            "v{n} never answered: {answers:?}"
+        );
+    }
+    // the name follows: peers reach the new container by it
+    assert_eq!(h.address_in("client", &web), h.address_in("web", &web));
+    let got = ok(&h.exec("client", &format!("wget -qO- http://{web}/")));
+    assert_eq!(got.trim(), last);
+    assert_eq!(
+        h.hosts("client").matches(&web).count(),
+        1,
+        "{}",
+        h.hosts("client")
+    );
+    // the UDP port passed along
+    assert_eq!(udp_echo(udp).as_deref(), Some(&b"ping"[..]));
+    // nothing of the old containers: no second name, lease, slot or process
+    for area in [".next", ".prev"] {
+        let left = paths_in(&h.s().join("containers").join(area));
+        assert!(left.is_empty(), "{area}: {left:?}");
+    }
+    let ipam = std::fs::read_to_string(h.s().join("net/pub.json")).unwrap();
+    assert!(!ipam.contains('@'), "{ipam}");
+    let slots = paths_in(&h.s().join("containers/.slots"));
+    assert_eq!(slots.len(), 2, "{slots:?}");
+    // `update = "start-first"` alone gives no /run/berth (no update lock)
+    assert!(!h.exec("web", "test -e /run/berth").status.success());
+    // a port that changes its host address cannot be bound beside the old one: stop-first
+    declare(&v.to_string(), &serve.replace("v$V", "moved"));
+    let c = std::fs::read_to_string(h.dir.path().join("c.toml")).unwrap();
+    std::fs::write(
+        h.dir.path().join("c.toml"),
+        c.replace(
+            &format!("127.0.0.1:{tcp}:80"),
+            &format!("127.0.0.2:{tcp}:80"),
+        ),
+    )
+    .unwrap();
+    let o = berth(h.s(), &["apply", h.d()]);
+    let said = String::from_utf8_lossy(&o.stderr).into_owned() + &out(&o);
+    assert!(o.status.success(), "{said}");
+    assert!(
+        said.contains("replaced stop-first: a published port changes its host address"),
+        "{said}"
+    );
+    let mut c = std::net::TcpStream::connect(("127.0.0.2", tcp)).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    assert!(r.ends_with("moved\n"), "{r}");
 }

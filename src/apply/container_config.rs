@@ -6,6 +6,7 @@
 use super::ApplyError;
 use crate::config::Config;
 use crate::manifest::spec::ContainerSpec;
+use crate::manifest::spec::UpdateSpec;
 use crate::manifest::units::MountSource;
 use crate::net;
 use crate::runtime::config::{
@@ -30,11 +31,13 @@ pub(crate) fn missing_bind_source(spec: &ContainerSpec) -> Option<&std::path::Pa
     })
 }
 
-/// Compute what the shim needs for a container.
+/// Compute what the shim needs for a container whose (real) directory is `dir`.
+#[allow(clippy::too_many_arguments)]
 pub fn runtime_config(
     store: &Store,
     state: &StateDir,
     config: &Config,
+    dir: &rc::ContainerDir,
     name: &str,
     spec: &ContainerSpec,
     img: &crate::store::StoredImage,
@@ -90,11 +93,12 @@ pub fn runtime_config(
     }
     // /run/berth, last (over a tmpfs at /run): where a container that declares
     // [container.NAME.update] holds its update lock (only those get the writable mount)
-    if spec.update.is_some() {
+    if UpdateSpec::locks(spec.update) {
         mounts.push(MountSpec {
             target: std::path::PathBuf::from("/run/berth"),
             kind: MountKind::Bind {
-                source: rc::ContainerDir(state.containers_dir().join(name)).berth_run(),
+                // the slot's own, not through the name: the name may pass to a successor
+                source: dir.berth_run(),
                 read_only: false,
             },
         });
@@ -113,6 +117,7 @@ pub fn runtime_config(
         hostname: hostname.clone(),
         net,
         ports,
+        ports_from_peer: false,
         process: ProcessSpec {
             args,
             env: rc::merge_env(spec, &img.config, &hostname),

@@ -5,6 +5,7 @@
 use crate::config::Config;
 use crate::image::ImageError;
 use crate::image::pull::Puller;
+use crate::manifest::spec::UpdateSpec;
 use crate::manifest::spec::{ContainerSpec, Declared, Desired, Kind};
 use crate::plan::{Action, Op, Plan, Step};
 use crate::runtime::config::{self as rc, NetMode};
@@ -17,6 +18,7 @@ use std::time::{Duration, Instant};
 pub mod container_config;
 mod network;
 pub mod schedule;
+mod start_first;
 use container_config::missing_bind_source;
 pub use container_config::{backoff, health, limits, restart_policy, runtime_config};
 pub use network::{refresh_hosts, release_orphan_leases};
@@ -384,6 +386,9 @@ impl Executor<'_> {
         if st.kind == Kind::Container && st.ops.contains(&Op::StartContainer) {
             self.wait_for_dependencies(&st.name)?;
         }
+        if replace && self.starts_first(st) && self.replace_start_first(st)? {
+            return Ok(());
+        }
         // what a replacement goes back to if the new container does not prove itself: only
         // with its image still in the store (checked now: a prune waits for the state lock
         // this apply holds)
@@ -485,6 +490,12 @@ impl Executor<'_> {
     /// health check, otherwise running for `rollout.min_ready` (an exit with code 0 within
     /// it is a job done). `Err` says why not.
     fn proves_itself(&self, name: &str) -> Result<(), String> {
+        self.proves_itself_in(self.runtime, name)
+    }
+
+    /// [`Executor::proves_itself`] for the container `name` of `runtime` (a container
+    /// started beside its predecessor is in an area of its own).
+    fn proves_itself_in(&self, runtime: &Runtime, name: &str) -> Result<(), String> {
         use crate::observe::ContainerStatus as S;
         use crate::runtime::health::HealthStatus as H;
         let Some(c) = self.desired.containers.get(name) else {
@@ -494,7 +505,7 @@ impl Executor<'_> {
         let t0 = Instant::now();
         // a restart by its supervisor while it is watched is a failure too (a 100 ms poll
         // could miss the restarting state in between)
-        let restarts = self.runtime.state(name).map_or(0, |s| s.restarts);
+        let restarts = runtime.state(name).map_or(0, |s| s.restarts);
         let took = |t0: Instant| crate::manifest::units::Duration(t0.elapsed().as_millis() as u64);
         loop {
             if self.cancel.is_cancelled() {
@@ -517,7 +528,7 @@ impl Executor<'_> {
                     ));
                 }
             }
-            match self.runtime.status(name) {
+            match runtime.status(name) {
                 // a job done (also when its restart policy runs it again)
                 Ok(S::Exited { code: Some(0), .. })
                 | Ok(S::Restarting { code: Some(0), .. })
@@ -536,7 +547,7 @@ impl Executor<'_> {
                 Err(e) => return Err(e.to_string()),
             }
             if c.spec.health.is_some() {
-                match crate::runtime::health::read(&self.runtime.dir(name)) {
+                match crate::runtime::health::read(&runtime.dir(name)) {
                     Some(h) if h.status == H::Healthy => return Ok(()),
                     Some(h) if h.status == H::Unhealthy => {
                         let last = h.log.last().map_or(String::new(), |p| {
@@ -930,45 +941,83 @@ impl Executor<'_> {
         source: &crate::manifest::spec::Source,
         img: &crate::store::StoredImage,
     ) -> Result<(), ApplyError> {
-        let c = Declared {
-            name: name.to_string(),
-            source: source.clone(),
-            spec: spec.clone(),
+        self.make(self.runtime, name, false, spec, source, img)
+    }
+
+    /// Make container `name` of `spec` from `img` in `rt`: addresses, directory, config,
+    /// record, hosts file. `beside`: started beside a running container of the same name
+    /// (start-first): its addresses leased as `NAME@next`, veths of its own, its ports to
+    /// be taken from its predecessor, and its record kept in its directory until it has
+    /// the name.
+    pub(super) fn make(
+        &self,
+        rt: &Runtime,
+        name: &str,
+        beside: bool,
+        spec: &ContainerSpec,
+        source: &crate::manifest::spec::Source,
+        img: &crate::store::StoredImage,
+    ) -> Result<(), ApplyError> {
+        let key = if beside {
+            network::next_key(name)
+        } else {
+            name.to_string()
         };
-        let img = img.clone();
-        let net = self.attach(name, &c.spec)?;
-        crate::fault::point("after-attach");
-        let cfg = runtime_config(
+        let net = if beside {
+            let veths = format!("{name}@{}", crate::fsutil::random_hex());
+            let net = self.attach_as(&key, &veths, spec)?;
+            // its veths must not change the bridge's MAC under the running container
+            if let (NetMode::Bridge { ifaces, .. }, _) = &net {
+                for i in ifaces {
+                    let gateway = crate::net::Subnet::new(i.addr, i.prefix).gateway();
+                    crate::net::link::pin_bridge_mac(&i.bridge, gateway)?;
+                }
+            }
+            net
+        } else {
+            let net = self.attach(name, spec)?;
+            crate::fault::point("after-attach");
+            net
+        };
+        let dir = rt.create_dir(name)?;
+        let mut cfg = runtime_config(
             self.store,
             self.state,
             self.config,
+            &dir,
             name,
-            &c.spec,
-            &img,
+            spec,
+            img,
             net,
         )?;
+        cfg.ports_from_peer = beside && !cfg.ports.is_empty();
         // /run/berth's source (see runtime_config)
-        if spec.update.is_some() {
-            crate::fsutil::create_dir_mode(&self.runtime.dir(name).berth_run(), 0o755)
-                .map_err(StateError::Io)?;
+        if UpdateSpec::locks(spec.update) {
+            crate::fsutil::create_dir_mode(&dir.berth_run(), 0o755).map_err(StateError::Io)?;
         }
         let rec = ContainerRecord {
             name: name.into(),
-            source: c.source.clone(),
-            spec: c.spec.clone(),
+            source: source.clone(),
+            spec: spec.clone(),
             image_digest: Some(img.digest().to_string()),
             created_at: crate::fsutil::now_unix(),
             stopped_by_user: false,
         };
-        // the record first: a crash after it shows up as drift and is repaired
-        self.state.write_record(Kind::Container, name, &rec)?;
-        crate::fault::point("after-record");
-        self.runtime.prepare(&cfg)?;
-        crate::fault::point("after-prepare");
+        if beside {
+            crate::fsutil::write_json(&dir.0.join(start_first::NEXT_RECORD), &rec)
+                .map_err(StateError::Io)?;
+            rt.prepare(&cfg)?;
+        } else {
+            // the record first: a crash after it shows up as drift and is repaired
+            self.state.write_record(Kind::Container, name, &rec)?;
+            crate::fault::point("after-record");
+            rt.prepare(&cfg)?;
+            crate::fault::point("after-prepare");
+        }
         if matches!(cfg.net, NetMode::Bridge { .. }) {
             // its own hosts file now; its peers' after the wave (refresh_hosts in execute)
             let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
-            refresh_hosts(self.state, Some(name))?;
+            refresh_hosts(self.state, Some(&key))?;
         }
         Ok(())
     }

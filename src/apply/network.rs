@@ -10,6 +10,26 @@ use crate::runtime::config::{self as rc, NetMode};
 use crate::state::{ContainerRecord, StateDir, StateError};
 use std::collections::BTreeMap;
 
+/// The lease of a container started beside its predecessor of the same name (`web@next`:
+/// no resource name has an `@`), until the name passes to it.
+pub(super) fn next_key(name: &str) -> String {
+    format!("{name}@{}", crate::runtime::NEXT)
+}
+
+/// The lease of a container whose name passed to its successor, until it is removed.
+pub(super) fn prev_key(name: &str) -> String {
+    format!("{name}@{}", crate::runtime::PREV)
+}
+
+/// The directory of the container holding lease `key` (see [`next_key`], [`prev_key`]).
+fn lease_dir(state: &StateDir, key: &str) -> std::path::PathBuf {
+    let containers = state.containers_dir();
+    match key.split_once('@') {
+        Some((name, area)) => containers.join(format!(".{area}")).join(name),
+        None => containers.join(key),
+    }
+}
+
 impl Executor<'_> {
     pub(super) fn ipam_dir(&self) -> std::path::PathBuf {
         self.state.root.join("net")
@@ -73,7 +93,16 @@ impl Executor<'_> {
             self.state.read_records(Kind::Container)?;
         for (c, r) in &records {
             if let Some(i) = r.spec.networks.iter().position(|x| x == name) {
-                let veth = net::veth_name(&self.state.root, c, i);
+                // as its config names it (a container started beside a predecessor has veths
+                // of its own), else as berth names them
+                let veth = match self.runtime.config(c).map(|c| c.net) {
+                    Ok(NetMode::Bridge { ifaces, .. }) => ifaces
+                        .into_iter()
+                        .find(|f| f.network == *name)
+                        .map(|f| f.host_veth),
+                    _ => None,
+                }
+                .unwrap_or_else(|| net::veth_name(&self.state.root, c, i));
                 if net::link::exists(&veth) {
                     net::link::attach(&veth, &bridge)?;
                 }
@@ -136,6 +165,18 @@ impl Executor<'_> {
         name: &str,
         spec: &ContainerSpec,
     ) -> Result<(NetMode, Vec<net::proxy::PortMap>), ApplyError> {
+        self.attach_as(name, name, spec)
+    }
+
+    /// [`Executor::attach`] for a container whose leases are under `key` and whose veths
+    /// are named after `veth_key` (a container started beside its predecessor).
+    pub(super) fn attach_as(
+        &self,
+        key: &str,
+        veth_key: &str,
+        spec: &ContainerSpec,
+    ) -> Result<(NetMode, Vec<net::proxy::PortMap>), ApplyError> {
+        let name = key;
         match spec.networks.as_slice() {
             [n] if n == NET_HOST => return Ok((NetMode::Host, vec![])),
             [n] if n == NET_NONE => return Ok((NetMode::None, vec![])),
@@ -157,7 +198,7 @@ impl Executor<'_> {
             // durable after the wave (sync_leases): one fsync per network, not per container
             ipam.save_volatile(&path)?;
             unsynced.insert(path.clone());
-            let host_veth = net::veth_name(&self.state.root, name, i);
+            let host_veth = net::veth_name(&self.state.root, veth_key, i);
             ifaces.push(rc::BridgeIface {
                 network: n.clone(),
                 bridge: ipam.bridge.clone(),
@@ -197,6 +238,27 @@ impl Executor<'_> {
         Ok(())
     }
 
+    /// Pass the name `name`'s addresses from the container that has them to the one started
+    /// beside it (`name@next` → `name`; `name` → `name@prev` until that one is removed), in
+    /// every network's IPAM file, durably. Done again, it changes nothing.
+    /// The caller holds the network lock.
+    pub(super) fn hand_over_leases(&self, name: &str) -> Result<(), ApplyError> {
+        let (next, prev) = (next_key(name), prev_key(name));
+        for (network, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
+            if !ipam.leases.contains_key(&next) {
+                continue;
+            }
+            if ipam.leases.contains_key(name) && !ipam.rename(name, &prev) {
+                return Err(ApplyError::Invalid(format!(
+                    "network {network}: {prev} still holds an address (a container being retired)"
+                )));
+            }
+            ipam.rename(&next, name);
+            ipam.save(&path)?;
+        }
+        Ok(())
+    }
+
     /// Free the container's addresses (its peers' hosts files follow after the wave).
     pub(super) fn release_addresses(&self, name: &str) -> Result<(), ApplyError> {
         let _g = self.net_lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -213,7 +275,11 @@ impl Executor<'_> {
 pub fn release_orphan_leases(state: &StateDir) -> Result<Vec<String>, ApplyError> {
     let records: BTreeMap<String, ContainerRecord> = state.read_records(Kind::Container)?;
     let released = release_leases(&state.root.join("net"), |n| {
-        records.contains_key(n) || crate::build::lease_in_use(&state.root, n)
+        records.contains_key(n)
+            || crate::build::lease_in_use(&state.root, n)
+            // a container beside its predecessor (one an interrupted apply left is removed
+            // by the next, see Executor::resume_hand_overs)
+            || (n.contains('@') && lease_dir(state, n).exists())
     })?;
     if !released.is_empty() {
         refresh_hosts(state, None)?;
@@ -254,14 +320,25 @@ pub fn refresh_hosts(state: &StateDir, only: Option<&str>) -> Result<(), ApplyEr
             if only.is_some_and(|o| o != c) {
                 continue;
             }
+            // a container beside its predecessor is known to its peers only once the name
+            // passes to it; it knows itself by the name it will have
+            let own = c.split_once('@').map(|(n, _)| n);
             let e = per.entry(c.clone()).or_default();
             for (peer, addr) in &ipam.leases {
-                e.insert(*addr, ipam.names(peer));
+                if peer == c
+                    && let Some(n) = own
+                {
+                    let mut names = ipam.names(peer);
+                    names[0] = n.to_string();
+                    e.insert(*addr, names);
+                } else if !peer.contains('@') && Some(peer.as_str()) != own {
+                    e.insert(*addr, ipam.names(peer));
+                }
             }
         }
     }
     for (c, entries) in per {
-        let dir = state.containers_dir().join(&c);
+        let dir = lease_dir(state, &c);
         if !dir.exists() {
             continue;
         }

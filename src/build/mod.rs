@@ -750,7 +750,9 @@ impl Builder<'_> {
     /// A fresh private directory for one step's scratch files, removed on drop.
     fn scratch(&self) -> Result<Scratch, BuildError> {
         std::fs::create_dir_all(&self.tmp).map_err(|e| PathError::new("create", &self.tmp, e))?;
-        let p = self.tmp.join(format!("{}-{}", self.owner, random_name()));
+        let p = self
+            .tmp
+            .join(format!("{}-{}", self.owner, crate::fsutil::random_hex()));
         crate::fsutil::create_dir_mode(&p, 0o700)?;
         Ok(Scratch(p))
     }
@@ -843,7 +845,7 @@ impl Builder<'_> {
                 env.push((k.clone(), v.clone()));
             }
         }
-        let name = format!("build-{}-{}", self.owner, random_name());
+        let name = format!("build-{}-{}", self.owner, crate::fsutil::random_hex());
         // an address on the network for the time the step runs (released after the
         // container is gone: guards drop in reverse order)
         let _lease;
@@ -885,6 +887,7 @@ impl Builder<'_> {
             stop_signal: "SIGKILL".into(),
             stop_timeout_ms: 0,
             ports: vec![],
+            ports_from_peer: false,
             restart: Default::default(),
             backoff: Default::default(),
             health: None,
@@ -1732,15 +1735,6 @@ impl Drop for Remove<'_> {
     }
 }
 
-fn random_name() -> String {
-    let mut b = [0u8; 8];
-    if let Ok(mut f) = std::fs::File::open("/dev/urandom") {
-        use std::io::Read;
-        let _ = f.read_exact(&mut b);
-    }
-    hex::encode(b)
-}
-
 fn now_rfc3339() -> String {
     crate::runtime::logs::rfc3339(std::time::SystemTime::now())
 }
@@ -1785,7 +1779,7 @@ impl Owner {
     fn claim(build_dir: &Path) -> Result<Owner, BuildError> {
         let owners = build_dir.join("owners");
         std::fs::create_dir_all(&owners).map_err(|e| PathError::new("create", &owners, e))?;
-        let id = random_name();
+        let id = crate::fsutil::random_hex();
         let p = owners.join(format!("{id}.lock"));
         let f = std::fs::OpenOptions::new()
             .write(true)
@@ -1815,8 +1809,11 @@ pub fn reap(host: &Host) {
         let id = owner_of(name.strip_prefix("build-").unwrap_or(&name));
         if !alive(&id) {
             tracing::info!(container = %name, "removing a build container a killed build left");
+            // its files even when the removal failed (then its name, a symlink, too)
+            let real = rt.real_dir(&name).0;
             let _ = rt.remove(&name, "SIGKILL", Duration::from_secs(5));
-            let _ = crate::store::remove_tree(&rt.dir(&name).0);
+            let _ = crate::store::remove_tree(&real);
+            let _ = std::fs::remove_file(rt.dir(&name).0);
         }
     }
     if let Ok(rd) = std::fs::read_dir(build.join("tmp")) {

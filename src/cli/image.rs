@@ -368,7 +368,15 @@ pub fn run(c: &Ctx, cmd: ImageCommand) -> Result<ExitCode> {
 fn keep_chains(c: &Ctx, st: &Store) -> Result<BTreeSet<String>> {
     let mut keep = BTreeSet::new();
     let rt = super::containers::runtime(c)?;
-    for name in rt.names() {
+    // by name (containers made before slots) and by slot (every other, whatever its name or
+    // area: one started beside its predecessor, one being retired)
+    let slots = rt.by_slot();
+    let all = rt
+        .names()
+        .into_iter()
+        .map(|n| (&rt, n))
+        .chain(slots.names().into_iter().map(|n| (&slots, n)));
+    for (rt, name) in all {
         let Ok(cfg) = rt.config(&name) else {
             continue;
         };

@@ -117,6 +117,10 @@ pub enum Command {
         /// Allocate a pseudo-terminal.
         #[arg(short, long)]
         tty: bool,
+        /// NAME is the container's directory under STATE/containers/.slots (the health
+        /// prober's way to reach the container it watches, whatever its name is).
+        #[arg(long, hide = true)]
+        slot: bool,
         /// The container.
         name: String,
         /// The command and its arguments (after --).
@@ -337,10 +341,12 @@ pub fn run(cli: Cli) -> Result<ExitCode> {
         Command::Exec {
             interactive,
             tty,
+            slot,
             name,
             command,
         } => {
             let rt = containers::runtime(&c)?;
+            let rt = if slot { rt.by_slot() } else { rt };
             crate::runtime::exec::reexec_unwritable(&rt)?;
             let code = crate::runtime::exec::exec(&rt, &name, command, interactive, tty)?;
             Ok(ExitCode::from(code.clamp(0, 255) as u8))

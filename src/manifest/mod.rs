@@ -934,13 +934,23 @@ impl Loader {
             }
         }
         if let Some(item) = tbl.get("update") {
+            let strategy = |i: &Item| match string(i)?.as_str() {
+                "stop-first" => Ok(spec::UpdateStrategy::StopFirst),
+                "start-first" => Ok(spec::UpdateStrategy::StartFirst),
+                other => Err((
+                    None,
+                    format!(
+                        "{other:?} is not an update strategy: \"stop-first\" or \"start-first\""
+                    ),
+                )),
+            };
             match item.as_table_like() {
                 Some(u) => {
                     self.check_keys(
                         f,
                         &format!("[container.{name}.update]"),
                         u,
-                        &["lock_deadline"],
+                        &["lock_deadline", "strategy"],
                     );
                     let d = UpdateSpec::default();
                     c.update = Some(UpdateSpec {
@@ -949,16 +959,39 @@ impl Loader {
                                 duration_between(i, Duration(0), Duration::from_secs(7 * 86_400))
                             })
                             .unwrap_or(d.lock_deadline),
+                        strategy: self
+                            .field(f, u, "strategy", strategy)
+                            .unwrap_or(d.strategy),
+                        locks: true,
                     });
+                }
+                None if item.as_str().is_some() => {
+                    if let Some(s) = self.field(f, tbl, "update", strategy) {
+                        c.update = Some(UpdateSpec {
+                            strategy: s,
+                            locks: false,
+                            ..UpdateSpec::default()
+                        });
+                    }
                 }
                 None => self.err(
                     f,
                     &item.span(),
                     format!(
-                        "update: expected a table ([container.{name}.update]), found {}",
+                        "update: expected \"start-first\", \"stop-first\" or a table ([container.{name}.update]), found {}",
                         item.type_name()
                     ),
                 ),
+            }
+            if c.update
+                .is_some_and(|u| u.strategy == spec::UpdateStrategy::StartFirst)
+                && c.networks.iter().any(|n| n == NET_HOST)
+            {
+                self.err(
+                    f,
+                    &item.span(),
+                    "update: start-first needs a network of its own: on the host's network the new container could not bind what the old one holds".into(),
+                );
             }
         }
         if let Some(item) = tbl.get("backoff") {
@@ -1644,6 +1677,40 @@ cpus = 0.5
             .map(|c| c.name.as_str())
             .collect();
         assert_eq!(order, ["db", "web"]);
+    }
+
+    #[test]
+    fn update_strategies_in_both_forms() {
+        let img = "[image.bb]\nref = \"x/bb:1\"\n[network.n]\n";
+        let d = load(&[(
+            "a.toml",
+            &format!("{img}[container.a]\nimage = \"bb\"\nnetworks = [\"n\"]\nupdate = \"start-first\"\n[container.b]\nimage = \"bb\"\n[container.b.update]\nstrategy = \"start-first\"\nlock_deadline = \"5m\"\n[container.c]\nimage = \"bb\"\n"),
+        )])
+        .unwrap();
+        let a = d.containers["a"].spec.update.unwrap();
+        assert_eq!(a.strategy, spec::UpdateStrategy::StartFirst);
+        // the short form does not give the container /run/berth (its update lock)
+        assert!(!a.locks);
+        let b = d.containers["b"].spec.update.unwrap();
+        assert_eq!(b.strategy, spec::UpdateStrategy::StartFirst);
+        assert!(b.locks);
+        assert_eq!(b.lock_deadline, Duration::from_secs(300));
+        assert!(d.containers["c"].spec.update.is_none());
+        let e = load(&[(
+            "a.toml",
+            &format!("{img}[container.a]\nimage = \"bb\"\nupdate = \"sideways\"\n[container.b]\nimage = \"bb\"\nnetworks = [\"host\"]\nupdate = \"start-first\"\n[container.c]\nimage = \"bb\"\nupdate = 3\n"),
+        )])
+        .unwrap_err();
+        assert_eq!(e.len(), 3, "{e:?}");
+        assert!(
+            e[0].contains("a.toml:6:10: update: \"sideways\" is not an update strategy"),
+            "{e:?}"
+        );
+        assert!(
+            e[1].contains("start-first needs a network of its own"),
+            "{e:?}"
+        );
+        assert!(e[2].contains("update: expected \"start-first\""), "{e:?}");
     }
 
     #[test]

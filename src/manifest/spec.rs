@@ -351,19 +351,62 @@ impl ContainerSpec {
     }
 }
 
-/// `[container.NAME.update]`.
+/// `[container.NAME.update]`, or `update = "start-first"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct UpdateSpec {
     /// How long a replacement waits while the container holds its update lock
     /// (`/run/berth/update.lock` inside it); then it proceeds.
     pub lock_deadline: Duration,
+    /// Absent from records made before it existed, and when default.
+    #[serde(default, skip_serializing_if = "UpdateStrategy::is_default")]
+    pub strategy: UpdateStrategy,
+    /// The container may hold its update lock: it gets a writable `/run/berth`. Declared
+    /// by the table form (`[container.NAME.update]`), not by `update = "start-first"`.
+    #[serde(default = "yes", skip_serializing_if = "is_yes")]
+    pub locks: bool,
+}
+
+impl UpdateSpec {
+    /// Whether a container of this spec gets `/run/berth` (for its update lock).
+    pub fn locks(u: Option<UpdateSpec>) -> bool {
+        u.is_some_and(|u| u.locks)
+    }
 }
 
 impl Default for UpdateSpec {
     fn default() -> Self {
         UpdateSpec {
             lock_deadline: Duration::from_secs(3600),
+            strategy: UpdateStrategy::StopFirst,
+            locks: true,
         }
+    }
+}
+
+/// How a replacement goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum UpdateStrategy {
+    /// The old container stops, then the new one starts (its ports are refused meanwhile).
+    #[default]
+    StopFirst,
+    /// The new container starts beside the old one; once it proves itself the published
+    /// ports pass to it without refusing a connection, and the old one stops.
+    StartFirst,
+}
+
+impl UpdateStrategy {
+    pub fn is_default(&self) -> bool {
+        *self == UpdateStrategy::StopFirst
+    }
+}
+
+impl std::fmt::Display for UpdateStrategy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            UpdateStrategy::StopFirst => "stop-first",
+            UpdateStrategy::StartFirst => "start-first",
+        })
     }
 }
 

@@ -50,7 +50,7 @@ impl Ipam {
     /// Names a container answers to on this network.
     pub fn names(&self, container: &str) -> Vec<String> {
         let mut v = vec![container.to_string()];
-        if let Some(h) = self.hostnames.get(container) {
+        if let Some(h) = self.hostnames.get(container).filter(|h| *h != container) {
             v.push(h.clone());
         }
         v
@@ -76,6 +76,21 @@ impl Ipam {
             })?;
         self.leases.insert(container.to_string(), addr);
         Ok(addr)
+    }
+
+    /// Give `from`'s address (and hostname) to `to`, which must hold none. Whether it did.
+    pub fn rename(&mut self, from: &str, to: &str) -> bool {
+        if self.leases.contains_key(to) {
+            return false;
+        }
+        let Some(a) = self.leases.remove(from) else {
+            return false;
+        };
+        self.leases.insert(to.to_string(), a);
+        if let Some(h) = self.hostnames.remove(from) {
+            self.hostnames.insert(to.to_string(), h);
+        }
+        true
     }
 
     pub fn release(&mut self, container: &str) -> bool {

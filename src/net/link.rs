@@ -96,11 +96,40 @@ pub fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), Ne
                 .execute(),
         )
         .await?;
+        // its own MAC, fixed: a bridge without one takes the lowest of its ports', so a
+        // container's veth joining or leaving would change it under the others, whose
+        // neighbour entries for the gateway would then lead nowhere until they expire (a
+        // container started beside another, start-first, would cut the other's replies)
         step(
             "bring up",
             name,
             h.link()
-                .set(LinkUnspec::new_with_index(idx).up().build())
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .address(mac_for(gateway).to_vec())
+                        .up()
+                        .build(),
+                )
+                .execute(),
+        )
+        .await
+    })
+}
+
+/// Fix `bridge`'s MAC (see [`ensure_bridge`]) if it is not yet: bridges made before berth
+/// did so.
+pub fn pin_bridge_mac(bridge: &str, gateway: Ipv4Addr) -> Result<(), NetError> {
+    block_on(bridge, async |h| {
+        let idx = must_index(&h, bridge).await?;
+        step(
+            "set the MAC of",
+            bridge,
+            h.link()
+                .set(
+                    LinkUnspec::new_with_index(idx)
+                        .address(mac_for(gateway).to_vec())
+                        .build(),
+                )
                 .execute(),
         )
         .await
@@ -117,11 +146,27 @@ pub fn delete(name: &str) -> Result<(), NetError> {
     })
 }
 
-/// Create a veth pair: `host` attached to `bridge` and up, `peer` created directly in the
-/// network namespace of process `pid`. One request: creating the peer where it belongs,
-/// rather than moving it there afterwards, spares the kernel a network-namespace move
-/// (an RCU grace period under the rtnl lock), which dominated a container's start.
-pub fn create_veth(host: &str, peer: &str, bridge: &str, pid: i32) -> Result<(), NetError> {
+/// The MAC address of a container's interface with address `addr`: derived from it, as
+/// docker does (`02:42:` and the four bytes; locally administered, unicast). An address that
+/// passes from one container to another (a replacement) keeps its MAC, so the host's
+/// neighbour entry for it stays right and no connection waits out a stale one.
+pub fn mac_for(addr: Ipv4Addr) -> [u8; 6] {
+    let o = addr.octets();
+    [0x02, 0x42, o[0], o[1], o[2], o[3]]
+}
+
+/// Create a veth pair: `host` attached to `bridge` and up, `peer` (with `addr`'s MAC, see
+/// [`mac_for`]) created directly in the network namespace of process `pid`. One request:
+/// creating the peer where it belongs, rather than moving it there afterwards, spares the
+/// kernel a network-namespace move (an RCU grace period under the rtnl lock), which
+/// dominated a container's start.
+pub fn create_veth(
+    host: &str,
+    peer: &str,
+    bridge: &str,
+    pid: i32,
+    addr: Ipv4Addr,
+) -> Result<(), NetError> {
     block_on(host, async |h| {
         if let Some(old) = index(&h, host).await? {
             // left over from a container whose namespace is gone
@@ -130,6 +175,7 @@ pub fn create_veth(host: &str, peer: &str, bridge: &str, pid: i32) -> Result<(),
         let br = must_index(&h, bridge).await?;
         let inside = LinkMessageBuilder::<LinkUnspec>::new()
             .name(peer.to_string())
+            .address(mac_for(addr).to_vec())
             .setns_by_pid(pid as u32)
             .build();
         step(

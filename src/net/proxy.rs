@@ -1,6 +1,10 @@
 //! Published ports: the shim binds each host address before the container starts (so a port
 //! in use is an error at apply time), then a forked child of the shim forwards connections
 //! (TCP) and datagrams (UDP) to the container's address. It dies with the shim.
+//!
+//! SIGUSR1 tells the proxy its ports were handed to a successor (see
+//! [`crate::runtime::handoff`]): it stops accepting, lets the connections it carries finish,
+//! and exits.
 
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -63,7 +67,8 @@ pub fn bind(ports: &[PortMap]) -> Result<Vec<Bound>, String> {
         .collect()
 }
 
-/// Forward until killed. Runs in the proxy process (single-threaded runtime).
+/// Forward until killed, or until SIGUSR1 and the last connection is done. Runs in the
+/// proxy process (single-threaded runtime).
 pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
     let rt = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -75,6 +80,11 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
     // a LocalSet: the UDP forwarders share their client table without locks
     let local = tokio::task::LocalSet::new();
     local.block_on(&rt, async move {
+        // before the sockets are served: a release must not find the default action (death,
+        // which would reset the connections in flight)
+        let usr1 =
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::user_defined1()).ok();
+        let active = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let mut tasks = vec![];
         for b in bound {
             match b {
@@ -86,6 +96,7 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
                         tasks.push(tokio::task::spawn_local(tcp(
                             l,
                             SocketAddr::from((target, port)),
+                            active.clone(),
                         )));
                     }
                 }
@@ -102,14 +113,49 @@ pub fn serve(bound: Vec<Bound>, target: Ipv4Addr) -> ! {
                 }
             }
         }
+        let Some(mut usr1) = usr1 else {
+            for t in tasks {
+                let _ = t.await;
+            }
+            return;
+        };
+        usr1.recv().await;
+        // released: the listeners go (the successor holds the sockets), the connections
+        // under way are carried to their end
+        for t in &tasks {
+            t.abort();
+        }
         for t in tasks {
             let _ = t.await;
+        }
+        while active.load(std::sync::atomic::Ordering::SeqCst) > 0 {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     });
     std::process::exit(0)
 }
 
-async fn tcp(l: tokio::net::TcpListener, to: SocketAddr) {
+/// Counts a connection for as long as it lives.
+struct Active(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Active {
+    fn new(n: &Arc<std::sync::atomic::AtomicUsize>) -> Active {
+        n.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        Active(n.clone())
+    }
+}
+
+impl Drop for Active {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+async fn tcp(
+    l: tokio::net::TcpListener,
+    to: SocketAddr,
+    active: Arc<std::sync::atomic::AtomicUsize>,
+) {
     loop {
         let mut inbound = match l.accept().await {
             Ok((c, _)) => c,
@@ -119,7 +165,9 @@ async fn tcp(l: tokio::net::TcpListener, to: SocketAddr) {
                 continue;
             }
         };
+        let live = Active::new(&active);
         tokio::spawn(async move {
+            let _live = live;
             if let Ok(mut out) = tokio::net::TcpStream::connect(to).await {
                 let _ = tokio::io::copy_bidirectional(&mut inbound, &mut out).await;
             }

@@ -626,6 +626,20 @@ pub fn diff(desired: &Desired, observed: &Observed) -> Result<Plan, PlanError> {
                 ),
             }));
         }
+        // how the replacement goes when the old container runs (apply falls back to
+        // stop-first, saying why, when it cannot)
+        if let (Some(s), Some(o)) = (st.as_mut(), observed.containers.get(&c.name))
+            && s.action == Action::Replace
+            && s.ops.contains(&Op::CreateContainer)
+            && matches!(o.status, crate::observe::ContainerStatus::Running { .. })
+            && c.spec
+                .update
+                .is_some_and(|u| u.strategy == crate::manifest::spec::UpdateStrategy::StartFirst)
+        {
+            s.reasons.push(Reason::note(
+                "start-first: the new container starts beside the old one and takes over its ports once it proves itself",
+            ));
+        }
         if let Some(st) = st {
             if starts(&st) {
                 restarted.insert(c.name.clone());

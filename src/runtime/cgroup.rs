@@ -178,6 +178,8 @@ fn read_number(controller: &dyn Controller, file: &str) -> Option<i64> {
 /// to (`dir` is `STATE/containers/NAME`), so that two state directories can run containers of
 /// the same name side by side.
 pub fn leaf_name(dir: &Path) -> String {
+    // a container's name leads to its slot: the slot's name it is
+    let dir = crate::fsutil::canonical(dir);
     let name = dir
         .file_name()
         .map(|n| n.to_string_lossy().into_owned())

@@ -118,6 +118,10 @@ pub struct RuntimeConfig {
     /// Published ports, proxied by the shim to the first bridge address.
     #[serde(default)]
     pub ports: Vec<crate::net::proxy::PortMap>,
+    /// The published ports come from the container this one replaces, handed over once it
+    /// proves itself (see [`super::handoff`]): the shim binds none of them at start.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub ports_from_peer: bool,
     /// What the shim does when the container exits (read again after every exit, so an
     /// in-place update applies to the next decision).
     #[serde(default)]
@@ -169,6 +173,10 @@ impl ContainerDir {
     /// Mounted at `/run/berth` in the container (read-write): where it puts `update.lock`.
     pub fn berth_run(&self) -> PathBuf {
         self.0.join("berth-run")
+    }
+    /// The shim's socket for handing published ports over ([`super::handoff`]).
+    pub fn handoff(&self) -> PathBuf {
+        self.0.join(super::handoff::SOCKET)
     }
     /// The container's update lock, as the host sees it.
     pub fn update_lock(&self) -> PathBuf {

@@ -147,11 +147,19 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
         exit_code: -1,
         output: why,
     };
-    let (Some(name), Some(state)) = (
-        cd.0.file_name().and_then(|n| n.to_str()),
-        cd.0.parent().and_then(|p| p.parent()),
-    ) else {
+    let (Some(name), Some(parent)) = (cd.0.file_name().and_then(|n| n.to_str()), cd.0.parent())
+    else {
         return fail("no container name".into());
+    };
+    // a slot (STATE/containers/.slots/NAME-…) is addressed as such: its name may be another
+    // container's too (one being replaced start-first) or pass to it meanwhile
+    let slot = parent.file_name().is_some_and(|n| n == ".slots");
+    let Some(state) = (if slot {
+        parent.parent().and_then(|p| p.parent())
+    } else {
+        parent.parent()
+    }) else {
+        return fail("no state directory".into());
     };
     let Ok((rd, wr)) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) else {
         return fail("cannot make a pipe".into());
@@ -163,6 +171,7 @@ fn run_probe(cd: &ContainerDir, h: &HealthConfig) -> Probe {
         .arg("--state-dir")
         .arg(state)
         .arg("exec")
+        .args(slot.then_some("--slot"))
         .arg(name)
         .arg("--")
         .args(&h.cmd)

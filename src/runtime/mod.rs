@@ -4,11 +4,21 @@
 //! spawns its shim and waits until the process runs (or failed to), [`Runtime::stop`] signals
 //! it and escalates to SIGKILL, [`Runtime::remove`] deletes what it had on the host (never
 //! volumes), [`Runtime::status`] reads its live state.
+//!
+//! A container's files live in a directory of its own under `STATE/containers/.slots`
+//! (`NAME-RANDOM`), named by a symlink `STATE/containers/NAME`; the shim and its cgroup only
+//! ever know the real directory. Two containers of one name can so run side by side: the
+//! one being started beside the running one (`update = "start-first"`) is named under
+//! `containers/.next`, the one being retired under `containers/.prev` (see
+//! [`Runtime::area`]); renaming a symlink hands a name over without touching either
+//! container. Containers made before slots existed have a real directory at
+//! `containers/NAME`, which works the same except that it cannot be handed over.
 
 pub mod cgroup;
 pub mod config;
 pub mod devices;
 pub mod exec;
+pub mod handoff;
 pub mod health;
 pub mod init;
 pub mod logs;
@@ -58,7 +68,14 @@ pub struct Runtime {
     pub berth_exe: PathBuf,
     /// The host config's `cgroup_parent`: where a container's cgroup is when its state is lost.
     pub cgroup_parent: Option<PathBuf>,
+    /// Where containers' directories are (`STATE/containers/.slots`), shared by the areas.
+    slots: PathBuf,
 }
+
+/// The area of containers started beside a running one of the same name.
+pub const NEXT: &str = "next";
+/// The area of containers whose name was handed to a successor, until they are removed.
+pub const PREV: &str = "prev";
 
 /// The identity of a file: device, inode, size and modification time.
 type FileId = (u64, u64, u64, i64, i64);
@@ -101,10 +118,38 @@ impl Runtime {
         berth_exe: impl Into<PathBuf>,
         cgroup_parent: Option<PathBuf>,
     ) -> Self {
+        let containers = containers.into();
         Runtime {
-            containers: containers.into(),
+            slots: containers.join(".slots"),
+            containers,
             berth_exe: berth_exe.into(),
             cgroup_parent,
+        }
+    }
+
+    /// The runtime of an area beside this one ([`NEXT`], [`PREV`]): the same containers'
+    /// store, names under `containers/.AREA`.
+    pub fn area(&self, which: &str) -> Runtime {
+        Runtime {
+            containers: self
+                .slots
+                .parent()
+                .unwrap_or(&self.containers)
+                .join(format!(".{which}")),
+            berth_exe: self.berth_exe.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            slots: self.slots.clone(),
+        }
+    }
+
+    /// The runtime whose names are slots' (`web-0123…`): a container addressed by its
+    /// directory, whichever name it has at the moment (the health prober's `berth exec`).
+    pub fn by_slot(&self) -> Runtime {
+        Runtime {
+            containers: self.slots.clone(),
+            berth_exe: self.berth_exe.clone(),
+            cgroup_parent: self.cgroup_parent.clone(),
+            slots: self.slots.clone(),
         }
     }
 
@@ -112,10 +157,61 @@ impl Runtime {
         ContainerDir(self.containers.join(name))
     }
 
+    /// The container's real directory (its slot), as its shim knows it.
+    pub fn real_dir(&self, name: &str) -> ContainerDir {
+        ContainerDir(fsutil::canonical(&self.dir(name).0))
+    }
+
+    /// Whether the container's name is a symlink to a slot (so it can be handed over).
+    pub fn in_slot(&self, name: &str) -> bool {
+        std::fs::symlink_metadata(self.dir(name).0).is_ok_and(|m| m.file_type().is_symlink())
+    }
+
+    /// The container's directory, made if it does not exist: a fresh slot and the name's
+    /// symlink to it (a symlink whose slot is gone is replaced). Returns the real directory.
+    pub fn create_dir(&self, name: &str) -> Result<ContainerDir, RuntimeError> {
+        let d = self.dir(name);
+        if d.0.exists() {
+            return Ok(self.real_dir(name));
+        }
+        if self.in_slot(name) {
+            std::fs::remove_file(&d.0).map_err(fsutil::at("remove", &d.0))?;
+        }
+        fsutil::create_dir_mode(&self.containers, 0o700)?;
+        fsutil::create_dir_mode(&self.slots, 0o700)?;
+        let slot = self.slots.join(format!("{name}-{}", fsutil::random_hex()));
+        std::fs::create_dir(&slot).map_err(fsutil::at("create directory", &slot))?;
+        std::os::unix::fs::symlink(&slot, &d.0).map_err(fsutil::at("symlink", &d.0))?;
+        Ok(ContainerDir(slot))
+    }
+
+    /// Give the container `name` of this area to `to` (the name there is replaced
+    /// atomically; the container itself is untouched).
+    pub fn hand_over(&self, name: &str, to: &Runtime) -> Result<(), RuntimeError> {
+        let (from, dest) = (self.dir(name).0, to.dir(name).0);
+        fsutil::create_dir_mode(&to.containers, 0o700)?;
+        std::fs::rename(&from, &dest).map_err(fsutil::at("rename", &from))?;
+        Ok(())
+    }
+
+    /// Name the container `name` of this area in `to` as well (replacing what that name
+    /// pointed to there).
+    pub fn also_name(&self, name: &str, to: &Runtime) -> Result<(), RuntimeError> {
+        let real = self.real_dir(name).0;
+        fsutil::create_dir_mode(&to.containers, 0o700)?;
+        let dest = to.dir(name).0;
+        let tmp = to
+            .containers
+            .join(format!(".{name}.{}", fsutil::random_hex()));
+        std::os::unix::fs::symlink(&real, &tmp).map_err(fsutil::at("symlink", &tmp))?;
+        std::fs::rename(&tmp, &dest).map_err(fsutil::at("rename", &tmp))?;
+        Ok(())
+    }
+
     /// Write a container's config (creating its directory).
     pub fn prepare(&self, cfg: &RuntimeConfig) -> Result<(), RuntimeError> {
+        self.create_dir(&cfg.name)?;
         let d = self.dir(&cfg.name);
-        std::fs::create_dir_all(&d.0).map_err(fsutil::at("create directory", &d.0))?;
         // derived from the record and the image: atomic, no fsync on the start path (a config
         // lost to a power cut shows as drift and is written again)
         fsutil::write_json_volatile(&d.config(), cfg)?;
@@ -138,7 +234,9 @@ impl Runtime {
 
     /// [`Runtime::unwritable_exe`] for another executable.
     pub fn unwritable_exe_of(&self, exe: &Path) -> std::io::Result<PathBuf> {
-        let state = self.containers.parent().unwrap_or(&self.containers);
+        // STATE/containers/.slots → STATE (whatever the area)
+        let containers = self.slots.parent().unwrap_or(&self.containers);
+        let state = containers.parent().unwrap_or(containers);
         unwritable_exe(exe, &state.join("empty"))
     }
 
@@ -187,7 +285,7 @@ impl Runtime {
         let mut child = std::process::Command::new(&exe)
             .arg0("berth")
             .arg("shim")
-            .arg(&d.0)
+            .arg(&self.real_dir(name).0)
             .stdin(std::process::Stdio::null())
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -440,32 +538,114 @@ impl Runtime {
     /// Stop (if needed) and delete everything the container has on the host except volumes.
     pub fn remove(&self, name: &str, signal: &str, timeout: Duration) -> Result<(), RuntimeError> {
         let d = self.dir(name);
+        let link = self.in_slot(name);
         if !d.0.exists() {
+            // where its files were: the slot its name led to, else the name itself
+            let gone = match std::fs::read_link(&d.0) {
+                Ok(t) if link => t,
+                _ => d.0.clone(),
+            };
+            if link {
+                // a name whose slot is gone
+                std::fs::remove_file(&d.0).map_err(fsutil::at("remove", &d.0))?;
+            }
             // removed outside berth, perhaps with the container running: its processes are
             // found by their cgroup, where berth puts it, if the cgroup says it is this one's
-            let cg = cgroup::CgroupLocation::for_container(
-                &self.dir(name).0,
-                self.cgroup_parent.as_deref(),
-            )
-            .open();
-            if cg.exists() && cg.owner().is_some_and(|o| o == cgroup::owner_path(&d.0)) {
+            let cg =
+                cgroup::CgroupLocation::for_container(&gone, self.cgroup_parent.as_deref()).open();
+            if cg.exists() && cg.owner().is_some_and(|o| o == cgroup::owner_path(&gone)) {
                 cg.destroy()?;
             }
+            // its name removed (`rm -r` of the symlink) but not its slot: that container
+            self.remove_unnamed_slots(name, signal, timeout)?;
             return Ok(());
         }
         self.stop(name, signal, timeout)?;
         if let Some(st) = state::read_state(&d.state())? {
             st.cgroup.open().destroy()?;
         }
-        crate::store::remove_tree(&d.0).map_err(|e| match e {
+        // the slot, then its name (a name left without its slot is removed next time)
+        let real = self.real_dir(name).0;
+        crate::store::remove_tree(&real).map_err(|e| match e {
             crate::store::StoreError::Io(p) => RuntimeError::Io(p),
             other => RuntimeError::Io(PathError::new(
                 "remove",
-                &d.0,
+                &real,
                 std::io::Error::other(other.to_string()),
             )),
         })?;
+        if link {
+            std::fs::remove_file(&d.0).map_err(fsutil::at("remove", &d.0))?;
+        }
         Ok(())
+    }
+
+    /// Remove the slots of containers called `name` that no name leads to any more (in any
+    /// area): what is left when the name's symlink was removed outside berth.
+    fn remove_unnamed_slots(
+        &self,
+        name: &str,
+        signal: &str,
+        timeout: Duration,
+    ) -> Result<(), RuntimeError> {
+        let by_slot = self.by_slot();
+        for slot in self.unnamed_slots(Some(name)) {
+            by_slot.remove(&slot, signal, timeout)?;
+        }
+        Ok(())
+    }
+
+    /// Remove the slots no name leads to and no shim runs in: left by a berth killed between
+    /// making a slot and naming it, or between removing a slot's name and its files. Only
+    /// while the state directory is locked (nothing is being made meanwhile).
+    pub fn sweep_unnamed_slots(&self) {
+        let by_slot = self.by_slot();
+        for slot in self.unnamed_slots(None) {
+            if !supervised(&by_slot.dir(&slot)) {
+                tracing::info!(slot = %slot, "removing a container directory nothing names");
+                let _ = by_slot.remove(&slot, "SIGKILL", Duration::from_secs(5));
+            }
+        }
+    }
+
+    /// Slots (of containers called `name`, or all) that no name leads to, in any area.
+    fn unnamed_slots(&self, name: Option<&str>) -> Vec<String> {
+        let Ok(rd) = std::fs::read_dir(&self.slots) else {
+            return vec![];
+        };
+        let candidates: Vec<String> = rd
+            .flatten()
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            .filter_map(|e| e.file_name().into_string().ok())
+            .filter(|n| {
+                let Some((base, hex)) = n.rsplit_once('-') else {
+                    return false;
+                };
+                name.is_none_or(|want| want == base)
+                    && hex.len() == 16
+                    && hex.bytes().all(|b| b.is_ascii_hexdigit())
+            })
+            .collect();
+        if candidates.is_empty() {
+            return vec![];
+        }
+        let containers = self.slots.parent().unwrap_or(&self.containers);
+        let mut named = std::collections::HashSet::new();
+        for area in [
+            containers.to_path_buf(),
+            containers.join(format!(".{NEXT}")),
+            containers.join(format!(".{PREV}")),
+        ] {
+            for e in std::fs::read_dir(&area).into_iter().flatten().flatten() {
+                if std::fs::read_link(e.path()).is_ok() {
+                    named.insert(fsutil::canonical(&e.path()));
+                }
+            }
+        }
+        candidates
+            .into_iter()
+            .filter(|slot| !named.contains(&fsutil::canonical(&self.slots.join(slot))))
+            .collect()
     }
 
     pub fn state(&self, name: &str) -> Option<state::ContainerState> {
@@ -487,7 +667,9 @@ impl Runtime {
         };
         let mut names: Vec<String> = rd
             .flatten()
-            .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+            // a real directory, or a slot's name (also one whose slot is gone: removing it
+            // finishes an interrupted removal)
+            .filter(|e| e.file_type().is_ok_and(|t| t.is_symlink() || t.is_dir()))
             .filter_map(|e| e.file_name().into_string().ok())
             .filter(|n| !n.starts_with('.'))
             .collect();
@@ -498,6 +680,17 @@ impl Runtime {
     pub fn exists(&self, name: &str) -> bool {
         Path::new(&self.dir(name).config()).exists()
     }
+}
+
+/// Whether a shim supervises the container in `dir` (it holds `shim.lock` for its life).
+fn supervised(dir: &ContainerDir) -> bool {
+    let Ok(f) = std::fs::File::open(dir.0.join("shim.lock")) else {
+        return false;
+    };
+    matches!(
+        nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock),
+        Err((_, nix::errno::Errno::EWOULDBLOCK))
+    )
 }
 
 /// Wait until one of `pids` exits, at most `timeout`: on their pidfds, or, where those

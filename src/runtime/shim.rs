@@ -144,8 +144,28 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     );
     let _ = std::fs::remove_file(cd.exit());
     // published ports are bound before the container exists, once for all its restarts: a
-    // port in use fails the start
-    let ports = crate::net::proxy::bind(&cfg.ports)?;
+    // port in use fails the start. Or they come from the container this one replaces, once
+    // it proves itself.
+    let mut ports = if cfg.ports_from_peer {
+        vec![]
+    } else {
+        crate::net::proxy::bind(&cfg.ports)?
+    };
+    // where they can be handed over, to this container or from it
+    let control = if cfg.ports.is_empty() {
+        None
+    } else {
+        match super::handoff::listen(dir) {
+            Ok(l) => Some(l),
+            Err(e) if cfg.ports_from_peer => {
+                return Err(format!("{}: {e}", cd.handoff().display()));
+            }
+            Err(e) => {
+                eprintln!("shim: {}: {e}", cd.handoff().display());
+                None
+            }
+        }
+    };
     // after an exit: start it again, and when? Decided before the exit is written, and
     // written with it, so no reader sees an exit without the decision.
     let mut failures = 0u32;
@@ -171,7 +191,16 @@ fn run(dir: &Path, ready: &mut Option<std::fs::File>) -> Result<(), String> {
     loop {
         let started = write_etc(&cd, &cfg)
             .map_err(|e| format!("write /etc files: {e}"))
-            .and_then(|()| run_once(&cd, &cfg, &ports, restarts.get(), ready, &mut decide));
+            .and_then(|()| {
+                run_once(
+                    &cd,
+                    &cfg,
+                    (&mut ports, control.as_ref()),
+                    restarts.get(),
+                    ready,
+                    &mut decide,
+                )
+            });
         match started {
             // the first start's failure is the starter's to report: nothing to supervise
             Err(e) if first => return Err(e),
@@ -246,7 +275,10 @@ fn wait_unless_stopped(cd: &ContainerDir, delay: std::time::Duration) -> bool {
 fn run_once(
     cd: &ContainerDir,
     cfg: &RuntimeConfig,
-    ports: &[crate::net::proxy::Bound],
+    (ports, control): (
+        &mut Vec<crate::net::proxy::Bound>,
+        Option<&std::os::unix::net::UnixListener>,
+    ),
     restarts: u32,
     ready: &mut Option<std::fs::File>,
     decide: &mut dyn FnMut(&ExitRecord) -> Option<u64>,
@@ -420,11 +452,15 @@ fn run_once(
         // the starter reads until EOF: no copy of the readiness pipe may stay open
         devnull_stdio();
     }
-    let proxy = match (&cfg.net, ports.is_empty()) {
-        (NetMode::Bridge { ifaces, .. }, false) => ifaces
-            .first()
-            .and_then(|i| start_proxy(ports, i.addr, [out_r.as_raw_fd(), err_r.as_raw_fd()])),
+    let target = match &cfg.net {
+        NetMode::Bridge { ifaces, .. } => ifaces.first().map(|i| i.addr),
         _ => None,
+    };
+    let close = [out_r.as_raw_fd(), err_r.as_raw_fd()];
+    // the port proxies this run started (one, or a second after a hand-over to this one)
+    let mut proxies: Vec<nix::unistd::Pid> = match target {
+        Some(t) if !ports.is_empty() => start_proxy(ports, t, close).into_iter().collect(),
+        _ => vec![],
     };
 
     let prober = cfg.health.as_ref().and_then(|h| {
@@ -437,8 +473,23 @@ fn run_once(
         )
     });
 
-    // capture output until both pipes close
-    pump(&mut log, out_r, err_r);
+    // capture output until both pipes close, answering hand-over requests meanwhile
+    {
+        let mut on_request =
+            |r: super::handoff::Request| handle_request(r, cfg, ports, &mut proxies, target, close);
+        pump(
+            &mut log,
+            out_r,
+            err_r,
+            crate::sys::pidfd_open(pid.as_raw()).ok(),
+            control.map(|l| {
+                (
+                    l,
+                    &mut on_request as &mut dyn FnMut(super::handoff::Request),
+                )
+            }),
+        );
+    }
     let _ = log.flush_pending();
     let status = loop {
         match waitpid(pid, None) {
@@ -461,7 +512,7 @@ fn run_once(
         error: None,
         restart_at_ms: None,
     };
-    for p in [proxy, prober].into_iter().flatten() {
+    for p in proxies.into_iter().chain(prober) {
         let _ = nix::sys::signal::kill(p, nix::sys::signal::Signal::SIGKILL);
         let _ = waitpid(p, None);
     }
@@ -514,7 +565,7 @@ fn record_start_failure(
 fn attach_network(net: &NetMode, pid: i32) -> Result<(), String> {
     if let NetMode::Bridge { ifaces, .. } = net {
         for i in ifaces {
-            crate::net::link::create_veth(&i.host_veth, &i.peer, &i.bridge, pid)
+            crate::net::link::create_veth(&i.host_veth, &i.peer, &i.bridge, pid, i.addr)
                 .map_err(|e| format!("network {}: {e}", i.network))?;
         }
     }
@@ -591,13 +642,73 @@ fn start_proxy(
     })
 }
 
-fn pump(log: &mut LogWriter, out: OwnedFd, err: OwnedFd) {
+/// Answer one hand-over request ([`super::handoff`]): give the ports' sockets, take them
+/// (and serve them), or release them (the proxy finishes its connections and exits).
+fn handle_request(
+    r: super::handoff::Request,
+    cfg: &RuntimeConfig,
+    ports: &mut Vec<crate::net::proxy::Bound>,
+    proxies: &mut Vec<nix::unistd::Pid>,
+    target: Option<std::net::Ipv4Addr>,
+    close: [i32; 2],
+) {
+    use super::handoff::{give_reply, reply, take};
+    match r.word.as_str() {
+        "give" if ports.is_empty() => reply(&r.stream, "error it holds no published ports", &[]),
+        "give" => give_reply(&r.stream, ports),
+        "take" if !ports.is_empty() => {
+            reply(&r.stream, "error it holds its published ports already", &[])
+        }
+        "take" => {
+            let Some(t) = target else {
+                return reply(&r.stream, "error it is on no bridge network", &[]);
+            };
+            match take(&cfg.ports, r.fds) {
+                Ok(b) => {
+                    *ports = b;
+                    proxies.extend(start_proxy(ports, t, close));
+                    reply(&r.stream, "ok", &[]);
+                }
+                Err(e) => reply(&r.stream, &format!("error {e}"), &[]),
+            }
+        }
+        "release" => {
+            // its restarts serve no ports either: the successor has them
+            ports.clear();
+            let mut pids = vec![];
+            for p in proxies.iter() {
+                if nix::sys::signal::kill(*p, nix::sys::signal::Signal::SIGUSR1).is_ok() {
+                    pids.push(p.as_raw().to_string());
+                }
+            }
+            reply(&r.stream, &format!("ok {}", pids.join(" ")), &[]);
+        }
+        _ => reply(&r.stream, "error unknown request", &[]),
+    }
+}
+
+/// Capture the container's output into the log until both pipes close and, when hand-over
+/// requests are answered (`control`), until the container has exited too (`exited`, its
+/// pidfd: a container that sends its output elsewhere closes its pipes early).
+fn pump(
+    log: &mut LogWriter,
+    out: OwnedFd,
+    err: OwnedFd,
+    exited: Option<OwnedFd>,
+    mut control: Option<(
+        &std::os::unix::net::UnixListener,
+        &mut dyn FnMut(super::handoff::Request),
+    )>,
+) {
     let mut open = [
         Some(std::fs::File::from(out)),
         Some(std::fs::File::from(err)),
     ];
+    // without a pidfd (a kernel before 5.3) requests are answered while the pipes are open
+    let mut running = exited.filter(|_| control.is_some());
+    let mut finished = vec![];
     let mut buf = vec![0u8; 64 * 1024];
-    while open.iter().any(Option::is_some) {
+    while open.iter().any(Option::is_some) || running.is_some() {
         let mut fds: Vec<PollFd> = vec![];
         let mut idx = vec![];
         for (i, f) in open.iter().enumerate() {
@@ -606,24 +717,50 @@ fn pump(log: &mut LogWriter, out: OwnedFd, err: OwnedFd) {
                 idx.push(i);
             }
         }
+        let control_at = fds.len();
+        if let Some((l, _)) = &control {
+            fds.push(PollFd::new(l.as_fd(), PollFlags::POLLIN));
+        }
+        let exit_at = fds.len();
+        if let Some(p) = &running {
+            fds.push(PollFd::new(p.as_fd(), PollFlags::POLLIN));
+        }
         match poll(&mut fds, PollTimeout::NONE) {
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => break,
             Ok(_) => {}
         }
-        let ready: Vec<(usize, bool)> = fds
+        let fired = |i: usize| {
+            fds.get(i)
+                .and_then(|p| p.revents())
+                .is_some_and(|r| !r.is_empty())
+        };
+        let ready: Vec<(usize, bool)> = idx
             .iter()
-            .zip(&idx)
-            .map(|(p, i)| (*i, p.revents().is_some_and(|r| !r.is_empty())))
+            .enumerate()
+            .map(|(k, i)| (*i, fired(k)))
             .collect();
+        let request = control.is_some() && fired(control_at);
+        let gone = running.is_some() && fired(exit_at);
         drop(fds);
+        if gone {
+            running = None;
+        }
+        if request
+            && let Some((l, handle)) = control.as_mut()
+            && let Some(r) = super::handoff::accept(l)
+        {
+            handle(r);
+        }
         for (i, r) in ready {
             if !r {
                 continue;
             }
             let n = open[i].as_mut().map(|f| f.read(&mut buf)).unwrap_or(Ok(0));
             match n {
-                Ok(0) | Err(_) => open[i] = None,
+                // kept open until the end: a helper forked meanwhile (the proxy, on a
+                // hand-over) closes these descriptor numbers, which must not be reused
+                Ok(0) | Err(_) => finished.extend(open[i].take()),
                 Ok(n) => {
                     let _ = log.write(i, &buf[..n]);
                 }

@@ -796,8 +796,27 @@ pub fn paths_in(dir: &Path) -> Vec<PathBuf> {
     v
 }
 
-/// Cgroup directories of container `name` (named `name-` and the state directory's 10-digit
-/// hash) beneath a `berth` directory anywhere in the cgroup tree (every v1 controller and v2),
+/// What a state directory holds of containers: the names in `STATE/containers` and its
+/// areas (`.next`, `.prev`), and the slots (`.slots`) — empty once every container is gone.
+pub fn container_dirs(state: &Path) -> Vec<PathBuf> {
+    let root = state.join("containers");
+    let mut v = vec![];
+    for p in paths_in(&root) {
+        if p.file_name().is_some_and(|n| {
+            [".slots", ".next", ".prev"]
+                .map(std::ffi::OsStr::new)
+                .contains(&n)
+        }) {
+            v.extend(paths_in(&p));
+        } else {
+            v.push(p);
+        }
+    }
+    v
+}
+
+/// Cgroup directories of container `name` (named `name-`, its slot's 16 random hex digits
+/// unless it was made before slots, and the containers directory's 10-digit hash) beneath a `berth` directory anywhere in the cgroup tree (every v1 controller and v2),
 /// i.e. what berth created for container `name` in any state directory.
 pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
     fn walk(dir: &Path, name: &str, depth: usize, found: &mut Vec<PathBuf>) {
@@ -810,10 +829,14 @@ pub fn cgroups_named(name: &str) -> Vec<PathBuf> {
                 continue;
             }
             let leaf = e.file_name().to_string_lossy().into_owned();
+            let hex = |h: &str, n: usize| h.len() == n && h.bytes().all(|b| b.is_ascii_hexdigit());
             let ours = leaf
                 .strip_prefix(name)
                 .and_then(|r| r.strip_prefix('-'))
-                .is_some_and(|h| h.len() == 10 && h.bytes().all(|b| b.is_ascii_hexdigit()));
+                .is_some_and(|h| match h.split_once('-') {
+                    Some((slot, h)) => hex(slot, 16) && hex(h, 10),
+                    None => hex(h, 10),
+                });
             if ours && dir.file_name().is_some_and(|f| f == "berth") {
                 found.push(p.clone());
             }
