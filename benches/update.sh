@@ -65,9 +65,17 @@ PY
 serve=${SERVE:-'mkdir -p /www && echo "v$V" > /www/index.html && exec httpd -f -p 80 -h /www'}
 
 # client PORT → starts the client in the background (pid in $client)
-client() { rm -f "$work/stop"; python3 "$work/client.py" "$1" "$work/stop" > "$work/counts" & client=$!; sleep 1; }
-# finish → stops the client and prints its counts
-finish() { sleep 1; touch "$work/stop"; wait "$client"; cat "$work/counts"; }
+client() { rm -f "$work/stop"; python3 "$work/client.py" "$1" "$work/stop" > "$work/counts" 2>"$work/client.err" & client=$!; sleep 1; }
+# finish LABEL → stops the client (in this shell: it is this shell's child) and prints its
+# counts after LABEL
+finish() {
+  local rc=0
+  sleep 1
+  touch "$work/stop"
+  wait "$client" || rc=$?
+  echo "$1: $(cat "$work/counts" "$work/client.err")"
+  [ "$rc" = 0 ] || echo "(the client exited with status $rc)"
+}
 
 berth_run() { # berth_run STRATEGY
   local strategy=$1 p m i
@@ -99,7 +107,7 @@ TOML
     manifest "$i"
     "$BERTH" --state-dir "$work/state" apply "$m" >/dev/null
   done
-  echo "berth $strategy: $(finish)"
+  finish "berth $strategy"
   "$BERTH" --state-dir "$work/state" apply --allow-empty "$work/empty" >/dev/null 2>&1 || true
 }
 
@@ -120,7 +128,7 @@ podman_run() {
     "${PODMAN[@]}" rm berth-bench-upd >/dev/null
     run "$i"
   done
-  echo "podman stop+run: $(finish)"
+  finish "podman stop+run"
 }
 
 mkdir -p "$work/empty"

@@ -754,4 +754,26 @@ fn start_first_replaces_without_refusing_a_connection() {
     let mut r = String::new();
     c.read_to_string(&mut r).unwrap();
     assert!(r.ends_with("moved\n"), "{r}");
+    // onto another network, start-first: the old container's address on the network it
+    // left goes with it (peers there no longer know the name)
+    let c = std::fs::read_to_string(h.dir.path().join("c.toml")).unwrap();
+    let web_body = c.find(&format!("[container.{web}]")).unwrap();
+    let (head, body) = c.split_at(web_body);
+    let body = body.replacen("networks = [\"pub\"]", "networks = [\"side\"]", 1);
+    let body = body.replacen("echo moved", "echo side", 1);
+    std::fs::write(
+        h.dir.path().join("c.toml"),
+        format!("{head}[network.side]\n{body}"),
+    )
+    .unwrap();
+    let o = apply(&[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let ipam = std::fs::read_to_string(h.s().join("net/pub.json")).unwrap();
+    assert!(!ipam.contains(&web), "{ipam}");
+    assert!(!h.hosts("client").contains(&web), "{}", h.hosts("client"));
+    let mut c = std::net::TcpStream::connect(("127.0.0.2", tcp)).unwrap();
+    c.write_all(b"GET / HTTP/1.0\r\n\r\n").unwrap();
+    let mut r = String::new();
+    c.read_to_string(&mut r).unwrap();
+    assert!(r.ends_with("side\n"), "{r}");
 }

@@ -244,16 +244,26 @@ impl Executor<'_> {
     /// The caller holds the network lock.
     pub(super) fn hand_over_leases(&self, name: &str) -> Result<(), ApplyError> {
         let (next, prev) = (next_key(name), prev_key(name));
-        for (network, (path, mut ipam)) in net::ipam::all(&self.ipam_dir())? {
-            if !ipam.leases.contains_key(&next) {
+        let all = net::ipam::all(&self.ipam_dir())?;
+        if !all.values().any(|(_, i)| i.leases.contains_key(&next)) {
+            // done already (or nothing to do)
+            return Ok(());
+        }
+        for (network, (path, mut ipam)) in all {
+            let has = |i: &net::ipam::Ipam, k: &str| i.leases.contains_key(k);
+            if has(&ipam, &next) {
+                if has(&ipam, name) && !ipam.rename(name, &prev) {
+                    return Err(ApplyError::Invalid(format!(
+                        "network {network}: {prev} still holds an address (a container being retired)"
+                    )));
+                }
+                ipam.rename(&next, name);
+            } else if has(&ipam, name) && !has(&ipam, &prev) {
+                // a network the new container left: the old one's address goes with it
+                ipam.rename(name, &prev);
+            } else {
                 continue;
             }
-            if ipam.leases.contains_key(name) && !ipam.rename(name, &prev) {
-                return Err(ApplyError::Invalid(format!(
-                    "network {network}: {prev} still holds an address (a container being retired)"
-                )));
-            }
-            ipam.rename(&next, name);
             ipam.save(&path)?;
         }
         Ok(())

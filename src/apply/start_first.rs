@@ -107,9 +107,14 @@ impl Executor<'_> {
             .get(name)
             .ok_or_else(|| ApplyError::Invalid("not declared".into()))?;
         let next = self.runtime.area(NEXT);
-        // what an interrupted one left: a container never switched to, one still retiring
-        self.discard_next(name)?;
-        if self.runtime.area(PREV).dir(name).0.exists() || self.runtime.area(PREV).in_slot(name) {
+        // what an interrupted one left: a container never switched to is removed, one that
+        // was takes the name; one still retiring goes
+        if left_in(&next, name) && next.dir(name).0.join(SWITCHED).exists() {
+            self.promote(name)?;
+        } else {
+            self.discard_next(name)?;
+        }
+        if left_in(&self.runtime.area(PREV), name) {
             self.retire(name)?;
         }
         let made = self.make_next(&next, name);
@@ -182,7 +187,14 @@ impl Executor<'_> {
         let new_dir = next.real_dir(name);
         if next.config(name)?.ports_from_peer {
             let old_dir = self.runtime.real_dir(name);
-            let (fds, stopped) = match handoff::request(&old_dir.0, "give", &[]) {
+            // an old container without published ports has none to give
+            let gives = self.runtime.config(name).is_ok_and(|c| !c.ports.is_empty());
+            let given = if gives {
+                handoff::request(&old_dir.0, "give", &[])
+            } else {
+                Ok((String::new(), vec![]))
+            };
+            let (fds, stopped) = match given {
                 Ok((_, fds)) => (fds, false),
                 Err(e) => {
                     // a shim that cannot give (made before hand-overs existed, or between
@@ -231,8 +243,9 @@ impl Executor<'_> {
                     )));
                 }
             }
-            self.hand_over_leases(name)?;
+            // the addresses move with the name, once (the name moved: they did)
             if next.dir(name).0.exists() {
+                self.hand_over_leases(name)?;
                 next.hand_over(name, self.runtime)?;
             }
             crate::fault::point("after-hand-over");
@@ -261,6 +274,14 @@ impl Executor<'_> {
     /// its connections (up to its stop timeout), then it stops as it asks.
     fn retire(&self, name: &str) -> Result<(), ApplyError> {
         let prev = self.runtime.area(PREV);
+        if prev.dir(name).0.exists() && prev.real_dir(name).0 == self.runtime.real_dir(name).0 {
+            // the container that has the name (a promotion interrupted before it moved):
+            // only the second name goes
+            let link = prev.dir(name).0;
+            std::fs::remove_file(&link)
+                .map_err(|e| StateError::Io(crate::fsutil::PathError::new("remove", &link, e)))?;
+            return Ok(());
+        }
         if prev.exists(name) {
             let (sig, timeout) = stop_settings_of(&prev, name);
             if let Ok((pids, _)) = handoff::request(&prev.real_dir(name).0, "release", &[]) {
@@ -303,7 +324,7 @@ impl Executor<'_> {
         names.dedup();
         for name in names {
             let switched = next.dir(&name).0.join(SWITCHED).exists();
-            let r = if next.dir(&name).0.exists() && !switched {
+            let r = if left_in(&next, &name) && !switched {
                 self.discard_next(&name)
             } else {
                 self.promote(&name)
@@ -354,6 +375,12 @@ impl Executor<'_> {
             });
         }
     }
+}
+
+/// Whether `rt` (an area) still has something called `name`: a container, or a name whose
+/// slot is gone.
+fn left_in(rt: &Runtime, name: &str) -> bool {
+    rt.in_slot(name) || rt.dir(name).0.exists()
 }
 
 /// How the container `name` of `rt` asks to be stopped (its config), else docker's default.

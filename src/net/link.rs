@@ -96,44 +96,57 @@ pub fn ensure_bridge(name: &str, gateway: Ipv4Addr, prefix: u8) -> Result<(), Ne
                 .execute(),
         )
         .await?;
-        // its own MAC, fixed: a bridge without one takes the lowest of its ports', so a
-        // container's veth joining or leaving would change it under the others, whose
-        // neighbour entries for the gateway would then lead nowhere until they expire (a
-        // container started beside another, start-first, would cut the other's replies)
+        pin_mac(&h, name, idx, gateway).await?;
         step(
             "bring up",
             name,
             h.link()
-                .set(
-                    LinkUnspec::new_with_index(idx)
-                        .address(mac_for(gateway).to_vec())
-                        .up()
-                        .build(),
-                )
+                .set(LinkUnspec::new_with_index(idx).up().build())
                 .execute(),
         )
         .await
     })
 }
 
-/// Fix `bridge`'s MAC (see [`ensure_bridge`]) if it is not yet: bridges made before berth
-/// did so.
+/// Fix `bridge`'s MAC (see [`pin_mac`]) if it is not yet: bridges made before berth did so.
 pub fn pin_bridge_mac(bridge: &str, gateway: Ipv4Addr) -> Result<(), NetError> {
     block_on(bridge, async |h| {
         let idx = must_index(&h, bridge).await?;
-        step(
-            "set the MAC of",
-            bridge,
-            h.link()
-                .set(
-                    LinkUnspec::new_with_index(idx)
-                        .address(mac_for(gateway).to_vec())
-                        .build(),
-                )
-                .execute(),
-        )
-        .await
+        pin_mac(&h, bridge, idx, gateway).await
     })
+}
+
+/// Give bridge `idx` its own MAC (from its gateway address), unless it has it: a bridge
+/// without one takes the lowest of its ports', so a container's veth joining or leaving
+/// would change it under the others, whose neighbour entries for the gateway would then
+/// lead nowhere until they expire (a container started beside another, start-first, would
+/// cut the other's replies). A change is announced (`arp_notify`), so the containers
+/// already attached learn it at once.
+async fn pin_mac(h: &Handle, bridge: &str, idx: u32, gateway: Ipv4Addr) -> Result<(), NetError> {
+    let want = mac_for(gateway).to_vec();
+    let mut links = h.link().get().match_index(idx).execute();
+    let has = match links.try_next().await {
+        Ok(Some(m)) => m.attributes.iter().any(
+            |a| matches!(a, rtnetlink::packet_route::link::LinkAttribute::Address(x) if *x == want),
+        ),
+        Ok(None) => false,
+        Err(e) => return Err(nl("look up link", bridge, e)),
+    };
+    if has {
+        return Ok(());
+    }
+    let notify = format!("/proc/sys/net/ipv4/conf/{bridge}/arp_notify");
+    if let Err(e) = std::fs::write(&notify, b"1") {
+        tracing::debug!("{notify}: {e}");
+    }
+    step(
+        "set the MAC of",
+        bridge,
+        h.link()
+            .set(LinkUnspec::new_with_index(idx).address(want).build())
+            .execute(),
+    )
+    .await
 }
 
 /// Delete an interface if it exists (a bridge, or the host side of a veth).

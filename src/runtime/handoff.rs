@@ -70,7 +70,16 @@ pub struct Request {
 
 /// Accept one request, if a root peer sent a well-formed one in time.
 pub fn accept(l: &UnixListener) -> Option<Request> {
-    let (stream, _) = l.accept().ok()?;
+    let (stream, _) = match l.accept() {
+        Ok(a) => a,
+        Err(e) => {
+            // out of descriptors: the listener stays readable; do not spin on it
+            if e.kind() != std::io::ErrorKind::WouldBlock {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            return None;
+        }
+    };
     stream.set_nonblocking(false).ok()?;
     stream.set_read_timeout(Some(SHIM_TIMEOUT)).ok()?;
     stream.set_write_timeout(Some(SHIM_TIMEOUT)).ok()?;

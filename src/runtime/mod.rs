@@ -636,7 +636,16 @@ impl Runtime {
             containers.join(format!(".{NEXT}")),
             containers.join(format!(".{PREV}")),
         ] {
-            for e in std::fs::read_dir(&area).into_iter().flatten().flatten() {
+            let rd = match std::fs::read_dir(&area) {
+                Ok(rd) => rd,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+                // what is named cannot be told: nothing is unnamed
+                Err(_) => return vec![],
+            };
+            for e in rd {
+                let Ok(e) = e else {
+                    return vec![];
+                };
                 if std::fs::read_link(e.path()).is_ok() {
                     named.insert(fsutil::canonical(&e.path()));
                 }
