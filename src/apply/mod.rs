@@ -604,21 +604,13 @@ impl Executor<'_> {
             Ok(()) => {
                 tracing::warn!(container = name, "rolled back: {why}");
                 let _ = self.state.remove_rollout(name);
-                if let Some(c) = self.desired.containers.get(name) {
-                    let rec = crate::state::RollbackRecord {
-                        spec: c.spec.digest(),
-                        image: refused_image,
-                        reason: why.to_string(),
-                        at: crate::fsutil::now_unix(),
+                if let Err(e) = self.record_refusal(name, refused_image, why) {
+                    return ApplyError::Step {
+                        message: format!(
+                            "the previous container runs again ({why}), but the rollback could not be recorded: {e}"
+                        ),
+                        transient: true,
                     };
-                    if let Err(e) = self.state.write_rollback(name, &rec) {
-                        return ApplyError::Step {
-                            message: format!(
-                                "the previous container runs again ({why}), but the rollback could not be recorded: {e}"
-                            ),
-                            transient: true,
-                        };
-                    }
                 }
                 ApplyError::Step {
                     message: format!(
@@ -632,6 +624,26 @@ impl Executor<'_> {
                 transient: false,
             },
         }
+    }
+
+    /// Remember the desired spec of `name` (and the image it ran, if known) as refused, and
+    /// why: the plan does not try it again until the manifests change or `--retry`.
+    fn record_refusal(
+        &self,
+        name: &str,
+        image: Option<String>,
+        why: &str,
+    ) -> Result<(), StateError> {
+        let Some(c) = self.desired.containers.get(name) else {
+            return Ok(());
+        };
+        let rec = crate::state::RollbackRecord {
+            spec: c.spec.digest(),
+            image,
+            reason: why.to_string(),
+            at: crate::fsutil::now_unix(),
+        };
+        self.state.write_rollback(name, &rec)
     }
 
     /// An image in the store by its manifest digest (a tag may have moved since).
@@ -911,12 +923,7 @@ impl Executor<'_> {
                 Some(c) => c.spec.clone(),
                 // neither record nor declaration (its record was removed outside berth): the
                 // settings the container was started with, else docker's defaults
-                None => {
-                    return Ok(match self.runtime.config(name) {
-                        Ok(c) => (c.stop_signal, Duration::from_millis(c.stop_timeout_ms)),
-                        Err(_) => ("SIGTERM".into(), Duration::from_secs(10)),
-                    });
-                }
+                None => return Ok(start_first::stop_settings_of(self.runtime, name)),
             },
         };
         Ok((spec.stop_signal.clone(), spec.stop_timeout.as_std()))

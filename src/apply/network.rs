@@ -21,6 +21,22 @@ pub(super) fn prev_key(name: &str) -> String {
     format!("{name}@{}", crate::runtime::PREV)
 }
 
+/// The published ports of a container of `spec`, as its shim's proxy takes them.
+pub(super) fn port_maps(spec: &ContainerSpec) -> Vec<net::proxy::PortMap> {
+    spec.ports
+        .iter()
+        .map(|p| net::proxy::PortMap {
+            host_ip: p.host_ip,
+            host_port: p.host_port,
+            container_port: p.container_port,
+            proto: match p.proto {
+                crate::manifest::units::Proto::Tcp => net::proxy::Proto::Tcp,
+                crate::manifest::units::Proto::Udp => net::proxy::Proto::Udp,
+            },
+        })
+        .collect()
+}
+
 /// The directory of the container holding lease `key` (see [`next_key`], [`prev_key`]).
 fn lease_dir(state: &StateDir, key: &str) -> std::path::PathBuf {
     let containers = state.containers_dir();
@@ -213,20 +229,7 @@ impl Executor<'_> {
             Some(f) => net::Subnet::new(f.addr, f.prefix).gateway(),
             None => return Err(ApplyError::Invalid("no network".into())),
         };
-        let ports = spec
-            .ports
-            .iter()
-            .map(|p| net::proxy::PortMap {
-                host_ip: p.host_ip,
-                host_port: p.host_port,
-                container_port: p.container_port,
-                proto: match p.proto {
-                    crate::manifest::units::Proto::Tcp => net::proxy::Proto::Tcp,
-                    crate::manifest::units::Proto::Udp => net::proxy::Proto::Udp,
-                },
-            })
-            .collect();
-        Ok((NetMode::Bridge { ifaces, gateway }, ports))
+        Ok((NetMode::Bridge { ifaces, gateway }, port_maps(spec)))
     }
 
     /// fsync the IPAM files this wave wrote without it.

@@ -18,7 +18,7 @@
 //! Every step can be done again: an apply killed anywhere is finished by the next
 //! ([`Executor::resume_hand_overs`]).
 
-use super::network::{next_key, prev_key};
+use super::network::{next_key, port_maps, prev_key};
 use super::{ApplyError, Executor, error_chain};
 use crate::manifest::spec::{Kind, UpdateStrategy};
 use crate::plan::{Action, Op, Step};
@@ -77,20 +77,14 @@ impl Executor<'_> {
     /// message carries.
     fn ports_cannot_pass(&self, name: &str) -> Option<&'static str> {
         let old = self.runtime.config(name).ok()?.ports;
-        let new = &self.desired.containers.get(name)?.spec.ports;
+        let new = port_maps(&self.desired.containers.get(name)?.spec);
         if old.len() > crate::sys::MAX_FDS || new.len() > crate::sys::MAX_FDS {
             return Some("it publishes more ports than are handed over at once (64)");
         }
-        let proto = |p: crate::manifest::units::Proto| match p {
-            crate::manifest::units::Proto::Tcp => crate::net::proxy::Proto::Tcp,
-            crate::manifest::units::Proto::Udp => crate::net::proxy::Proto::Udp,
-        };
         new.iter()
             .any(|p| {
                 old.iter().any(|o| {
-                    o.host_port == p.host_port
-                        && o.proto == proto(p.proto)
-                        && o.host_ip != p.host_ip
+                    o.host_port == p.host_port && o.proto == p.proto && o.host_ip != p.host_ip
                 })
             })
             .then_some("a published port changes its host address")
@@ -147,13 +141,7 @@ impl Executor<'_> {
                 .flatten()
                 .and_then(|r| r.image_digest);
                 self.discard_next(name)?;
-                let rec = crate::state::RollbackRecord {
-                    spec: c.spec.digest(),
-                    image: refused,
-                    reason: why.clone(),
-                    at: crate::fsutil::now_unix(),
-                };
-                self.state.write_rollback(name, &rec)?;
+                self.record_refusal(name, refused, &why)?;
                 return Err(ApplyError::Step {
                     message: format!(
                         "rolled back: {why}; the previous container kept running and serving (`berth apply --retry {name}` tries this spec again)"
@@ -304,7 +292,7 @@ impl Executor<'_> {
     /// its addresses.
     pub(super) fn discard_next(&self, name: &str) -> Result<(), ApplyError> {
         let next = self.runtime.area(NEXT);
-        if next.exists(name) || next.in_slot(name) {
+        if left_in(&next, name) {
             let (sig, timeout) = stop_settings_of(&next, name);
             next.remove(name, &sig, timeout)?;
         }
@@ -337,9 +325,7 @@ impl Executor<'_> {
             }
         }
     }
-}
 
-impl Executor<'_> {
     /// Wait until the released proxies `pids` have finished their connections and exited,
     /// at most `timeout`, or until berth is asked to stop.
     fn wait_for_drain(&self, pids: &[i32], timeout: Duration) {
@@ -384,7 +370,7 @@ fn left_in(rt: &Runtime, name: &str) -> bool {
 }
 
 /// How the container `name` of `rt` asks to be stopped (its config), else docker's default.
-fn stop_settings_of(rt: &Runtime, name: &str) -> (String, Duration) {
+pub(super) fn stop_settings_of(rt: &Runtime, name: &str) -> (String, Duration) {
     match rt.config(name) {
         Ok(c) => (c.stop_signal, Duration::from_millis(c.stop_timeout_ms)),
         Err(_) => ("SIGTERM".into(), Duration::from_secs(10)),

@@ -548,6 +548,17 @@ impl Parser<'_> {
         });
     }
 
+    /// A JSON form whose array holds something other than strings: docker refuses it
+    /// rather than run `[1, 2]` as a shell command.
+    fn not_strings<T>(&mut self, x: &Line<'_>) -> Option<T> {
+        self.err(
+            x.l,
+            x.args_at,
+            format!("{} in JSON form takes an array of strings only", x.upper),
+        );
+        None
+    }
+
     fn err(&mut self, l: &Logical, off: usize, message: String) {
         let (line, col) = l.at(off);
         self.report(line, col, message);
@@ -804,15 +815,7 @@ impl Parser<'_> {
                 }
                 Command::Exec(v)
             }
-            // Docker refuses this rather than running `[1, 2]` as a shell command
-            Json::NotStrings => {
-                self.err(
-                    x.l,
-                    x.args_at,
-                    format!("{} in JSON form takes an array of strings only", x.upper),
-                );
-                return None;
-            }
+            Json::NotStrings => return self.not_strings(x),
             Json::No => {
                 if x.upper == "RUN" {
                     self.heredocs(x, heredocs);
@@ -874,14 +877,7 @@ impl Parser<'_> {
                     }
                 }
             }
-            Json::NotStrings => {
-                self.err(
-                    x.l,
-                    x.args_at,
-                    format!("{} in JSON form takes an array of strings only", x.upper),
-                );
-                return None;
-            }
+            Json::NotStrings => return self.not_strings(x),
             Json::No => {
                 self.heredocs(x, heredocs);
                 for (at, raw) in split_blank(x.args, x.args_at) {

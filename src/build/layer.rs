@@ -1136,6 +1136,15 @@ mod tests {
         Ok(user_xattr)
     }
 
+    /// Writing a layer of `tree` is refused, and leaves no output behind.
+    fn assert_refused(tree: &Path) {
+        let outs = tempfile::tempdir().unwrap();
+        let out = outs.path().join("l");
+        let err = write_layer(tree, &out, &LayerOptions::default()).unwrap_err();
+        assert!(matches!(err, LayerError::Refused { .. }), "{err}");
+        assert!(!out.exists());
+    }
+
     #[test]
     fn overlay_upper_dir_becomes_a_layer() {
         if !nix::unistd::geteuid().is_root() {
@@ -1454,11 +1463,7 @@ mod tests {
             eprintln!("skipped: cannot set trusted.overlay.metacopy ({e})");
             return;
         }
-        let outs = tempfile::tempdir().unwrap();
-        let out = outs.path().join("l");
-        let err = write_layer(t.path(), &out, &LayerOptions::default()).unwrap_err();
-        assert!(matches!(err, LayerError::Refused { .. }), "{err}");
-        assert!(!out.exists());
+        assert_refused(t.path());
     }
 
     #[test]
@@ -1466,11 +1471,7 @@ mod tests {
         let t = tempfile::tempdir().unwrap();
         let deep: PathBuf = std::iter::repeat_n("d", MAX_DEPTH + 8).collect();
         fs::create_dir_all(t.path().join(deep)).unwrap();
-        let outs = tempfile::tempdir().unwrap();
-        let out = outs.path().join("l");
-        let err = write_layer(t.path(), &out, &LayerOptions::default()).unwrap_err();
-        assert!(matches!(err, LayerError::Refused { .. }), "{err}");
-        assert!(!out.exists());
+        assert_refused(t.path());
     }
 
     #[test]
@@ -1495,22 +1496,14 @@ mod tests {
             )
             .unwrap();
         }
-        let outs = tempfile::tempdir().unwrap();
-        let out = outs.path().join("l");
-        let err = write_layer(t.path(), &out, &LayerOptions::default()).unwrap_err();
-        assert!(matches!(err, LayerError::Refused { .. }), "{err}");
-        assert!(!out.exists());
+        assert_refused(t.path());
     }
 
     #[test]
     fn refuses_names_that_read_as_whiteouts() {
         let t = tempfile::tempdir().unwrap();
         file(&t.path().join(".wh.x"), b"", 0o644);
-        let outs = tempfile::tempdir().unwrap();
-        let out = outs.path().join("l");
-        let err = write_layer(t.path(), &out, &LayerOptions::default()).unwrap_err();
-        assert!(matches!(err, LayerError::Refused { .. }), "{err}");
-        assert!(!out.exists());
+        assert_refused(t.path());
     }
 
     #[test]

@@ -42,6 +42,31 @@ pub enum Bound {
     Udp(std::net::UdpSocket, u16),
 }
 
+impl Bound {
+    pub fn proto(&self) -> Proto {
+        match self {
+            Bound::Tcp(..) => Proto::Tcp,
+            Bound::Udp(..) => Proto::Udp,
+        }
+    }
+
+    pub fn local_addr(&self) -> std::io::Result<SocketAddr> {
+        match self {
+            Bound::Tcp(l, _) => l.local_addr(),
+            Bound::Udp(u, _) => u.local_addr(),
+        }
+    }
+}
+
+impl std::os::fd::AsFd for Bound {
+    fn as_fd(&self) -> std::os::fd::BorrowedFd<'_> {
+        match self {
+            Bound::Tcp(l, _) => l.as_fd(),
+            Bound::Udp(u, _) => u.as_fd(),
+        }
+    }
+}
+
 /// Bind every published port; the first that fails is an error naming it.
 pub fn bind(ports: &[PortMap]) -> Result<Vec<Bound>, String> {
     ports

@@ -106,18 +106,15 @@ pub fn reply(stream: &UnixStream, line: &str, fds: &[BorrowedFd<'_>]) {
 pub fn give_reply(stream: &UnixStream, ports: &[Bound]) {
     let words: Vec<String> = ports
         .iter()
-        .map(|b| match b {
-            Bound::Tcp(l, _) => format!("tcp {}", addr(l.local_addr())),
-            Bound::Udp(u, _) => format!("udp {}", addr(u.local_addr())),
+        .map(|b| {
+            let proto = match b.proto() {
+                Proto::Tcp => "tcp",
+                Proto::Udp => "udp",
+            };
+            format!("{proto} {}", addr(b.local_addr()))
         })
         .collect();
-    let fds: Vec<BorrowedFd<'_>> = ports
-        .iter()
-        .map(|b| match b {
-            Bound::Tcp(l, _) => l.as_fd(),
-            Bound::Udp(u, _) => u.as_fd(),
-        })
-        .collect();
+    let fds: Vec<BorrowedFd<'_>> = ports.iter().map(|b| b.as_fd()).collect();
     reply(stream, &format!("ok {}", words.join(" ")), &fds);
 }
 
@@ -141,11 +138,7 @@ pub fn take(ports: &[PortMap], fds: Vec<OwnedFd>) -> Result<Vec<Bound>, String> 
                 SockType::Datagram => Bound::Udp(fd.into(), 0),
                 _ => return None,
             };
-            let a = match &b {
-                Bound::Tcp(l, _) => l.local_addr(),
-                Bound::Udp(u, _) => u.local_addr(),
-            };
-            match a.ok()? {
+            match b.local_addr().ok()? {
                 std::net::SocketAddr::V4(a) => Some((a, b)),
                 std::net::SocketAddr::V6(_) => None,
             }
@@ -155,13 +148,9 @@ pub fn take(ports: &[PortMap], fds: Vec<OwnedFd>) -> Result<Vec<Bound>, String> 
         .iter()
         .map(|p| {
             let want = SocketAddrV4::new(p.host_ip, p.host_port);
-            let kind = |b: &Bound| match b {
-                Bound::Tcp(..) => Proto::Tcp,
-                Bound::Udp(..) => Proto::Udp,
-            };
             match offered
                 .iter()
-                .position(|(a, b)| *a == want && kind(b) == p.proto)
+                .position(|(a, b)| *a == want && b.proto() == p.proto)
             {
                 Some(i) => Ok(match offered.swap_remove(i).1 {
                     Bound::Tcp(l, _) => Bound::Tcp(l, p.container_port),

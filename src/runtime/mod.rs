@@ -130,23 +130,24 @@ impl Runtime {
     /// The runtime of an area beside this one ([`NEXT`], [`PREV`]): the same containers'
     /// store, names under `containers/.AREA`.
     pub fn area(&self, which: &str) -> Runtime {
-        Runtime {
-            containers: self
-                .slots
-                .parent()
-                .unwrap_or(&self.containers)
-                .join(format!(".{which}")),
-            berth_exe: self.berth_exe.clone(),
-            cgroup_parent: self.cgroup_parent.clone(),
-            slots: self.slots.clone(),
-        }
+        self.naming_in(self.root().join(format!(".{which}")))
+    }
+
+    /// `STATE/containers`, whatever the area (the slots' parent).
+    fn root(&self) -> &Path {
+        self.slots.parent().unwrap_or(&self.containers)
     }
 
     /// The runtime whose names are slots' (`web-0123…`): a container addressed by its
     /// directory, whichever name it has at the moment (the health prober's `berth exec`).
     pub fn by_slot(&self) -> Runtime {
+        self.naming_in(self.slots.clone())
+    }
+
+    /// This runtime with its names in `containers` (the same store of slots).
+    fn naming_in(&self, containers: PathBuf) -> Runtime {
         Runtime {
-            containers: self.slots.clone(),
+            containers,
             berth_exe: self.berth_exe.clone(),
             cgroup_parent: self.cgroup_parent.clone(),
             slots: self.slots.clone(),
@@ -234,9 +235,7 @@ impl Runtime {
 
     /// [`Runtime::unwritable_exe`] for another executable.
     pub fn unwritable_exe_of(&self, exe: &Path) -> std::io::Result<PathBuf> {
-        // STATE/containers/.slots → STATE (whatever the area)
-        let containers = self.slots.parent().unwrap_or(&self.containers);
-        let state = containers.parent().unwrap_or(containers);
+        let state = self.root().parent().unwrap_or(self.root());
         unwritable_exe(exe, &state.join("empty"))
     }
 
@@ -629,12 +628,11 @@ impl Runtime {
         if candidates.is_empty() {
             return vec![];
         }
-        let containers = self.slots.parent().unwrap_or(&self.containers);
         let mut named = std::collections::HashSet::new();
         for area in [
-            containers.to_path_buf(),
-            containers.join(format!(".{NEXT}")),
-            containers.join(format!(".{PREV}")),
+            self.root().to_path_buf(),
+            self.area(NEXT).containers,
+            self.area(PREV).containers,
         ] {
             let rd = match std::fs::read_dir(&area) {
                 Ok(rd) => rd,
